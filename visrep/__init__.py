@@ -1,0 +1,3 @@
+"""visrep: learning visual representations and carrying them to new tasks."""
+
+__version__ = "0.1.0"
