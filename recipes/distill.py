@@ -1,0 +1,200 @@
+"""Soft-target knowledge distillation: compress a big teacher into a small, fast student.
+
+    accelerate launch recipes/distill.py                          # embedded digits, CPU-sized
+    accelerate launch recipes/distill.py --config recipes/configs/digits.yaml --kd.temperature 2
+    accelerate launch recipes/distill.py --teacher.source checkpoint --teacher.checkpoint RUN/models/teacher
+    accelerate launch recipes/distill.py --resume latest --output-dir runs/distill
+
+Three stages, each checkpointed and resumable:
+  1. teacher   -- trained here (teacher.source=train), or loaded (a checkpoint of this project / a
+                  pretrained zoo model), then frozen;
+  2. scratch   -- the student trained with cross-entropy only;
+  3. kd        -- the same student, same seed, same budget, trained on the teacher's soft targets
+                  (Hinton et al. 2015, arXiv:1503.02531), loss as defined in visrep.distill.KDConfig.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+
+from visrep.data import DataConfig, build_classification_data
+from visrep.distill import DistillationLoss, FrozenTeacher, KDConfig
+from visrep.engine import (BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
+                           build_optimizer, count_parameters, evaluate_classifier, parse_config)
+from visrep.engine.export import export_model, load_model
+from visrep.zoo import create_backbone, get_data_config
+
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    source: Literal["train", "checkpoint", "pretrained"] = "train"
+    """train: trained by this recipe first; checkpoint: an exported model of this project
+    (RUN_DIR/models/STAGE); pretrained: model.name with pretrained weights (timm / torchvision)."""
+    model: BackboneConfig = dataclasses.field(default_factory=lambda: BackboneConfig(name="resnet56"))
+    checkpoint: Optional[str] = None
+    train_epochs: int = 15
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+    def validate(self, prefix: str) -> None:
+        from visrep.engine.config import _check
+
+        _check(self.source != "train" or self.train_epochs > 0, f"{prefix}train_epochs", self.train_epochs,
+               "an integer > 0 when teacher.source is 'train'")
+        _check(self.source != "checkpoint" or bool(self.checkpoint), f"{prefix}checkpoint", self.checkpoint,
+               "the directory of an exported model (RUN_DIR/models/STAGE) when teacher.source is 'checkpoint'")
+
+
+@dataclasses.dataclass
+class DistillRecipeConfig:
+    config: Optional[str] = None
+    """YAML preset the values below start from (default: recipes/configs/digits.yaml)."""
+    output_dir: str = "runs/distill"
+    resume: Optional[str] = None
+    """'latest' (the run in --output-dir) or a checkpoint directory."""
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    student: BackboneConfig = dataclasses.field(default_factory=lambda: BackboneConfig(name="resnet20", kwargs={"width": 0.5}))
+    kd: KDConfig = dataclasses.field(default_factory=KDConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    """Student optimizer (both student runs)."""
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    """Student budget (both student runs); the teacher uses teacher.train_epochs with the same shape."""
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+def build(bb: BackboneConfig, num_classes: int) -> torch.nn.Module:
+    return create_backbone(bb.name, pretrained=bb.pretrained, num_classes=num_classes, checkpoint=bb.checkpoint,
+                           small_input=bb.small_input, **bb.kwargs)
+
+
+def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model: torch.nn.Module,
+                     backbone: BackboneConfig, optim_cfg: OptimConfig, epochs: int,
+                     teacher: Optional[FrozenTeacher] = None) -> tuple[torch.nn.Module, dict]:
+    """One stage: cross-entropy (teacher is None) or distillation from ``teacher``."""
+    accelerator = run.accelerator
+    data_config = get_data_config(model)
+    optimizer = build_optimizer(model, optim_cfg)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, data.train_loader, data.val_loader, data.test_loader)
+    sched_cfg = dataclasses.replace(cfg.schedule, epochs=epochs)
+    steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
+    stage = run.stage(name, model=model, optimizer=optimizer, train_loader=train_loader, epochs=epochs,
+                      schedule=StepSchedule(optimizer, sched_cfg, steps_per_epoch),
+                      epoch_setters=data.epoch_setters,
+                      export=lambda d: export_model(accelerator, model, d, backbone, data.num_classes, data_config))
+    kd_loss = DistillationLoss(cfg.kd)
+
+    for epoch in stage.epochs():
+        model.train()
+        for x, y in stage.batches():
+            with accelerator.accumulate(model):
+                logits = model(x)
+                if teacher is None:
+                    losses = {"loss": F.cross_entropy(logits.float(), y)}
+                else:
+                    with accelerator.autocast():
+                        teacher_logits = teacher(x)  # the very batch the student sees
+                    losses = kd_loss(logits, teacher_logits, None if cfg.kd.label_free else y)
+                accelerator.backward(losses["loss"])
+                if optim_cfg.grad_clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            stage.step_done(**losses)
+        val = evaluate_classifier(model, val_loader, accelerator)
+        stage.epoch_done(val_acc=val["top1"], val_loss=val["loss"])
+
+    val = evaluate_classifier(model, val_loader, accelerator)
+    test = evaluate_classifier(model, test_loader, accelerator)
+    results = stage.finish({"val_acc": val["top1"], "test_acc": test["top1"], "test_top5": test["top5"]})
+    return accelerator.unwrap_model(model), results
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(DistillRecipeConfig, argv, default_preset=PRESETS / "digits.yaml", description=__doc__)
+    with Run(cfg, "distill", cfg.output_dir, cfg.seed, cfg.run, resume=cfg.resume) as run:
+        accelerator = run.accelerator
+        set_seed(cfg.seed)
+        probe = build(cfg.student, 0)
+        student_dc = get_data_config(probe)
+        data = build_classification_data(cfg.data, student_dc, cfg.seed, cfg.run.batch_size,
+                                         cfg.run.eval_batch_size, cfg.run.num_workers)
+        del probe
+
+        # ---- 1. teacher ------------------------------------------------------------------------
+        set_seed(cfg.seed)
+        t = cfg.teacher
+        if t.source == "train":
+            teacher_net, teacher_res = train_classifier(run, cfg, data, "teacher", build(t.model, data.num_classes),
+                                                        t.model, t.optim, t.train_epochs)
+        else:
+            if t.source == "checkpoint":
+                teacher_net, _ = load_model(t.checkpoint)
+            else:
+                teacher_net = create_backbone(t.model.name, pretrained=True, num_classes=data.num_classes,
+                                              small_input=t.model.small_input, **t.model.kwargs)
+            teacher_res = {"wall_time": 0.0}
+        if getattr(teacher_net, "num_classes", data.num_classes) != data.num_classes:
+            raise ValueError(f"the teacher predicts {teacher_net.num_classes} classes but the data has "
+                             f"{data.num_classes}; distillation needs the same label space.")
+        teacher_dc = get_data_config(teacher_net)
+        teacher = FrozenTeacher(teacher_net, student_dc["mean"], student_dc["std"], teacher_dc["mean"],
+                                teacher_dc["std"]).to(accelerator.device)
+        # The teacher is scored on the student's (normalised) test batches, as the student sees them.
+        test_loader = accelerator.prepare(data.test_loader)
+        teacher_test = evaluate_classifier(teacher, test_loader, accelerator)
+        accelerator.free_memory()
+
+        # ---- 2. student from scratch, and 3. the same student with KD ----------------------------
+        students = {}
+        for name, tch in (("scratch", None), ("kd", teacher)):
+            set_seed(cfg.seed)  # same initial weights, same data order, same augmentation
+            net = build(cfg.student, data.num_classes)
+            students[name] = train_classifier(run, cfg, data, name, net, cfg.student, cfg.optim,
+                                              cfg.schedule.epochs, teacher=tch)
+
+        # ---- results -----------------------------------------------------------------------------
+        (scratch_net, scratch), (kd_net, kd) = students["scratch"], students["kd"]
+        results = {
+            "teacher_acc": teacher_test["top1"],
+            "student_scratch_acc": scratch["test_acc"],
+            "student_kd_acc": kd["test_acc"],
+            "kd_gain": kd["test_acc"] - scratch["test_acc"],
+            "teacher_params": count_parameters(teacher_net),
+            "student_params": count_parameters(kd_net),
+            "teacher_top5": teacher_test["top5"],
+            "student_scratch_val_acc": scratch["val_acc"],
+            "student_kd_val_acc": kd["val_acc"],
+            "teacher_wall_s": teacher_res["wall_time"],
+            "student_scratch_wall_s": scratch["wall_time"],
+            "student_kd_wall_s": kd["wall_time"],
+            "num_processes": accelerator.num_processes,
+        }
+        run.log({f"results/{k}": v for k, v in results.items()})
+        run.write_results(results)
+        run.print(format_table(results, cfg))
+        return results
+
+
+def format_table(r: dict, cfg: DistillRecipeConfig) -> str:
+    rows = [("teacher", cfg.teacher.model.name, r["teacher_acc"], r["teacher_params"], r["teacher_wall_s"]),
+            ("student (scratch)", cfg.student.name, r["student_scratch_acc"], r["student_params"],
+             r["student_scratch_wall_s"]),
+            ("student (KD)", cfg.student.name, r["student_kd_acc"], r["student_params"], r["student_kd_wall_s"])]
+    lines = [f"\n{'model':<20}{'architecture':<20}{'test acc':>10}{'params':>12}{'train s':>10}", "-" * 72]
+    lines += [f"{a:<20}{b:<20}{c:>10.4f}{d:>12,}{e:>10.1f}" for a, b, c, d, e in rows]
+    lines.append(f"KD gain over scratch: {r['kd_gain']:+.4f}  (T={cfg.kd.temperature}, kd_weight={cfg.kd.kd_weight})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,66 @@
+"""Datasets: the embedded digits, Hugging Face datasets, local image folders; transforms from the
+backbone's data config; reproducible per-epoch order and augmentation."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from visrep.data.images import (CorruptImageError, EpochSampler, ImageDataset, build_transforms, collate,
+                                decode_image, drop_unreadable)
+from visrep.data.sources import DataConfig, class_names, digits_arrays, load_splits
+
+
+@dataclasses.dataclass
+class ClassificationData:
+    """The three splits as torch datasets and (unprepared) loaders, plus what a recipe needs to know."""
+
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    test_loader: torch.utils.data.DataLoader
+    sampler: EpochSampler
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def epoch_setters(self) -> tuple:
+        return (self.sampler, self.train)
+
+
+def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, batch_size: int,
+                              eval_batch_size: int, num_workers: int = 0,
+                              train_transform: Optional[Callable] = None, splits=None) -> ClassificationData:
+    """Loaders for the configured source. ``data_config`` is the backbone's (mean, std, ...); the
+    training transform can be replaced (e.g. by two-view SSL augmentation)."""
+    splits = splits if splits is not None else load_splits(cfg)
+    mode = "RGB" if cfg.channels == 3 else "L"
+    if cfg.on_corrupt == "skip":
+        for name in list(splits):
+            splits[name], _ = drop_unreadable(splits[name], mode, name)
+    dc = dict(data_config, input_size=(cfg.channels, cfg.image_size, cfg.image_size))
+    train_tf = train_transform or build_transforms(dc, cfg.image_size, train=True, hflip=cfg.hflip,
+                                                   augment=cfg.augment)
+    eval_tf = build_transforms(dc, cfg.image_size, train=False)
+    train = ImageDataset(splits["train"], train_tf, mode, "train", seed=seed)
+    val = ImageDataset(splits["val"], eval_tf, mode, "val")
+    test = ImageDataset(splits["test"], eval_tf, mode, "test")
+    sampler = EpochSampler(len(train), seed)
+    kw = dict(num_workers=num_workers, collate_fn=collate, persistent_workers=False)
+    return ClassificationData(
+        train=train, val=val, test=test,
+        train_loader=torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **kw),
+        val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **kw),
+        test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **kw),
+        sampler=sampler, classes=class_names(splits))
+
+
+__all__ = ["DataConfig", "ClassificationData", "CorruptImageError", "EpochSampler", "ImageDataset",
+           "build_classification_data", "build_transforms", "class_names", "collate", "decode_image",
+           "digits_arrays", "drop_unreadable", "load_splits"]

@@ -1,0 +1,185 @@
+"""Decoding, transforms and the torch-side dataset.
+
+Randomness is a function of (seed, epoch, sample index): the sampler's order per epoch and each
+sample's augmentation are seeded from them. Data order and augmentation therefore survive a resume
+exactly, are the same with any number of workers, and do not depend on how batches are sharded
+across ranks.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CorruptImageError(RuntimeError):
+    """An image could not be decoded; the message names the file (or row) and what to do."""
+
+
+def _describe(value, split: str, index: int) -> str:
+    path = value.get("path") if isinstance(value, dict) else None
+    return f"'{path}'" if path else f"row {index} of split '{split}'"
+
+
+def decode_image(value, mode: str = "RGB", split: str = "?", index: int = -1) -> Image.Image:
+    """Decode an undecoded ``datasets.Image`` value (``{'path', 'bytes'}``) or a PIL image."""
+    try:
+        if isinstance(value, Image.Image):
+            img = value
+        elif isinstance(value, dict) and value.get("bytes") is not None:
+            img = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            img = Image.open(value["path"])
+        else:
+            raise ValueError(f"no image data in {type(value).__name__}")
+        img.load()
+        return img.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise CorruptImageError(
+            f"cannot read image {_describe(value, split, index)}: {e}. Repair or remove the file, or set "
+            f"data.on_corrupt=skip to skip unreadable images (they are counted in the log).") from None
+
+
+def drop_unreadable(ds, mode: str, split: str):
+    """Remove rows whose image does not decode; returns (dataset, list of the bad files/rows)."""
+    bad_idx, bad_names = [], []
+    for i, value in enumerate(ds["image"]):
+        try:
+            decode_image(value, mode, split, i)
+        except CorruptImageError:
+            bad_idx.append(i)
+            bad_names.append(_describe(value, split, i))
+    if bad_idx:
+        keep = sorted(set(range(len(ds))) - set(bad_idx))
+        ds = ds.select(keep)
+        log.warning("skipped %d unreadable image(s) in split '%s': %s", len(bad_idx), split, ", ".join(bad_names))
+    return ds, bad_names
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, label) pairs from a split with undecoded ``image`` and integer ``label``.
+
+    ``transform`` maps a PIL image to a tensor (or a tuple of tensors, e.g. two views). With
+    ``seed`` set, each sample's transform runs under its own RNG seeded by (seed, epoch, index).
+    The split's images are decoded once and kept in memory when they are small (``cache_bytes``).
+    """
+
+    def __init__(self, split_ds, transform: Callable, mode: str = "RGB", split: str = "train",
+                 seed: Optional[int] = None, cache_bytes: int = 256 << 20):
+        self.ds = split_ds
+        self.transform = transform
+        self.mode = mode
+        self.split = split
+        self.seed = seed
+        self.epoch = 0
+        self.labels = np.asarray(split_ds["label"], dtype=np.int64)
+        self._cache: Optional[list] = None
+        images = split_ds["image"]
+        approx = sum(len(v["bytes"]) if isinstance(v, dict) and v.get("bytes") else 1 << 20 for v in images[:64])
+        if approx / max(1, min(64, len(images))) * len(images) * 4 < cache_bytes:
+            self._cache = [decode_image(v, mode, split, i) for i, v in enumerate(images)]
+        else:
+            self._images = images
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int) -> Image.Image:
+        if self._cache is not None:
+            return self._cache[index]
+        return decode_image(self._images[index], self.mode, self.split, index)
+
+    def __getitem__(self, index: int):
+        img = self.image(index)
+        if self.seed is None:
+            x = self.transform(img)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                x = self.transform(img)
+        return x, int(self.labels[index])
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A permutation of ``range(n)`` that is a function of (seed, epoch): shuffled, reproducible,
+    and the same on every rank (Accelerate shards the resulting batches)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0xFFFFFFFF))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def build_transforms(data_config: dict, image_size: int, train: bool, hflip: float = 0.5,
+                     augment: str = "light"):
+    """Train/eval transforms from a backbone's data config (mean, std, interpolation, crop_pct).
+
+    Small inputs (<= 64 px): train = pad by size/8 and random crop (+flip); eval = resize.
+    Larger inputs: train = random-resized crop (0.08-1) (+flip); eval = resize to size/crop_pct and
+    centre crop. ``strong`` adds colour jitter."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    mean = tuple(data_config.get("mean", IMAGENET_MEAN))
+    std = tuple(data_config.get("std", IMAGENET_STD))
+    interp = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+              "nearest": InterpolationMode.NEAREST}.get(str(data_config.get("interpolation", "bilinear")),
+                                                        InterpolationMode.BILINEAR)
+    crop_pct = float(data_config.get("crop_pct", 0.875) or 0.875)
+    small = image_size <= 64
+    ops: list = [T.ToImage()]
+    if train and augment != "none":
+        if small:
+            ops += [T.Resize((image_size, image_size), interpolation=interp, antialias=True),
+                    T.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="edge")]
+        else:
+            ops += [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=interp, antialias=True)]
+        if hflip > 0:
+            ops.append(T.RandomHorizontalFlip(hflip))
+        if augment == "strong":
+            ops.append(T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8))
+    elif small:
+        ops += [T.Resize((image_size, image_size), interpolation=interp, antialias=True)]
+    else:
+        ops += [T.Resize(int(round(image_size / crop_pct)), interpolation=interp, antialias=True),
+                T.CenterCrop(image_size)]
+    if len(mean) == 3 and data_config.get("input_size", (3,))[0] == 1:
+        mean, std = mean[:1], std[:1]
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    return T.Compose(ops)
+
+
+def collate(batch: Sequence):
+    xs, ys = zip(*batch)
+    if isinstance(xs[0], (tuple, list)):
+        x = tuple(torch.stack(v) for v in zip(*xs))
+    else:
+        x = torch.stack(xs)
+    return x, torch.as_tensor(ys, dtype=torch.long)

@@ -1,0 +1,166 @@
+"""Where images come from: the embedded digits, any Hugging Face dataset, or a local image folder.
+
+Every source ends as a ``datasets.DatasetDict`` with ``train``, ``val`` and ``test`` splits and the
+columns ``image`` and ``label`` (a ``ClassLabel``). Images are stored undecoded and decoded by
+``visrep.data.images`` so a bad file is reported by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: Literal["digits", "hf", "imagefolder"] = "digits"
+    """digits: scikit-learn's bundled 8x8 digits (no download); hf: datasets.load_dataset(name, hf_config);
+    imagefolder: a local tree (class-per-folder, optionally under train/ val/ test/)."""
+    name: Optional[str] = None
+    """Hugging Face dataset name (source=hf)."""
+    hf_config: Optional[str] = None
+    data_dir: Optional[str] = None
+    """Image folder root (source=imagefolder)."""
+    train_split: str = "train"
+    val_split: Optional[str] = "validation"
+    """Used when the source has it; otherwise val_fraction of train is held out (stratified, seeded)."""
+    test_split: str = "test"
+    image_column: str = "image"
+    label_column: str = "label"
+    image_size: int = 32
+    channels: Literal[1, 3] = 3
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    """Held out of train when the source has no test split (the digits have neither)."""
+    split_seed: int = 0
+    hflip: float = 0.5
+    """Probability of a horizontal flip at train time (0 for digits: a mirrored 7 is no 7)."""
+    augment: Literal["none", "light", "strong"] = "light"
+    """light: pad-and-crop (small inputs) or random-resized crop; strong adds colour jitter."""
+    on_corrupt: Literal["error", "skip"] = "error"
+    """error: stop with the file's name; skip: drop unreadable images up front and log how many."""
+    label_fraction: float = 1.0
+    """Keep this fraction of the training labels (stratified, seeded): the label budget."""
+
+    def validate(self, prefix: str) -> None:
+        from visrep.engine.config import _check
+
+        _check(self.image_size >= 8, f"{prefix}image_size", self.image_size, "an integer >= 8")
+        _check(0 < self.val_fraction < 1, f"{prefix}val_fraction", self.val_fraction, "a number in (0, 1)")
+        _check(0 < self.test_fraction < 1, f"{prefix}test_fraction", self.test_fraction, "a number in (0, 1)")
+        _check(0 <= self.hflip <= 1, f"{prefix}hflip", self.hflip, "a probability in [0, 1]")
+        _check(0 < self.label_fraction <= 1, f"{prefix}label_fraction", self.label_fraction, "a number in (0, 1]")
+        _check(self.source != "hf" or bool(self.name), f"{prefix}name", self.name,
+               "a Hugging Face dataset name when data.source is 'hf'")
+        _check(self.source != "imagefolder" or bool(self.data_dir), f"{prefix}data_dir", self.data_dir,
+               "a directory when data.source is 'imagefolder'")
+
+
+def digits_arrays(image_size: int = 32, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 bundled digits as uint8 images (N, H, W[, 3]) resized to ``image_size``, and labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    raw = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    out = []
+    for img in raw:
+        im = Image.fromarray(img, mode="L").resize((image_size, image_size), Image.BILINEAR)
+        out.append(np.asarray(im.convert("RGB") if channels == 3 else im))
+    return np.stack(out), d.target.astype(np.int64)
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    return np.sort(keep), np.sort(held)
+
+
+def _digits(cfg: DataConfig):
+    import datasets
+    from PIL import Image
+
+    images, labels = digits_arrays(cfg.image_size, cfg.channels)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(im) for im in images], "label": labels.tolist()},
+                                    features=features)
+    rest, test = _stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
+    tr, va = _stratified_split(labels[rest], val_share, cfg.split_seed)
+    return datasets.DatasetDict(train=ds.select(rest[tr]), val=ds.select(rest[va]), test=ds.select(test))
+
+
+def _standardize(d, cfg: DataConfig):
+    """Rename the configured columns to image/label, make label a ClassLabel, and derive missing splits."""
+    import datasets
+
+    first = next(iter(d.values()))
+    for col in (cfg.image_column, cfg.label_column):
+        if col not in first.column_names:
+            raise KeyError(f"dataset column '{col}' not found; available columns: {first.column_names}. "
+                           f"Set data.image_column / data.label_column.")
+    out = {}
+    for split, ds in d.items():
+        ds = ds.select_columns([cfg.image_column, cfg.label_column])
+        if cfg.image_column != "image":
+            ds = ds.rename_column(cfg.image_column, "image")
+        if cfg.label_column != "label":
+            ds = ds.rename_column(cfg.label_column, "label")
+        out[split] = ds
+    labels_feat = out[cfg.train_split].features["label"] if cfg.train_split in out else first.features[cfg.label_column]
+    if not isinstance(labels_feat, datasets.ClassLabel):
+        names = sorted({str(v) for ds in out.values() for v in ds.unique("label")})
+        for split in out:
+            out[split] = out[split].map(lambda r: {"label": str(r["label"])}).cast_column(
+                "label", datasets.ClassLabel(names=names))
+    if cfg.train_split not in out:
+        raise KeyError(f"split '{cfg.train_split}' not found; available splits: {sorted(out)}. Set data.train_split.")
+    train = out[cfg.train_split]
+    labels = np.asarray(train["label"])
+    if cfg.test_split in out:
+        test = out[cfg.test_split]
+    else:
+        keep, held = _stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+        train, test, labels = train.select(keep), train.select(held), labels[keep]
+    if cfg.val_split and cfg.val_split in out:
+        val = out[cfg.val_split]
+    else:
+        keep, held = _stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+        train, val = train.select(keep), train.select(held)
+    return datasets.DatasetDict(train=train, val=val, test=test)
+
+
+def load_splits(cfg: DataConfig):
+    """The three splits of the configured source, images left undecoded (``{'path', 'bytes'}``)."""
+    import datasets
+
+    if cfg.source == "digits":
+        d = _digits(cfg)
+    elif cfg.source == "hf":
+        d = datasets.load_dataset(cfg.name, cfg.hf_config)
+        d = _standardize(d, cfg)
+    elif cfg.source == "imagefolder":
+        root = Path(cfg.data_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.data_dir '{root}' is not a directory. Point it at a class-per-folder "
+                                    f"image tree (root/CLASS/*.png, optionally root/train/CLASS/...).")
+        d = datasets.load_dataset("imagefolder", data_dir=str(root))
+        d = _standardize(d, dataclasses.replace(cfg, image_column="image", label_column="label"))
+    else:  # pragma: no cover
+        raise ValueError(cfg.source)
+    d = datasets.DatasetDict({k: v.cast_column("image", datasets.Image(decode=False)) for k, v in d.items()})
+    if cfg.label_fraction < 1.0:
+        labels = np.asarray(d["train"]["label"])
+        _, keep = _stratified_split(labels, cfg.label_fraction, cfg.split_seed)
+        d["train"] = d["train"].select(keep)
+    return d
+
+
+def class_names(splits) -> list[str]:
+    return list(splits["train"].features["label"].names)
+

@@ -1,0 +1,5 @@
+"""Soft/hard-target knowledge distillation and the frozen teacher."""
+from visrep.distill.losses import DistillationLoss, KDConfig, soft_target_kd_loss
+from visrep.distill.teacher import FrozenTeacher
+
+__all__ = ["DistillationLoss", "KDConfig", "soft_target_kd_loss", "FrozenTeacher"]

@@ -1,0 +1,43 @@
+"""The frozen teacher."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher network that cannot change: parameters frozen (``requires_grad_(False)``), always in
+    eval mode (``.train()`` is ignored, so BatchNorm statistics and dropout never move), run under
+    ``torch.no_grad``. Keep it out of ``accelerator.prepare``: it is never wrapped in DDP or a
+    DeepSpeed engine; move it to the device with ``.to(device)``.
+
+    It takes the student's batch as is -- the same augmented images -- and, when teacher and student
+    expect different normalisation, maps ``x`` from the student's (mean, std) to the teacher's:
+    ``x_t = (x * std_s + mean_s - mean_t) / std_t``.
+    """
+
+    def __init__(self, model: nn.Module, student_mean: Optional[Sequence[float]] = None,
+                 student_std: Optional[Sequence[float]] = None, teacher_mean: Optional[Sequence[float]] = None,
+                 teacher_std: Optional[Sequence[float]] = None):
+        super().__init__()
+        self.model = model
+        self.model.requires_grad_(False)
+        self.adapt = None not in (student_mean, student_std, teacher_mean, teacher_std) and (
+            tuple(student_mean) != tuple(teacher_mean) or tuple(student_std) != tuple(teacher_std))
+        if self.adapt:
+            ms, ss = torch.tensor(student_mean), torch.tensor(student_std)
+            mt, st = torch.tensor(teacher_mean), torch.tensor(teacher_std)
+            self.register_buffer("scale", (ss / st).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("shift", ((ms - mt) / st).view(1, -1, 1, 1), persistent=False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapt:
+            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        return self.model(x)

@@ -1,0 +1,279 @@
+"""Typed configuration: dataclasses, YAML presets, dotted command-line overrides.
+
+A recipe declares one root dataclass. ``parse_config`` loads the preset named by ``--config`` (or the
+recipe's default preset) strictly -- unknown keys and ill-typed values are errors that name the key,
+the file and the valid choices -- and then applies command-line overrides with tyro
+(``--optim.lr 0.1``; ``--output-dir`` and ``--output_dir`` both work).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it and says what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared config groups. Recipes compose these with their own method groups.
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BackboneConfig:
+    """A zoo backbone: ``visrep.zoo.create_backbone(name, pretrained, checkpoint=..., small_input, **kwargs)``."""
+
+    name: str = "resnet20"
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    small_input: bool = True
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimizer. ``lr`` is the peak learning rate for the per-device batch given in ``run.batch_size``
+    times processes times accumulation (no hidden rescaling)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: Optional[float] = None
+
+    def validate(self, prefix: str) -> None:
+        _check(self.lr > 0, f"{prefix}lr", self.lr, "a positive number")
+        _check(self.weight_decay >= 0, f"{prefix}weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"{prefix}grad_clip", self.grad_clip,
+               "null or a positive number")
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Epoch budget and learning-rate schedule, counted in optimizer steps."""
+
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.epochs >= 0, f"{prefix}epochs", self.epochs, "an integer >= 0")
+        _check(self.warmup_epochs >= 0, f"{prefix}warmup_epochs", self.warmup_epochs, "a number >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Plumbing shared by every recipe."""
+
+    batch_size: int = 64
+    """Per-device training batch size."""
+    eval_batch_size: int = 256
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a CUDA device that supports it, fp32 on CPU (bf16 matmul is very slow there)."""
+    log_every: int = 10
+    """Optimizer steps between metric records."""
+    checkpoint_every: int = 0
+    """Optimizer steps between checkpoints; 0 = at the end of every epoch."""
+    keep_last: int = 2
+    trackers: list[str] = dataclasses.field(default_factory=lambda: ["jsonl"])
+    """jsonl is always written; add tensorboard, wandb, ... (any Accelerate tracker)."""
+    progress: bool = True
+    stop_after_steps: Optional[int] = None
+    """Stop (after a checkpoint) once the run has taken this many optimizer steps in total; continue
+    later with --resume latest. For interrupted jobs and tests."""
+    num_workers: int = 0
+    deterministic: bool = False
+
+    def validate(self, prefix: str) -> None:
+        for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_last"):
+            _check(getattr(self, key) >= 1, f"{prefix}{key}", getattr(self, key), "an integer >= 1")
+        _check(self.checkpoint_every >= 0, f"{prefix}checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        _check(self.num_workers >= 0, f"{prefix}num_workers", self.num_workers, "an integer >= 0")
+        _check(self.stop_after_steps is None or self.stop_after_steps >= 1, f"{prefix}stop_after_steps",
+               self.stop_after_steps, "null or an integer >= 1")
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' has value {value!r}; expected {expected}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict dict -> dataclass conversion
+# ----------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    where = f" in {source}" if source else ""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{key}'{where} has value {value!r}; expected {expected}.")
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key + ".", source=source)
+    if origin is Literal:
+        if value not in args:
+            raise bad("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad(f"a value of type {_type_name(tp)}, not null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else bad(" or ".join(_type_name(a) for a in args if a is not type(None)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise bad(f"a list of {len(args)} items")
+            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    return value
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "", source: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping; missing keys take defaults, unknown keys are errors."""
+    where = f" in {source}" if source else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}'{where} must be a mapping, "
+                          f"got {type(data).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for raw_key, value in data.items():
+        name = str(raw_key).replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{raw_key}'{where}. Valid keys"
+                              f"{' under ' + repr(prefix.rstrip('.')) if prefix else ''}: {', '.join(sorted(fields))}.")
+        kwargs[name] = _coerce(value, hints[name], prefix + name, source)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain YAML-safe dict of a config (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist. Pass --config with a YAML preset "
+                          f"(see recipes/configs/).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    return from_dict(cls, data, source=str(path))
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Run each group's ``validate(prefix)`` hook, depth first."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            validate(v, prefix + f.name + ".")
+    hook = getattr(cfg, "validate", None)
+    if callable(hook):
+        hook(prefix)
+
+
+def parse_config(cls: type[T], argv: Optional[Sequence[str]] = None, default_preset: str | os.PathLike | None = None,
+                 description: Optional[str] = None) -> T:
+    """Preset (``--config``, else ``default_preset``) + command-line overrides -> validated ``cls``."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    preset = known.config or (str(default_preset) if default_preset else None)
+    base = load_yaml(cls, preset) if preset else cls()
+    if preset and any(f.name == "config" for f in dataclasses.fields(cls)):
+        base = dataclasses.replace(base, config=str(preset))
+    cfg = tyro.cli(cls, default=base, args=argv, description=description,
+                   config=(tyro.conf.FlagConversionOff,))
+    validate(cfg)
+    return cfg
+
+
+def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically."""
+    from visrep.engine.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out

@@ -1,0 +1,63 @@
+"""Exported models: ``model.safetensors`` + ``config.json`` in one directory.
+
+This is the form a finished stage leaves in ``RUN_DIR/models/STAGE`` and the form a later recipe
+(a distillation teacher, a fine-tuning start) loads back. Loading never unpickles: safetensors only,
+keys checked strictly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from visrep.engine.config import BackboneConfig, to_dict
+from visrep.engine.io import atomic_write_json
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def export_model(accelerator, model: nn.Module, out_dir: str | Path, backbone: BackboneConfig, num_classes: int,
+                 data_config: dict, extra: Optional[dict] = None) -> None:
+    """Call on every rank (DeepSpeed ZeRO-3 gathers the shards); the main process writes."""
+    from safetensors.torch import save_file
+
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    cfg = {"architecture": backbone.name, "num_classes": int(num_classes), "small_input": backbone.small_input,
+           "kwargs": to_dict(backbone.kwargs), "data_config": to_dict(data_config), "library": "visrep"}
+    cfg.update(extra or {})
+    atomic_write_json(out / CONFIG_NAME, cfg)
+
+
+def read_model_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"'{path}' is not an exported visrep model: '{cfg_file}' is missing. Expected a "
+                                f"directory with {WEIGHTS_NAME} and {CONFIG_NAME} (e.g. RUN_DIR/models/STAGE).")
+    return json.loads(cfg_file.read_text())
+
+
+def load_model(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict]:
+    """Rebuild an exported model with the zoo and load its weights strictly. Returns (model, config)."""
+    from visrep.zoo import create_backbone
+
+    path = Path(path)
+    cfg = read_model_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"'{weights}' is missing; the export in '{path}' is incomplete.")
+    kwargs = dict(cfg.get("kwargs") or {})
+    kwargs.update(overrides)
+    model = create_backbone(cfg["architecture"], num_classes=cfg["num_classes"], small_input=cfg.get("small_input", False),
+                            checkpoint=str(weights), **kwargs)
+    return model, cfg

@@ -1,0 +1,506 @@
+"""A training run: accelerator, run directory, metrics, checkpoints, resume -- the plumbing every
+recipe shares, so that the recipe itself shows only the algorithm.
+
+Run directory layout::
+
+    RUN_DIR/config.yaml            resolved config
+    RUN_DIR/metrics.jsonl          one JSON object per logged step / epoch (main process)
+    RUN_DIR/state.json             stages finished so far, their results and wall time
+    RUN_DIR/checkpoints/STAGE/step_XXXXXXXX/   Accelerate state + trainer_state.json + config.yaml
+    RUN_DIR/models/STAGE/          exported weights (model.safetensors + config.json) of a finished stage
+    RUN_DIR/results.json           final figures
+
+A recipe may have several stages (distillation: teacher, student from scratch, student with KD). Each
+stage checkpoints on its own; a finished stage is skipped on resume and its exported weights are
+loaded back, so ``--resume latest`` continues exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from visrep.engine.config import RunConfig, diff_configs, save_yaml, to_dict
+from visrep.engine.io import atomic_write_json, replace_dir
+
+CHECKPOINT_PREFIX = "step_"
+# Keys that may differ between the run that was interrupted and the one that resumes it.
+RESUME_FREE_KEYS = ("resume", "run.stop_after_steps", "run.progress", "run.trackers", "config")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and the last good checkpoint stays as it was."""
+
+
+class StopRun(Exception):
+    """Raised inside a run to stop it cleanly (``run.stop_after_steps``)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: a JSONL file, as an Accelerate tracker, so ``accelerator.log`` feeds it and any other
+# tracker (tensorboard, wandb, ...) alike.
+# ----------------------------------------------------------------------------------------------
+class JSONLTracker(GeneralTracker):
+    name = "jsonl"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+        self._file = None
+
+    @property
+    def tracker(self):
+        return self._file
+
+    def start(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+
+    def store_init_configuration(self, values: dict):
+        pass  # the resolved config lives in config.yaml
+
+    def log(self, values: dict, step: Optional[int] = None, **kwargs):
+        if self._file is None:
+            self.start()
+        record = {"step": step, "time": round(time.time(), 3)}
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            record[k] = v
+        self._file.write(json.dumps(record) + "\n")
+
+    def finish(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def truncate_metrics(path: Path, stage: str, after_step: int) -> None:
+    """On resume, drop records of ``stage`` logged after the checkpoint being resumed, so the file
+    reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if rec.get("stage") == stage and (rec.get("stage_step") or 0) > after_step:
+            continue
+        keep.append(line)
+    from visrep.engine.io import atomic_write_text
+
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
+def resolve_mixed_precision(name: str) -> str:
+    """``auto``: bf16 on a CUDA device that supports it, else fp32 (``no``)."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerator:
+    trackers: list[Any] = [JSONLTracker(run_dir / "metrics.jsonl")]
+    for name in run_cfg.trackers:
+        if name != "jsonl":
+            trackers.append(name)
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(run_cfg.mixed_precision),
+        gradient_accumulation_steps=run_cfg.grad_accum,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def list_checkpoints(stage_dir: Path) -> list[Path]:
+    if not stage_dir.is_dir():
+        return []
+    found = [p for p in stage_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+class Run:
+    """Owns the accelerator and the run directory. Use as a context manager around the recipe body."""
+
+    def __init__(self, cfg: Any, recipe: str, output_dir: str, seed: int, run_cfg: RunConfig,
+                 resume: Optional[str] = None, accelerator_kwargs: Optional[dict] = None):
+        self.cfg = cfg
+        self.recipe = recipe
+        self.run_cfg = run_cfg
+        self.seed = seed
+        self.resume_ckpt: Optional[Path] = None
+        self.run_dir = Path(output_dir)
+        if resume not in (None, "", "latest"):
+            self.resume_ckpt = Path(resume)
+            if not (self.resume_ckpt / "trainer_state.json").is_file():
+                raise FileNotFoundError(
+                    f"--resume {resume}: '{self.resume_ckpt}' is not a checkpoint directory (it has no "
+                    f"trainer_state.json). Pass a directory RUN_DIR/checkpoints/STAGE/step_N or 'latest'.")
+            self.run_dir = self.resume_ckpt.parent.parent.parent
+        self.resuming = resume is not None and resume != ""
+        self.accelerator = build_accelerator(run_cfg, self.run_dir, **(accelerator_kwargs or {}))
+        self.state_path = self.run_dir / "state.json"
+        self.global_step = 0
+        self._stage_index = 0
+        self._check_run_dir()
+        self.state = self._load_state()
+        self.global_step = int(self.state.get("global_step", 0))
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, self.run_dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.init_trackers(recipe, config=_flat_hparams(to_dict(cfg)))
+        set_seed(seed)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _check_run_dir(self) -> None:
+        cfg_path = self.run_dir / "config.yaml"
+        if not self.resuming:
+            if self.state_path.exists() or (self.run_dir / "checkpoints").exists():
+                raise FileExistsError(
+                    f"output dir '{self.run_dir}' already holds a run. Pass --resume latest to continue it, "
+                    f"or choose another --output-dir.")
+            return
+        if not self.state_path.exists() and not (self.run_dir / "checkpoints").exists():
+            raise FileNotFoundError(
+                f"--resume: nothing to resume in '{self.run_dir}' (no state.json, no checkpoints/). "
+                f"Start the run without --resume, or point --output-dir at the run to continue.")
+        if cfg_path.exists():
+            import yaml
+
+            old = yaml.safe_load(cfg_path.read_text()) or {}
+            changed = [d for d in diff_configs(old, to_dict(self.cfg))
+                       if not any(d.startswith(k + ":") or d.startswith(k + ".") for k in RESUME_FREE_KEYS)
+                       and not d.startswith("output_dir:")]
+            if changed and self.accelerator.is_main_process:
+                print(f"[visrep] warning: resuming '{self.run_dir}' with a config that differs from the "
+                      f"saved one in: " + "; ".join(changed), file=sys.stderr)
+
+    def _load_state(self) -> dict:
+        if self.resuming and self.state_path.exists():
+            return json.loads(self.state_path.read_text())
+        return {"recipe": self.recipe, "stages": {}, "global_step": 0}
+
+    def save_run_state(self) -> None:
+        self.state["global_step"] = self.global_step
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.state_path, self.state)
+
+    # -- API for recipes ------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, *args, **kwargs) -> None:
+        self.accelerator.print(*args, **kwargs)
+
+    def log(self, values: dict, step: Optional[int] = None) -> None:
+        self.accelerator.log(values, step=self.global_step if step is None else step)
+
+    def stage(self, name: str, **kwargs) -> "Stage":
+        st = Stage(self, name, index=self._stage_index, **kwargs)
+        self._stage_index += 1
+        return st
+
+    def write_results(self, results: dict) -> Path:
+        path = self.run_dir / "results.json"
+        if self.is_main:
+            atomic_write_json(path, results)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.accelerator.end_training()
+        if exc_type is StopRun:
+            self.print(f"[visrep] {exc} Continue with: --resume latest --output-dir {self.run_dir}")
+            return True
+        return False
+
+
+def _flat_hparams(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_hparams(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[prefix + k] = v
+        else:
+            out[prefix + k] = str(v)
+    return out
+
+
+class Stage:
+    """One training phase: epochs of batches, optimizer-step counting, LR schedule, logging,
+    non-finite check, checkpoints and exact resume. The recipe writes the forward, loss and update::
+
+        for epoch in stage.epochs():
+            for x, y in stage.batches():
+                with accelerator.accumulate(model):
+                    loss = ...
+                    accelerator.backward(loss)
+                    optimizer.step(); optimizer.zero_grad()
+                stage.step_done(loss)
+            stage.epoch_done(val_acc=...)
+        stage.finish(results)
+
+    ``model``/``optimizer``/``train_loader`` must already be prepared by the accelerator, and must
+    be the only objects prepared (the previous stage's are released by ``finish``). ``epoch_setters``
+    are objects with ``set_epoch(epoch)`` (sampler, dataset) that make data order and augmentation a
+    function of the epoch. ``extra_state`` maps names to objects with ``state_dict``/``load_state_dict``
+    (EMA counters, GRL progress, ...) saved with each checkpoint.
+    """
+
+    def __init__(self, run: Run, name: str, *, index: int, model: torch.nn.Module, optimizer, train_loader,
+                 epochs: int, schedule=None, epoch_setters: tuple = (), extra_state: Optional[dict] = None,
+                 export: Optional[Callable[[Path], None]] = None):
+        self.run = run
+        self.accelerator: Accelerator = run.accelerator
+        self.name = name
+        self.index = index
+        self.model = model
+        self.optimizer = optimizer
+        self.train_loader = train_loader
+        self.num_epochs = epochs
+        self.schedule = schedule
+        self.epoch_setters = epoch_setters
+        self.extra_state = extra_state or {}
+        self.export_fn = export
+        self.ckpt_dir = run.run_dir / "checkpoints" / name
+        self.model_dir = run.run_dir / "models" / name
+        self.batches_per_epoch = len(train_loader)
+        accum = self.accelerator.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
+        self.total_steps = self.steps_per_epoch * epochs
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.step = 0
+        self.wall_time = 0.0
+        self._t0 = time.perf_counter()
+        self._window: dict[str, list[float]] = {}
+        self._pbar = None
+        self._last_saved_step = -1
+        record = run.state["stages"].get(name, {})
+        self.done = bool(record.get("done"))
+        if self.done:
+            self._load_final_weights()
+            self.wall_time = float(record.get("wall_time", 0.0))
+        elif run.resuming:
+            ckpt = run.resume_ckpt if (run.resume_ckpt is not None and run.resume_ckpt.parent.name == name) else None
+            if ckpt is None and run.resume_ckpt is None:
+                found = list_checkpoints(self.ckpt_dir)
+                ckpt = found[-1] if found else None
+            if ckpt is not None:
+                self._load_checkpoint(ckpt)
+
+    # -- iteration ------------------------------------------------------------------------------
+    def epochs(self) -> Iterator[int]:
+        if self.done:
+            return
+        while self.epoch < self.num_epochs:
+            for s in self.epoch_setters:
+                s.set_epoch(self.epoch)
+            yield self.epoch
+        self._close_pbar()
+
+    def batches(self) -> Iterator[Any]:
+        loader = self.train_loader
+        if self.batch_in_epoch > 0:
+            loader = self.accelerator.skip_first_batches(self.train_loader, self.batch_in_epoch)
+        self._open_pbar()
+        self._apply_lr()
+        for batch in loader:
+            yield batch
+
+    def _apply_lr(self) -> None:
+        if self.schedule is not None:
+            self.schedule.apply(self.step)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def step_done(self, loss: torch.Tensor, **metrics: Any) -> None:
+        """Call after every micro-batch. Counts an optimizer step when gradients were synchronised."""
+        self.batch_in_epoch += 1
+        vals = {"loss": loss.detach().float()}
+        vals.update(metrics)
+        for k, v in vals.items():
+            self._window.setdefault(k, []).append(v.item() if isinstance(v, torch.Tensor) else float(v))
+        if not self.accelerator.sync_gradients:
+            return
+        self._check_finite(vals["loss"])
+        self.step += 1
+        self.run.global_step += 1
+        if self._pbar is not None:
+            self._pbar.update(1)
+            self._pbar.set_postfix(loss=f"{self._window['loss'][-1]:.4f}")
+        if self.step % self.run.run_cfg.log_every == 0:
+            self._flush_window()
+        self._apply_lr()
+        every = self.run.run_cfg.checkpoint_every
+        if every and self.step % every == 0:
+            self.save()
+        stop = self.run.run_cfg.stop_after_steps
+        if stop is not None and self.run.global_step >= stop:
+            if self._last_saved_step != self.step:
+                self.save()
+            self._close_pbar()
+            raise StopRun(f"stopped after {self.run.global_step} optimizer steps (run.stop_after_steps).")
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss)).float().reshape(1).to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            found = list_checkpoints(self.ckpt_dir)
+            last = f"the last good checkpoint is '{found[-1]}'" if found else "no checkpoint was written yet"
+            self._close_pbar()
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) in stage '{self.name}' at optimizer step {self.step + 1} "
+                f"(epoch {self.epoch}, batch {self.batch_in_epoch}); {last}. Lower optim.lr, set "
+                f"optim.grad_clip, or check the data.")
+
+    def _flush_window(self) -> None:
+        if not self._window:
+            return
+        rec = {f"train/{k}": sum(v) / len(v) for k, v in self._window.items()}
+        rec.update({"stage": self.name, "stage_step": self.step, "epoch": self.epoch,
+                    "lr": self.optimizer.param_groups[0]["lr"]})
+        self.run.log(rec)
+        self._window = {}
+
+    def epoch_done(self, **metrics: Any) -> None:
+        """End of an epoch: log (validation) metrics, checkpoint if checkpointing per epoch."""
+        self._flush_window()
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        rec.update({"stage": self.name, "stage_step": self.step, "epoch": self.epoch})
+        self.run.log(rec)
+        if self._pbar is not None and metrics:
+            self._pbar.write(f"[{self.name}] epoch {self.epoch}/{self.num_epochs} " +
+                             " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                                      if k not in ("stage", "epoch")))
+        if self.run.run_cfg.checkpoint_every == 0 or self.epoch == self.num_epochs:
+            self.save()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"stage": self.name, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "step": self.step, "total_steps": self.total_steps, "global_step": self.run.global_step,
+                "wall_time": self.wall_time + (time.perf_counter() - self._t0),
+                "num_processes": self.accelerator.num_processes}
+
+    def save(self) -> Path:
+        """Write a checkpoint atomically: everything goes to a temporary directory, which is renamed
+        into place only once complete; then all but the last ``run.keep_last`` are removed."""
+        acc = self.accelerator
+        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:08d}"
+        tmp = self.ckpt_dir / f".tmp-{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            for key, obj in self.extra_state.items():
+                torch.save(obj.state_dict(), tmp / f"extra_{key}.pt")
+            atomic_write_json(tmp / "trainer_state.json", self.trainer_state())
+            save_yaml(self.run.cfg, tmp / "config.yaml")
+            replace_dir(tmp, final)
+            for old in list_checkpoints(self.ckpt_dir)[:-self.run.run_cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._last_saved_step = self.step
+        self.run.save_run_state()
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        ts = json.loads((path / "trainer_state.json").read_text())
+        if ts.get("stage") != self.name:
+            raise ValueError(f"checkpoint '{path}' belongs to stage '{ts.get('stage')}', not '{self.name}'.")
+        self.accelerator.load_state(str(path))
+        for key, obj in self.extra_state.items():
+            f = path / f"extra_{key}.pt"
+            if not f.is_file():
+                raise FileNotFoundError(f"checkpoint '{path}' has no '{f.name}' for state '{key}'.")
+            obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+        self.epoch, self.batch_in_epoch = int(ts["epoch"]), int(ts["batch_in_epoch"])
+        self.step = int(ts["step"])
+        self.run.global_step = int(ts["global_step"])
+        self.wall_time = float(ts.get("wall_time", 0.0))
+        self._last_saved_step = self.step
+        if self.run.is_main:
+            truncate_metrics(self.run.run_dir / "metrics.jsonl", self.name, self.step)
+        self.run.print(f"[visrep] resumed stage '{self.name}' from '{path}' (epoch {self.epoch}, "
+                       f"batch {self.batch_in_epoch}, step {self.step}/{self.total_steps})")
+
+    def _load_final_weights(self) -> None:
+        from safetensors.torch import load_file
+
+        f = self.model_dir / "model.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"stage '{self.name}' is marked done in '{self.run.state_path}' but "
+                                    f"'{f}' is missing; delete the stage entry from state.json to retrain it.")
+        self.accelerator.unwrap_model(self.model).load_state_dict(load_file(str(f)), strict=True)
+        self.run.print(f"[visrep] stage '{self.name}' already finished; loaded '{f}'")
+
+    def finish(self, results: Optional[dict] = None) -> dict:
+        """Mark the stage done: export its weights, record results and wall time, release the
+        accelerator's references so the next stage starts clean. Returns the stage's results."""
+        acc = self.accelerator
+        record = self.run.state["stages"].get(self.name, {})
+        if not self.done:
+            self._close_pbar()
+            self.wall_time += time.perf_counter() - self._t0
+            if self.export_fn is not None:
+                tmp = self.model_dir.with_name(f".tmp-{self.name}")
+                if acc.is_main_process:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                acc.wait_for_everyone()
+                self.export_fn(tmp)
+                if acc.is_main_process:
+                    replace_dir(tmp, self.model_dir)
+            record = {"done": True, "wall_time": self.wall_time, "steps": self.step,
+                      "results": results or {}}
+            self.run.state["stages"][self.name] = record
+            self.run.save_run_state()
+            self.done = True
+        acc.wait_for_everyone()
+        acc.free_memory()
+        return dict(record.get("results", {}), wall_time=record.get("wall_time", 0.0))
+
+    # -- progress -------------------------------------------------------------------------------
+    def _open_pbar(self) -> None:
+        if self._pbar is None and self.run.run_cfg.progress and self.run.is_main:
+            from tqdm.auto import tqdm
+
+            self._pbar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, dynamic_ncols=True,
+                              file=sys.stderr)
+
+    def _close_pbar(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
