@@ -1,0 +1,176 @@
+"""Zoo contract: registry, creation, forward/backward, feature_info, features_only, checkpoints."""
+import os
+import time
+
+import pytest
+import torch
+
+from visrep.zoo import (CheckpointMismatchError, PretrainedWeightsUnavailable, create_backbone,
+                        get_data_config, list_backbones, register_backbone, save_checkpoint)
+
+torch.manual_seed(0)
+
+
+def check_contract(model, size, batch=2, backward=True):
+    """Every contract item on one model at input ``size`` (C, H, W)."""
+    for attr in ("num_classes", "num_features", "forward_features", "forward_head", "reset_classifier",
+                 "feature_info", "data_config"):
+        assert hasattr(model, attr), attr
+    cfg = get_data_config(model)
+    assert len(cfg["mean"]) == len(cfg["std"]) == size[0]
+    assert len(cfg["input_size"]) == 3 and cfg["input_size"][0] == size[0]
+    assert isinstance(cfg["interpolation"], str) and 0 < cfg["crop_pct"] <= 1
+    x = torch.randn(batch, *size)
+    model.train()
+    feats = model.forward_features(x)
+    pooled = model.forward_head(feats, pre_logits=True)
+    assert pooled.shape == (batch, model.num_features)
+    out = model.forward_head(feats)
+    assert out.shape == (batch, model.num_classes if model.num_classes else model.num_features)
+    if backward:
+        out.float().square().mean().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    # feature_info vs the real feature maps
+    from visrep.zoo.features import collect_features
+    model.eval()
+    with torch.no_grad():
+        maps = collect_features(model, x[:1], range(len(model.feature_info)))
+    assert len(maps) == len(model.feature_info) > 0
+    for info, m in zip(model.feature_info, maps):
+        assert m.ndim == 4 and m.shape[1] == info["num_chs"], (info, m.shape)
+        assert m.shape[-1] == -(-size[-1] // info["reduction"]) or m.shape[-1] == size[-1] // info["reduction"], (info, m.shape)
+    return out
+
+
+# ------------------------------------------------------------------ first deliverable
+
+
+@pytest.mark.parametrize("name,params", [("resnet20", 0.27), ("resnet32", 0.46), ("resnet56", 0.85)])
+def test_cifar_resnets(name, params):
+    m = create_backbone(name, num_classes=10)
+    n = sum(p.numel() for p in m.parameters()) / 1e6
+    assert abs(n - params) < 0.01
+    check_contract(m, (3, 32, 32))
+    assert m.data_config["input_size"] == (3, 32, 32)
+
+
+def test_cifar_resnet_width():
+    m = create_backbone("resnet20", width=2)
+    assert m.num_features == 128
+    assert [f["num_chs"] for f in m.feature_info] == [32, 32, 64, 128]
+    check_contract(m, (3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_050", "mobilenetv2_100", "resnet18"])
+def test_small_input_variants(name):
+    m = create_backbone(name, num_classes=10, small_input=True)
+    check_contract(m, (3, 32, 32))
+    assert m.data_config["input_size"] == (3, 32, 32)
+    assert m.feature_info[0]["reduction"] == 1 and m.feature_info[-1]["reduction"] == 8
+    assert m.forward_features(torch.randn(1, 3, 32, 32)).shape[-1] == 4
+
+
+def test_resnet20_speed():
+    m = create_backbone("resnet20", num_classes=10)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    assert min(times) < 0.2, times
+
+
+# ------------------------------------------------------------------ registry
+
+
+def test_list_and_prefixes():
+    names = list_backbones()
+    assert {"resnet20", "resnet18", "mobilenetv2_050"} <= set(names)
+    assert list_backbones("resnet2*") == ["resnet20"]
+    assert "resnet20" in list_backbones("net20")
+    assert "timm:resnet18" in list_backbones("timm:resnet1*")
+    m = create_backbone("timm:resnet10t", num_classes=3)
+    check_contract(m, (3, 64, 64))
+    with pytest.raises(KeyError, match="resnet20"):
+        create_backbone("resnet2O")
+
+
+def test_register_backbone_decorator():
+    from visrep.zoo.cifar_resnet import CifarResNet
+
+    @register_backbone("test_tiny_resnet8", overwrite=True)
+    def _tiny(num_classes=0, in_chans=3, small_input=False, **kw):
+        """A ResNet-8 for tests."""
+        return CifarResNet(8, num_classes=num_classes, in_chans=in_chans, **kw)
+
+    assert "test_tiny_resnet8" in list_backbones("test_tiny*")
+    m = create_backbone("test_tiny_resnet8", num_classes=4, in_chans=1)
+    check_contract(m, (1, 32, 32))
+    with pytest.raises(KeyError):
+        register_backbone("test_tiny_resnet8", _tiny)
+
+
+def test_num_classes_zero_and_reset():
+    m = create_backbone("resnet20")
+    assert m.num_classes == 0 and m(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    m.reset_classifier(7)
+    assert m.num_classes == 7 and m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    t = create_backbone("mobilenetv2_050", small_input=True)
+    t.reset_classifier(5)
+    assert t(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_features_only():
+    f = create_backbone("resnet18", small_input=True, features_only=True, out_indices=(1, 2, 3, 4))
+    outs = f(torch.randn(2, 3, 32, 32))
+    assert [o.shape[1] for o in outs] == [fi["num_chs"] for fi in f.feature_info] == [64, 128, 256, 512]
+    assert [32 // o.shape[-1] for o in outs] == [fi["reduction"] for fi in f.feature_info]
+    f = create_backbone("resnet20", features_only=True, out_indices=(-1,))
+    assert f(torch.randn(1, 3, 32, 32))[0].shape == (1, 64, 8, 8)
+    assert get_data_config(f)["input_size"] == (3, 32, 32)
+    with pytest.raises(IndexError):
+        create_backbone("resnet20", features_only=True, out_indices=(9,))
+
+
+# ------------------------------------------------------------------ weights
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    m = create_backbone("resnet20", num_classes=10)
+    path = save_checkpoint(m, tmp_path / "r20.safetensors")
+    m2 = create_backbone("resnet20", num_classes=10, checkpoint=path)
+    x = torch.randn(2, 3, 32, 32)
+    m.eval(), m2.eval()
+    assert torch.equal(m(x), m2(x))
+
+
+def test_checkpoint_strict_error(tmp_path):
+    m = create_backbone("resnet20", num_classes=10)
+    path = save_checkpoint(m, tmp_path / "r20.safetensors")
+    with pytest.raises(CheckpointMismatchError) as e:
+        create_backbone("resnet20", num_classes=0, checkpoint=path)
+    assert "fc.weight" in str(e.value) and "unexpected" in str(e.value) and str(path) in str(e.value)
+    with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
+        create_backbone("resnet20", num_classes=10, width=2, checkpoint=path)
+    with pytest.raises(CheckpointMismatchError, match="missing keys"):
+        create_backbone("resnet32", num_classes=10, checkpoint=path)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tv:resnet18", "resnet20", "vgg11"])
+def test_pretrained_offline_fails_fast(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.perf_counter()
+    with pytest.raises(PretrainedWeightsUnavailable, match="checkpoint="):
+        create_backbone(name, pretrained=True)
+    assert time.perf_counter() - t < 5
+    assert issubclass(PretrainedWeightsUnavailable, RuntimeError)
+
+
+def test_offline_env_kept():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -1,0 +1,41 @@
+"""CIFAR ResNets (ResNet-20/32/44/56/110) of He et al. 2015, Sec. 4.2.
+
+A 3x3 conv with 16 filters, then three stages of ``n`` basic blocks with 16, 32, 64 filters on
+32x32, 16x16, 8x8 maps, global average pooling and a linear classifier: ``6n + 2`` layers.
+Shortcuts are parameter-free (option A: subsample + zero-pad) as in the paper; ``shortcut="B"``
+uses 1x1 projections. ResNet-20 has 0.27M parameters.
+Paper: He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", 2015, arXiv:1512.03385.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .base import CIFAR_MEAN, CIFAR_STD, ZooModel, make_data_config
+from .blocks import BasicBlock, ConvBnAct, _init_weights
+
+
+class CifarResNet(ZooModel):
+    """ResNet-(6n+2) for 32x32 inputs; ``width`` multiplies the 16/32/64 channel plan."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 0, in_chans: int = 3, width: float = 1.0,
+                 shortcut: str = "A", drop_rate: float = 0.0):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        chs = [max(1, int(round(c * width))) for c in (16, 32, 64)]
+        self.stem = ConvBnAct(in_chans, chs[0], 3)
+        stages, in_chs = [], chs[0]
+        for i, c in enumerate(chs):
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(in_chs, c, stride=2 if (i > 0 and j == 0) else 1, shortcut=shortcut))
+                in_chs = c
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = chs[-1]
+        self.feature_info = [dict(num_chs=chs[0], reduction=1, module="stem")] + [
+            dict(num_chs=c, reduction=2 ** i, module=f"stages.{i}") for i, c in enumerate(chs)]
+        self.data_config = make_data_config((in_chans, 32, 32), CIFAR_MEAN, CIFAR_STD, "bilinear", 1.0)
+        self._init_head(num_classes, drop_rate)
+        _init_weights(self)
