@@ -321,6 +321,10 @@ class Stage:
         if self.done:
             return
         while self.epoch < self.num_epochs:
+            # Accelerate's loader re-applies its own epoch counter to the sampler (or dataset) at each
+            # pass; keep it equal to ours, including after a resume that started mid-epoch.
+            if hasattr(self.train_loader, "set_epoch"):
+                self.train_loader.set_epoch(self.epoch)
             for s in self.epoch_setters:
                 s.set_epoch(self.epoch)
             yield self.epoch
@@ -398,10 +402,11 @@ class Stage:
         rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         rec.update({"stage": self.name, "stage_step": self.step, "epoch": self.epoch})
         self.run.log(rec)
-        if self._pbar is not None and metrics:
-            self._pbar.write(f"[{self.name}] epoch {self.epoch}/{self.num_epochs} " +
-                             " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
-                                      if k not in ("stage", "epoch")))
+        if metrics:
+            line = f"[{self.name}] epoch {self.epoch}/{self.num_epochs} " + " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                if k not in ("stage", "epoch"))
+            self._pbar.write(line) if self._pbar is not None else self.run.print(line)
         if self.run.run_cfg.checkpoint_every == 0 or self.epoch == self.num_epochs:
             self.save()
 
@@ -422,13 +427,19 @@ class Stage:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                for key, obj in self.extra_state.items():
+                    torch.save(obj.state_dict(), tmp / f"extra_{key}.pt")
+                atomic_write_json(tmp / "trainer_state.json", self.trainer_state())
+                save_yaml(self.run.cfg, tmp / "config.yaml")
+                replace_dir(tmp, final)
+        except BaseException:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if acc.is_main_process:
-            for key, obj in self.extra_state.items():
-                torch.save(obj.state_dict(), tmp / f"extra_{key}.pt")
-            atomic_write_json(tmp / "trainer_state.json", self.trainer_state())
-            save_yaml(self.run.cfg, tmp / "config.yaml")
-            replace_dir(tmp, final)
             for old in list_checkpoints(self.ckpt_dir)[:-self.run.run_cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self._last_saved_step = self.step

@@ -1,0 +1,97 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visrep.data import (CorruptImageError, DataConfig, EpochSampler, build_classification_data, digits_arrays,
+                         load_splits)
+
+DC = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+def make_folder(root, per_class=6, classes=("cat", "dog"), size=12):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_digits_splits_are_stratified_fixed_and_resized():
+    d = load_splits(DataConfig(image_size=16))
+    sizes = {k: len(v) for k, v in d.items()}
+    assert sum(sizes.values()) == 1797 and sizes["test"] == 270 and sizes["val"] == 270
+    assert set(d["test"]["label"]) == set(range(10))
+    again = load_splits(DataConfig(image_size=16))
+    assert d["test"]["label"] == again["test"]["label"]
+    imgs, labels = digits_arrays(16)
+    assert imgs.shape == (1797, 16, 16, 3) and imgs.dtype == np.uint8 and labels.max() == 9
+
+
+def test_label_fraction_keeps_a_stratified_subset():
+    d = load_splits(DataConfig(label_fraction=0.1))
+    assert 120 <= len(d["train"]) <= 130 and set(d["train"]["label"]) == set(range(10))
+
+
+def test_imagefolder_and_corrupt_file_named(tmp_path, caplog):
+    root = make_folder(tmp_path / "imgs")
+    (root / "train" / "dog" / "broken.png").write_bytes(b"not a png at all")
+    cfg = DataConfig(source="imagefolder", data_dir=str(root), image_size=16)
+    with pytest.raises(CorruptImageError, match=r"broken\.png.*on_corrupt=skip"):
+        build_classification_data(cfg, DC, 0, 4, 4)
+    with caplog.at_level(logging.WARNING):
+        data = build_classification_data(DataConfig(source="imagefolder", data_dir=str(root), image_size=16,
+                                                    on_corrupt="skip"), DC, 0, 4, 4)
+    assert "skipped 1 unreadable" in caplog.text and "broken.png" in caplog.text
+    assert data.classes == ["cat", "dog"] and len(data.train) + len(data.val) == 12 and len(data.test) == 12
+    x, y = next(iter(data.train_loader))
+    assert x.shape == (4, 3, 16, 16) and y.dtype == torch.long
+
+
+def test_hf_dataset_by_name_with_column_mapping(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("test", 8)):
+        ds = datasets.Dataset.from_dict(
+            {"img": [Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)) for _ in range(n)],
+             "digit": [i % 2 for i in range(n)]},
+            features=datasets.Features({"img": datasets.Image(), "digit": datasets.ClassLabel(names=["even", "odd"])}))
+        ds.to_parquet(str(tmp_path / f"{split}.parquet"))
+    cfg = DataConfig(source="hf", name=str(tmp_path), image_column="img", label_column="digit", image_size=16)
+    d = load_splits(cfg)
+    assert {k: len(v) for k, v in d.items()} == {"train": 17, "val": 3, "test": 8}
+    assert d["train"].features["label"].names == ["even", "odd"]
+    with pytest.raises(KeyError, match="'picture' not found.*img"):
+        load_splits(DataConfig(source="hf", name=str(tmp_path), image_column="picture"))
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="class-per-folder"):
+        load_splits(DataConfig(source="imagefolder", data_dir=str(tmp_path / "nope")))
+
+
+def test_order_and_augmentation_are_functions_of_seed_epoch_index():
+    cfg = DataConfig(image_size=16, hflip=0.5, augment="strong", label_fraction=0.1)
+    a = build_classification_data(cfg, DC, 7, 8, 8)
+    b = build_classification_data(cfg, DC, 7, 8, 8)
+    for ds in (a, b):
+        ds.sampler.set_epoch(3)
+        ds.train.set_epoch(3)
+    assert list(a.sampler) == list(b.sampler)
+    torch.manual_seed(0)
+    xa = a.train[5][0]
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert torch.equal(xa, b.train[5][0])
+    b.train.set_epoch(4)
+    assert not torch.equal(xa, b.train[5][0])
+    s = EpochSampler(50, 0)
+    s.set_epoch(1)
+    first = list(s)
+    s.set_epoch(2)
+    assert first != list(s) and sorted(first) == list(range(50))

@@ -1,0 +1,145 @@
+"""recipes/distill.py end to end: resume equality, 2 processes, teacher sources, errors."""
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import ROOT, run_recipe, write_preset
+
+TINY = {
+    "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
+    "teacher": {"source": "train", "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.5}},
+                "train_epochs": 2, "optim": {"lr": 0.05}},
+    "student": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
+    "kd": {"temperature": 4.0, "kd_weight": 0.9},
+    "optim": {"lr": 0.05},
+    "schedule": {"epochs": 2, "warmup_epochs": 0.5},
+    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_preset(tmp_path_factory.mktemp("presets") / "tiny.yaml", TINY)
+
+
+def weights(run_dir, stage):
+    return load_file(str(run_dir / "models" / stage / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_mid_stage_equals_straight_run(tiny, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(a)])
+    # 9 train batches of 32 per epoch -> 18 steps per stage: stop in the middle of the scratch student
+    p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(b), "--run.stop-after-steps", "23"])
+    assert "stopped after 23 optimizer steps" in p.stdout + p.stderr
+    assert not (b / "results.json").exists()
+    assert json.loads((b / "state.json").read_text())["stages"]["teacher"]["done"]
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(b), "--resume", "latest"])
+    for stage in ("teacher", "scratch", "kd"):
+        wa, wb = weights(a, stage), weights(b, stage)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    for k in ("teacher_acc", "student_scratch_acc", "student_kd_acc", "teacher_params", "student_params"):
+        assert ra[k] == rb[k], k
+    assert 0.0 <= ra["student_kd_acc"] <= 1.0 and ra["teacher_params"] > ra["student_params"]
+    cfg = (a / "config.yaml").read_text()
+    assert "temperature: 4.0" in cfg
+    ckpt = sorted((a / "checkpoints" / "kd").iterdir())[-1]
+    assert (ckpt / "config.yaml").is_file() and (ckpt / "trainer_state.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_shard_data_and_write_one_checkpoint(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(out)], processes=2)
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_processes"] == 2
+    state = json.loads((out / "state.json").read_text())
+    # 9 global batches of 32 per epoch, split over 2 ranks -> 4 steps per epoch, 2 epochs
+    assert state["stages"]["kd"]["steps"] == 8
+    for stage in ("teacher", "scratch", "kd"):
+        ckpts = [p.name for p in (out / "checkpoints" / stage).iterdir()]
+        assert ckpts == ["step_00000008"] or sorted(ckpts) == ["step_00000004", "step_00000008"], ckpts
+        last = out / "checkpoints" / stage / "step_00000008"
+        assert len(list(last.glob("model*.safetensors"))) == 1
+        assert sorted(p.name for p in last.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                             "random_states_1.pkl"]
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r.get("stage"), r.get("stage_step")) for r in lines if "train/loss" in r]
+    assert len(keys) == len(set(keys)) == 3 * 8, "one metrics record per step, from the main process only"
+
+
+@pytest.mark.slow
+def test_teacher_sources_and_bad_input(tiny, tmp_path):
+    first = tmp_path / "first"
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(first), "--schedule.epochs", "1"])
+    again = tmp_path / "from_ckpt"
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(again), "--schedule.epochs", "1",
+                           "--teacher.source", "checkpoint", "--teacher.checkpoint", str(first / "models" / "teacher")])
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (first, again))
+    assert r1["teacher_acc"] == r2["teacher_acc"] and r2["teacher_wall_s"] == 0.0
+    assert not (again / "checkpoints" / "teacher").exists()
+    p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(tmp_path / "pre"),
+                               "--teacher.source", "pretrained", "--teacher.model.name", "resnet18"], check=False)
+    assert p.returncode != 0 and "checkpoint" in p.stderr
+    p = run_recipe("distill", ["--config", str(tiny), "--kd.temperature", "-1"], check=False)
+    assert p.returncode != 0 and "kd.temperature" in p.stderr
+    p = run_recipe("distill", ["--config", str(tiny), "--kd.targets", "medium"], check=False)
+    assert p.returncode != 0 and "--kd.targets" in p.stderr and "hard" in p.stderr
+    bad = write_preset(tmp_path / "bad.yaml", {"kd": {"temprature": 2.0}})
+    p = run_recipe("distill", ["--config", str(bad)], check=False)
+    assert p.returncode != 0 and "kd.temprature" in p.stderr and str(bad) in p.stderr
+    p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(first)], check=False)
+    assert p.returncode != 0 and "--resume latest" in p.stderr
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("distill_recipe", ROOT / "recipes" / "distill.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_teacher_frozen_through_a_full_kd_training_step(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from visrep.data import build_classification_data
+    from visrep.distill import FrozenTeacher
+    from visrep.engine import Run, from_dict
+    from visrep.zoo import create_backbone, get_data_config
+
+    recipe = _load_recipe()
+    cfg = from_dict(recipe.DistillRecipeConfig, dict(TINY, output_dir=str(tmp_path / "run")))
+    cfg.data.label_fraction = 0.05
+    cfg.schedule.epochs = 1
+    try:
+        with Run(cfg, "distill", cfg.output_dir, 0, cfg.run) as run:
+            net = create_backbone("resnet20", num_classes=10, small_input=True, width=0.5)
+            teacher = FrozenTeacher(net).to(run.accelerator.device)
+            before = {k: v.clone() for k, v in net.state_dict().items()}
+            seen = []
+            teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+            student = create_backbone("resnet20", num_classes=10, small_input=True, width=0.25)
+            student_inputs = []
+            student.register_forward_pre_hook(lambda m, args: student_inputs.append(args[0].clone())
+                                              if m.training else None)
+            data = build_classification_data(cfg.data, get_data_config(student), 0, 32, 64)
+            recipe.train_classifier(run, cfg, data, "kd", student, cfg.student, cfg.optim, 1, teacher=teacher)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert not teacher.training and not net.training
+    assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher tensor {k} changed"
+    assert len(seen) >= len(student_inputs) > 0
+    for s, t in zip(student_inputs, seen):
+        assert torch.equal(s, t), "the teacher must see the student's augmented batch"

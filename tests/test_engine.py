@@ -1,0 +1,180 @@
+"""The shared loop: non-finite losses, atomic checkpoints, pruning, exact in-process resume."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from visrep.engine import NonFiniteLossError, Run, RunConfig, ScheduleConfig, StepSchedule, list_checkpoints
+from visrep.engine.optim import build_optimizer
+from visrep.engine.config import OptimConfig
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    lr: float = 0.1
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def toy_parts(seed=0, n=48, batch=8):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(n, 5, generator=g), torch.randn(5, 1, generator=g)
+    ds = torch.utils.data.TensorDataset(x, x @ w)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(5, 1)
+    return model, build_optimizer(model, OptimConfig(lr=0.05, weight_decay=0.0)), loader
+
+
+def train(run, name, epochs, nan_at=None, accum=1):
+    model, opt, loader = toy_parts()
+    acc = run.accelerator
+    model, opt, loader = acc.prepare(model, opt, loader)
+    sched = StepSchedule(opt, ScheduleConfig(epochs=epochs, warmup_epochs=0.5), -(-len(loader) // accum))
+    stage = run.stage(name, model=model, optimizer=opt, train_loader=loader, epochs=epochs, schedule=sched)
+    for _ in stage.epochs():
+        for x, y in stage.batches():
+            with acc.accumulate(model):
+                loss = ((model(x) - y) ** 2).mean()
+                if nan_at is not None and stage.step == nan_at:
+                    loss = loss * float("nan")
+                acc.backward(loss)
+                opt.step()
+                opt.zero_grad()
+            stage.step_done(loss)
+        stage.epoch_done()
+    return acc.unwrap_model(model), stage
+
+
+def test_nonfinite_loss_names_step_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = RunConfig(checkpoint_every=2, keep_last=5, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 5 .*step_00000004"):
+        with Run(ToyConfig(), "toy", str(tmp_path / "run"), 0, cfg) as run:
+            train(run, "s", epochs=2, nan_at=4)
+    ckpts = list_checkpoints(tmp_path / "run" / "checkpoints" / "s")
+    assert [c.name for c in ckpts] == ["step_00000002", "step_00000004"]
+    weights = load_file(str(ckpts[-1] / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not list((tmp_path / "run" / "checkpoints" / "s").glob(".tmp-*"))
+
+
+def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+    cfg = RunConfig(checkpoint_every=3, progress=False)
+    with Run(ToyConfig(), "toy", str(tmp_path / "run"), 0, cfg) as run:
+        real = run.accelerator.save_state
+        calls = {"n": 0}
+
+        def flaky(path):
+            calls["n"] += 1
+            real(path)
+            if calls["n"] == 2:
+                raise OSError("disk full")
+
+        monkeypatch.setattr(run.accelerator, "save_state", flaky)
+        with pytest.raises(OSError, match="disk full"):
+            train(run, "s", epochs=2)
+    d = tmp_path / "run" / "checkpoints" / "s"
+    assert [c.name for c in list_checkpoints(d)] == ["step_00000003"]
+    assert sorted(p.name for p in d.iterdir()) == ["step_00000003"]
+
+
+def test_keep_last_prunes_and_state_records_stage(tmp_path):
+    with Run(ToyConfig(), "toy", str(tmp_path / "run"), 0, RunConfig(checkpoint_every=1, keep_last=2,
+                                                                   progress=False, log_every=1)) as run:
+        _, stage = train(run, "s", epochs=1)
+        stage.finish({"x": 1.0})
+    d = tmp_path / "run" / "checkpoints" / "s"
+    assert [c.name for c in list_checkpoints(d)] == ["step_00000005", "step_00000006"]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["stages"]["s"]["done"] and state["stages"]["s"]["results"] == {"x": 1.0}
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage_step"] for r in lines if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_run_dir_safety(tmp_path):
+    with Run(ToyConfig(), "toy", str(tmp_path / "run"), 0, RunConfig(progress=False)) as run:
+        train(run, "s", epochs=1)
+    AcceleratorState._reset_state(True)
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        Run(ToyConfig(), "toy", str(tmp_path / "run"), 0, RunConfig(progress=False))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        Run(ToyConfig(), "toy", str(tmp_path / "empty"), 0, RunConfig(progress=False), resume="latest")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        Run(ToyConfig(), "toy", str(tmp_path / "x"), 0, RunConfig(progress=False), resume=str(tmp_path))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_in_process_resume_equals_straight_run(tmp_path, accum):
+    cfg = RunConfig(checkpoint_every=0, progress=False, grad_accum=accum, log_every=1)
+    with Run(ToyConfig(), "toy", str(tmp_path / "a"), 0, cfg) as run:
+        straight, _ = train(run, "s", epochs=3, accum=accum)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    stop = dataclasses.replace(cfg, stop_after_steps=4)  # mid-epoch 1 (3 steps per epoch at accum 2)
+    with Run(ToyConfig(), "toy", str(tmp_path / "b"), 0, stop) as run:
+        train(run, "s", epochs=3, accum=accum)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with Run(ToyConfig(), "toy", str(tmp_path / "b"), 0, cfg, resume="latest") as run:
+        resumed, stage = train(run, "s", epochs=3, accum=accum)
+    assert stage.step == 3 * (6 // accum)
+    for k, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=1e-6)
+    steps = [json.loads(l)["stage_step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in l]
+    assert steps == sorted(set(steps)), "resumed metrics must not repeat steps"
+
+
+def test_resume_mid_epoch_with_shuffled_sampler_and_per_epoch_dataset(tmp_path):
+    """The sampler order and the dataset's epoch must follow our epoch, also after a mid-epoch resume."""
+    from visrep.data import EpochSampler
+
+    class EpochData(torch.utils.data.Dataset):
+        def __init__(self):
+            self.epoch, self.seen = 0, []
+
+        def set_epoch(self, e):
+            self.epoch = e
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return torch.tensor([float(i), float(self.epoch)])
+
+    def go(out, resume=None, stop=None):
+        ds, sampler, seen = EpochData(), EpochSampler(12, seed=3), []
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler)
+        with Run(ToyConfig(), "toy", str(out), 0, RunConfig(progress=False, stop_after_steps=stop),
+                 resume=resume) as run:
+            model = torch.nn.Linear(2, 1)
+            opt = build_optimizer(model, OptimConfig(lr=0.01, weight_decay=0.0))
+            model, opt, loader = run.accelerator.prepare(model, opt, loader)
+            stage = run.stage("s", model=model, optimizer=opt, train_loader=loader, epochs=3,
+                              epoch_setters=(sampler, ds))
+            for _ in stage.epochs():
+                for x in stage.batches():
+                    seen += [tuple(r) for r in x.tolist()]  # (index, dataset epoch) trained on
+                    loss = model(x).pow(2).mean()
+                    run.accelerator.backward(loss)
+                    opt.step()
+                    opt.zero_grad()
+                    stage.step_done(loss)
+                stage.epoch_done()
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return seen
+
+    straight = go(tmp_path / "a")
+    first = go(tmp_path / "b", stop=8)  # epoch 1, batch 2
+    rest = go(tmp_path / "b", resume="latest")
+    assert len(straight) == 36 and first + rest == straight
+    assert [e for _, e in straight] == [0.0] * 12 + [1.0] * 12 + [2.0] * 12
