@@ -1,6 +1,8 @@
 """``features_only``: the pyramid of feature maps named by a model's ``feature_info``."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -90,6 +92,11 @@ class FeatureExtractor(nn.Module):
         return collect_features(self.model, x, self.out_indices)
 
 
+def nominal_reduction(r: float) -> int:
+    """Nearest power of two: unpadded convs give e.g. 224 / 55 = 4.07 for a stride-4 stage."""
+    return int(2 ** round(math.log2(max(r, 1.0))))
+
+
 @torch.no_grad()
 def measure_feature_info(model: nn.Module, input_size=(3, 64, 64)) -> list[dict]:
     """Re-derive ``num_chs`` and ``reduction`` of every ``feature_info`` entry from a probe forward."""
@@ -104,6 +111,6 @@ def measure_feature_info(model: nn.Module, input_size=(3, 64, 64)) -> list[dict]
     for f, m in zip(model.feature_info, maps):
         f = dict(f)
         f["num_chs"] = int(m.shape[1])
-        f["reduction"] = int(round(input_size[-1] / m.shape[-1]))
+        f["reduction"] = nominal_reduction(input_size[-1] / m.shape[-1])
         info.append(f)
     return info

@@ -13,6 +13,7 @@ from __future__ import annotations
 from functools import partial
 
 from .cifar_resnet import CifarResNet
+from .classic import GoogLeNet, ZFNet
 from .registry import register_backbone
 from .timm_backbones import create_timm_backbone
 
@@ -30,6 +31,16 @@ for _d in (20, 32, 44, 56, 110):
     register_backbone(f"resnet{_d}", partial(_cifar_resnet, _d), source="visrep",
                       description=f"CIFAR ResNet-{_d} (16/32/64 channels, 32x32 input); kwargs width, shortcut",
                       paper=_HE2015, tags=("cnn", "cifar"))
+
+
+register_backbone("zfnet", lambda **kw: ZFNet(**kw), source="visrep",
+                  description="ZFNet (7x7/2 stem AlexNet variant), 4096-wide pre-logits",
+                  paper="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, 2013, arXiv:1311.2901",
+                  tags=("cnn",))
+_GOOG = "Szegedy et al., Going Deeper with Convolutions, 2014, arXiv:1409.4842"
+for _n in ("googlenet", "inception_v1"):
+    register_backbone(_n, lambda **kw: GoogLeNet(**kw), source="visrep", paper=_GOOG, tags=("cnn",),
+                      description="GoogLeNet / Inception v1 with BN; aux classifiers in train mode (model.aux_logits)")
 
 
 # ----------------------------------------------------------------- timm-backed plain names

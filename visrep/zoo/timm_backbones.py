@@ -98,7 +98,7 @@ def finalize(model: nn.Module, *, small_input: bool = False, in_chans: int = 3) 
     model.data_config = make_data_config(input_size, cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
                                          1.0 if small_input else cfg.get("crop_pct", 0.875))
     if small_input:
-        model.feature_info = measure_feature_info(model, (in_chans, 64, 64))
+        model.feature_info = measure_feature_info(model, (in_chans, 32, 32))
     return model
 
 

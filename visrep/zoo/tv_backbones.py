@@ -9,13 +9,13 @@ becomes ``global_pool -> pre_logits -> fc``. Module names keep torchvision's ins
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 
 from .base import ZooModel, make_data_config
+from .features import nominal_reduction
 
 TV_FAMILIES = ("resnet", "resnext", "wide_resnet", "alexnet", "vgg", "densenet", "mobilenet_v2",
                "mobilenet_v3", "efficientnet", "convnext")
@@ -121,7 +121,7 @@ class TorchvisionBackbone(ZooModel):
         self.stages = nn.Sequential(*[nn.Sequential(OrderedDict(g)) for g in groups])
         self.feature_info = []
         for i, (g, shp) in enumerate(zip(groups, shapes)):
-            self.feature_info.append(dict(num_chs=shp[1], reduction=_pow2(probe[-1] / shp[-1]),
+            self.feature_info.append(dict(num_chs=shp[1], reduction=nominal_reduction(probe[-1] / shp[-1]),
                                           module=f"stages.{i}"))
         self.global_pool, self.pre_logits = global_pool, pre_logits
         self.num_features = num_features
@@ -196,11 +196,6 @@ def create_tv_backbone(name: str, pretrained: bool = False, num_classes: int = 0
     cfg = _tv_data_config(name, in_chans, small_input)
     model = TorchvisionBackbone(name, body, pool, pre, fc, num_features, num_classes, drop, cfg)
     return model
-
-
-def _pow2(r: float) -> int:
-    # nominal stride: AlexNet-style unpadded convs give 224/55 = 4.07 etc.
-    return int(2 ** round(math.log2(max(r, 1.0))))
 
 
 def _last_channels(body) -> int:
