@@ -1,0 +1,274 @@
+"""Image-text contrastive losses, correct across ranks.
+
+Every loss here takes L2-normalised image and text features of the *local* batch (``B`` rows on
+this rank) and the logit scale ``s`` (already exponentiated, as ``ClipModel.forward`` returns it).
+
+Across ranks: the features of all ranks are gathered with :func:`all_gather_with_grad` (an
+autograd-aware all-gather: its backward all-reduces the incoming gradient and keeps this rank's
+slice, so a rank's features receive the gradient of *every* rank's loss terms), and each rank
+computes the loss of its own ``B`` rows against all ``W * B`` columns, the positives sitting at
+``rank * B + i``. Each rank's loss is a mean over its own rows; data-parallel gradient averaging
+(DDP divides the sum by ``W``) then yields exactly the gradient of the mean over all ``W * B``
+rows: 2 ranks with local batch ``B`` train like 1 rank with batch ``2B``
+(``tests/test_clip_distributed.py`` checks it). ``accelerator.gather`` carries no gradient and
+would silently drop every cross-rank term of the gradient; it must not be used here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+MAX_LOGIT_SCALE = math.log(100.0)
+INIT_LOGIT_SCALE = math.log(1.0 / 0.07)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd-aware all-gather
+# ----------------------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """``cat([x_0, ..., x_{W-1}])`` forward; backward: the sum over ranks of the gradient w.r.t.
+    this rank's slice (all-reduce then slice; reduce-scatter on NCCL)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = dist_info()
+        ctx.rank, ctx.world, ctx.n = rank, world, x.shape[0]
+        x = x.contiguous()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((ctx.n, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, rank order, with a
+    gradient that flows back to every rank's input. Identity without a process group."""
+    _, world = dist_info()
+    if world == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """As :func:`all_gather_with_grad`, for constants (a frozen teacher's features)."""
+    _, world = dist_info()
+    if world == 1:
+        return x
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# InfoNCE (CLIP)
+# ----------------------------------------------------------------------------------------------
+class _InfoNCESingle(torch.autograd.Function):
+    """Fused symmetric InfoNCE on one rank: a single ``B x B`` logit matrix serves both directions
+    (rows: image->text, columns: text->image). Only the gradient matrix of the logits
+    (``softmax_rows + softmax_cols - 2 I``) is saved -- not the logits, two log-softmaxes and the
+    scaled products autograd would keep -- and the gradient w.r.t. the scale is reduced to a scalar
+    in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, img, txt, scale):
+        logits = torch.mm(img, txt.t()).mul_(scale)
+        lse_r = torch.logsumexp(logits, dim=1)
+        lse_c = torch.logsumexp(logits, dim=0)
+        pos = logits.diagonal()
+        loss = 0.5 * ((lse_r - pos).mean() + (lse_c - pos).mean())
+        grad = torch.exp(logits - lse_r[:, None]).add_(torch.exp(logits - lse_c[None, :]))
+        grad.diagonal().sub_(2.0)
+        dscale = torch.vdot(grad.view(-1), logits.view(-1)) / scale
+        del logits
+        ctx.save_for_backward(img, txt, grad, dscale, scale)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        img, txt, grad, dscale, scale = ctx.saved_tensors
+        coef = g / (2 * img.shape[0])
+        gm = grad * (coef * scale)
+        return torch.mm(gm, txt), torch.mm(gm.t(), img), coef * dscale
+
+
+class _InfoNCELocal(torch.autograd.Function):
+    """Fused symmetric InfoNCE of the local rows against gathered columns (positive of row ``i`` at
+    ``offset + i``). Saves one ``B x N`` gradient matrix (``softmax - onehot``) per direction."""
+
+    @staticmethod
+    def forward(ctx, img, txt, all_img, all_txt, scale, offset: int):
+        b = img.shape[0]
+        rows = torch.arange(b, device=img.device)
+        cols = rows + offset
+        li = torch.mm(img, all_txt.t()).mul_(scale)
+        lt = torch.mm(txt, all_img.t()).mul_(scale)
+        lse_i, lse_t = torch.logsumexp(li, dim=1), torch.logsumexp(lt, dim=1)
+        loss = 0.5 * ((lse_i - li[rows, cols]).mean() + (lse_t - lt[rows, cols]).mean())
+        gi = torch.exp(li - lse_i[:, None])
+        gi[rows, cols] -= 1.0
+        gt = torch.exp(lt - lse_t[:, None])
+        gt[rows, cols] -= 1.0
+        dscale = (torch.vdot(gi.view(-1), li.view(-1)) + torch.vdot(gt.view(-1), lt.view(-1))) / scale
+        del li, lt
+        ctx.save_for_backward(img, txt, all_img, all_txt, gi, gt, dscale, scale)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        img, txt, all_img, all_txt, gi, gt, dscale, scale = ctx.saved_tensors
+        coef = g / (2 * img.shape[0])
+        gi = gi * (coef * scale)
+        gt = gt * (coef * scale)
+        return (torch.mm(gi, all_txt), torch.mm(gt, all_img), torch.mm(gt.t(), txt), torch.mm(gi.t(), img),
+                coef * dscale, None)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              gather: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP: Radford et al., "Learning Transferable Visual Models From Natural
+    Language Supervision" (2021, arXiv:2103.00020); the loss of van den Oord et al., "Representation
+    Learning with Contrastive Predictive Coding" (2018, arXiv:1807.03748)::
+
+        l_ij = s * <x_i, y_j>                      x, y: L2-normalised image / text features
+        L    = 1/2 * [ mean_i -log softmax_j(l_ij)[i]  +  mean_i -log softmax_j(l_ji)[i] ]
+
+    over this rank's ``B`` rows against the ``N = W * B`` features of all ranks (positive of local
+    row ``i`` at column ``rank * B + i``; see the module docstring). Computed in fp32 with a fused
+    backward that stores one ``B x N`` matrix per direction (one in total on a single rank).
+    ``logit_scale`` is ``s`` itself (``exp`` of the learned log-scale), a tensor with a gradient.
+    """
+    if image_features.shape != text_features.shape or image_features.ndim != 2:
+        raise ValueError(f"image features {tuple(image_features.shape)} and text features "
+                         f"{tuple(text_features.shape)} must both be (batch, dim).")
+    img, txt = image_features.float(), text_features.float()
+    scale = torch.as_tensor(logit_scale, device=img.device).float()
+    if scale.numel() != 1:
+        raise ValueError(f"logit_scale must hold one value, got shape {tuple(scale.shape)}")
+    scale = scale.reshape(())
+    rank, world = dist_info()
+    if not gather or world == 1:
+        loss = _InfoNCESingle.apply(img, txt, scale)
+    else:
+        all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)
+        loss = _InfoNCELocal.apply(img, txt, all_img, all_txt, scale, rank * img.shape[0])
+    return loss
+
+
+def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor, gather: bool = True) -> torch.Tensor:
+    """Pairwise sigmoid loss of SigLIP: Zhai et al., "Sigmoid Loss for Language Image Pre-Training"
+    (2023, arXiv:2303.15343)::
+
+        z_ij = +1 if (i, j) is a pair else -1
+        L    = -1/B * sum_i sum_j log sigmoid( z_ij * (s * <x_i, y_j> + b) )
+
+    ``B`` local rows against the texts of all ranks (gathered with gradient), so the global loss
+    after gradient averaging is ``-1/(W B) * sum over all (W B)^2 pairs``, the same as one rank with
+    the whole batch. The paper initialises ``log s = log 10`` and ``b = -10``.
+    """
+    img, txt = image_features.float(), text_features.float()
+    rank, world = dist_info()
+    all_txt = all_gather_with_grad(txt) if gather and world > 1 else txt
+    b = img.shape[0]
+    logits = torch.mm(img, all_txt.t()) * logit_scale.float() + logit_bias.float()
+    sign = torch.full_like(logits, -1.0)
+    off = rank * b if gather and world > 1 else 0
+    idx = torch.arange(b, device=img.device)
+    sign[idx, idx + off] = 1.0
+    return -F.logsigmoid(sign * logits).sum() / b
+
+
+def gathered_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                    gather: bool = True, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits_per_image, logits_per_text)``: this rank's rows against all ranks' features
+    (``B x W B``), the form the distillation loss compares."""
+    rank, world = dist_info()
+    img, txt = image_features.float(), text_features.float()
+    if gather and world > 1:
+        g = all_gather_with_grad if grad else all_gather_no_grad
+        all_img, all_txt = g(img), g(txt)
+    else:
+        all_img, all_txt = img, txt
+    s = torch.as_tensor(logit_scale, device=img.device).float()
+    return s * img @ all_txt.t(), s * txt @ all_img.t()
+
+
+def clip_distill_loss(student: tuple, teacher: tuple, temperature: float = 1.0, gather: bool = True) -> torch.Tensor:
+    """CLIP-to-CLIP distillation: the student's image->text and text->image similarity logits
+    match the teacher's, each row a distribution over the (gathered) batch, with Hinton et al.'s
+    soft-target loss (``visrep.distill.soft_target_kd_loss``, arXiv:1503.02531)::
+
+        L_kd = 1/2 * [ T^2 KL(softmax(t_i2t / T) || softmax(s_i2t / T))
+                     + T^2 KL(softmax(t_t2i / T) || softmax(s_t2i / T)) ]
+
+    ``student`` and ``teacher`` are ``(image_features, text_features, logit_scale)``; each model
+    uses its own learned scale, the teacher is constant."""
+    from visrep.distill import soft_target_kd_loss
+
+    s_i, s_t = gathered_logits(*student, gather=gather, grad=True)
+    with torch.no_grad():
+        t_i, t_t = gathered_logits(*teacher, gather=gather, grad=False)
+    return 0.5 * (soft_target_kd_loss(s_i, t_i, temperature) + soft_target_kd_loss(s_t, t_t, temperature))
+
+
+class ContrastiveLoss(nn.Module):
+    """The training objective: ``kind`` ``infonce`` (CLIP) or ``sigmoid`` (SigLIP), plus an optional
+    distillation term: ``(1 - kd_weight) * L_contrastive + kd_weight * L_kd`` when teacher features
+    are given. Returns ``{"loss", "contrastive"[, "kd"]}``."""
+
+    def __init__(self, kind: str = "infonce", kd_weight: float = 0.0, kd_temperature: float = 1.0,
+                 gather: bool = True):
+        super().__init__()
+        if kind not in ("infonce", "sigmoid"):
+            raise ValueError(f"unknown contrastive loss {kind!r}; expected 'infonce' or 'sigmoid'")
+        self.kind, self.kd_weight, self.kd_temperature, self.gather = kind, kd_weight, kd_temperature, gather
+
+    def forward(self, out: dict, teacher: Optional[dict] = None) -> dict:
+        img, txt, s = out["image_features"], out["text_features"], out["logit_scale"]
+        if self.kind == "infonce":
+            con = clip_loss(img, txt, s, gather=self.gather)
+        else:
+            if out.get("logit_bias") is None:
+                raise ValueError("the sigmoid loss needs a model with a learnable logit bias "
+                                 "(model.init_logit_bias set)")
+            con = sigmoid_loss(img, txt, s, out["logit_bias"], gather=self.gather)
+        res = {"contrastive": con.detach()}
+        if teacher is not None and self.kd_weight > 0:
+            kd = clip_distill_loss((img, txt, s), (teacher["image_features"], teacher["text_features"],
+                                                   teacher["logit_scale"]), self.kd_temperature, self.gather)
+            res["kd"] = kd.detach()
+            res["loss"] = (1.0 - self.kd_weight) * con + self.kd_weight * kd
+        else:
+            res["loss"] = con
+        return res
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module, max_value: float = MAX_LOGIT_SCALE) -> None:
+    """Clamp the learned log-scale to ``[0, max_value]`` in place, on the real parameter. Call once
+    per optimizer step (after ``optimizer.step()``, when ``accelerator.sync_gradients``)."""
+    model = getattr(model, "module", model)
+    model.logit_scale.clamp_(0.0, max_value)
