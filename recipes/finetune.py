@@ -1,0 +1,267 @@
+"""Fine-tuning: carry a trained model to a new domain or task with few labels.
+
+    accelerate launch recipes/finetune.py                     # digits model -> Digits-M with 10% of the labels
+    accelerate launch recipes/finetune.py --finetune.strategy gradual --finetune.layer-decay 0.7
+    accelerate launch recipes/finetune.py --init.source export --init.path RUN/models/kd     # a distilled student
+    accelerate launch recipes/finetune.py --init.source safetensors --init.path byol_backbone.safetensors \
+        --init.model.name resnet20                                                             # a BYOL backbone
+    accelerate launch recipes/finetune.py --init.source pretrained --init.model.name resnet18  # a zoo model
+
+Stages, each checkpointed and resumable:
+  0. source   -- (init.source=train) the model trained on the labelled source domain (the digits);
+  1. probe    -- (strategy lp_ft / linear_probe) a linear probe: a new head on the frozen backbone;
+  2. finetune -- (full / lp_ft / gradual) the whole model from there, with the freezing, layer-wise
+                 LR decay and L2-SP of ``finetune``; gradual unfreezes one stage every
+                 ``unfreeze_every`` epochs from the top (ULMFiT). LP-FT is Kumar et al. 2022,
+                 "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution",
+                 arXiv:2202.10054: probing first keeps a random head from distorting the features;
+  3. scratch  -- (compare_scratch) the same architecture from random weights, same labels, same
+                 number of target epochs: the baseline the transfer must beat.
+Every stage keeps the epoch with the best accuracy on the TARGET VALIDATION split; test labels only
+score the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+
+from visrep.data import DataConfig, build_classification_data
+from visrep.data.digits_m import load_digits_m_splits
+from visrep.engine import (OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
+                           count_parameters, evaluate_classifier, parse_config)
+from visrep.engine.export import export_model
+from visrep.transfer import (L2SP, BestOnSourceVal, FreezeConfig, GradualUnfreezer, freeze,
+                             layer_decay_param_groups, set_trainable)
+from visrep.transfer.finetune import num_stages
+from visrep.transfer.loading import InitConfig, build_start_model
+from visrep.zoo import create_backbone, get_data_config
+
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    strategy: Literal["full", "linear_probe", "lp_ft", "gradual"] = "lp_ft"
+    """full: train (all but ``freeze``) at once; linear_probe: the head only; lp_ft: probe, then full;
+    gradual: head first, one more stage every ``unfreeze_every`` epochs."""
+    freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
+    """Kept frozen throughout the fine-tuning stage (BatchNorm of frozen stages stays in eval mode)."""
+    layer_decay: float = 1.0
+    """Stage g of S gets lr * layer_decay ** (S - g); the head lr * head_lr_scale. 1.0: off."""
+    head_lr_scale: float = 1.0
+    lp_epochs: int = 5
+    lp_optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.05, weight_decay=0.0))
+    unfreeze_every: int = 1
+    l2sp_alpha: float = 0.0
+    """L2-SP weight toward the starting backbone weights (Li et al. 2018); 0: off. Use with weight_decay 0."""
+    l2sp_beta: float = 0.0
+    """L2 weight on the new head under L2-SP."""
+
+    def validate(self, prefix: str) -> None:
+        from visrep.engine.config import _check
+
+        _check(0 < self.layer_decay <= 1, f"{prefix}layer_decay", self.layer_decay, "a number in (0, 1]")
+        _check(self.lp_epochs >= 1 or self.strategy not in ("lp_ft", "linear_probe"), f"{prefix}lp_epochs",
+               self.lp_epochs, "an integer >= 1 for lp_ft / linear_probe")
+        _check(self.unfreeze_every >= 1, f"{prefix}unfreeze_every", self.unfreeze_every, "an integer >= 1")
+        _check(self.l2sp_alpha >= 0 and self.l2sp_beta >= 0, f"{prefix}l2sp_alpha", self.l2sp_alpha,
+               "numbers >= 0 (l2sp_alpha, l2sp_beta)")
+
+
+@dataclasses.dataclass
+class FinetuneRecipeConfig:
+    config: Optional[str] = None
+    """YAML preset the values below start from (default: recipes/configs/finetune_digits.yaml)."""
+    output_dir: str = "runs/finetune"
+    resume: Optional[str] = None
+    seed: int = 0
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    source: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(hflip=0.0))
+    """Labelled source domain, used when init.source=train."""
+    source_optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    target_domain: Literal["digits_m", "config"] = "digits_m"
+    """digits_m: the embedded Digits-M built with ``data``'s settings; config: the source ``data`` describes."""
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(hflip=0.0, label_fraction=0.1))
+    """The target task; ``label_fraction`` is the label budget."""
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.01))
+    """Fine-tuning (and scratch-baseline) optimizer; ``lr`` is the peak rate of the head."""
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    """Fine-tuning epochs and LR shape (probe and source stages use the same shape)."""
+    compare_scratch: bool = True
+    scratch_optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.05))
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.Module, data, params,
+                optim_cfg: OptimConfig, epochs: int, export_bb, unfreezer: Optional[GradualUnfreezer] = None,
+                l2sp: Optional[L2SP] = None) -> tuple[torch.nn.Module, dict]:
+    """Train ``model`` on ``data`` with cross-entropy (+ L2-SP), keep the epoch best on ``data``'s val split."""
+    acc = run.accelerator
+    dc = get_data_config(model)
+    optimizer = build_optimizer(params, optim_cfg)
+    model, optimizer, train_loader, val_loader, test_loader = acc.prepare(
+        model, optimizer, data.train_loader, data.val_loader, data.test_loader)
+    steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
+    best = BestOnSourceVal()
+    extra = {"best": best}
+    setters = tuple(data.epoch_setters)
+    if unfreezer is not None:
+        extra["unfreeze"] = unfreezer
+        setters += (unfreezer,)
+    if l2sp is not None:
+        extra["l2sp"] = l2sp
+    stage = run.stage(name, model=model, optimizer=optimizer, train_loader=train_loader, epochs=epochs,
+                      schedule=StepSchedule(optimizer, dataclasses.replace(cfg.schedule, epochs=epochs), steps_per_epoch),
+                      epoch_setters=setters, extra_state=extra,
+                      export=lambda d: export_model(acc, model, d, export_bb, data.num_classes, dc))
+    unwrapped = acc.unwrap_model(model)
+
+    for epoch in stage.epochs():
+        model.train()  # frozen BatchNorm layers stay in eval mode
+        for x, y in stage.batches():
+            with acc.accumulate(model):
+                ce = F.cross_entropy(model(x).float(), y)
+                metrics = {}
+                loss = ce
+                if l2sp is not None:
+                    metrics["l2sp"] = reg = l2sp(unwrapped)
+                    loss = ce + reg
+                acc.backward(loss)
+                if unfreezer is not None:
+                    unfreezer.mask_grads()
+                if optim_cfg.grad_clip and acc.sync_gradients:
+                    acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            stage.step_done(loss, ce=ce.detach(), **{k: v.detach() for k, v in metrics.items()})
+        val = evaluate_classifier(model, val_loader, acc)
+        best.update(unwrapped, val["top1"], epoch + 1)
+        extra_log = {"trainable_from_stage": unfreezer.lowest_trainable(epoch)} if unfreezer else {}
+        stage.epoch_done(val_acc=val["top1"], val_loss=val["loss"], **extra_log)
+
+    results = None
+    if not stage.done:
+        best.restore(unwrapped)
+        results = {"val_acc": evaluate_classifier(model, val_loader, acc)["top1"],
+                   "test_acc": evaluate_classifier(model, test_loader, acc)["top1"],
+                   "selected_epoch": best.best_epoch,
+                   "trainable_params": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)}
+    results = stage.finish(results)
+    return unwrapped, results
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(FinetuneRecipeConfig, argv, default_preset=PRESETS / "finetune_digits.yaml",
+                       description=__doc__)
+    ft = cfg.finetune
+    with Run(cfg, "finetune", cfg.output_dir, cfg.seed, cfg.run, resume=cfg.resume) as run:
+        acc = run.accelerator
+        bs, ebs, nw = cfg.run.batch_size, cfg.run.eval_batch_size, cfg.run.num_workers
+
+        # ---- target data (the label budget is data.label_fraction) --------------------------------
+        set_seed(cfg.seed)
+        probe_classes = 10 if cfg.target_domain == "digits_m" else None
+        splits = load_digits_m_splits(cfg.data) if cfg.target_domain == "digits_m" else None
+        from visrep.data.sources import class_names, load_splits
+
+        splits = splits if splits is not None else load_splits(cfg.data)
+        num_classes = probe_classes or len(class_names(splits))
+
+        # ---- 0. the starting model ---------------------------------------------------------------
+        model, export_bb, info = build_start_model(cfg.init, num_classes)
+        dc = get_data_config(model)
+        target = build_classification_data(cfg.data, dc, cfg.seed, bs, ebs, nw, splits=splits)
+        source_res: dict = {}
+        if cfg.init.source == "train":
+            source = build_classification_data(cfg.source, dc, cfg.seed, bs, ebs, nw)
+            model.reset_classifier(source.num_classes)
+            model, source_res = train_stage(run, cfg, "source", model, source, model, cfg.source_optim,
+                                            cfg.init.train_epochs, export_bb)
+            model.reset_classifier(num_classes)
+            set_seed(cfg.seed)
+        model.reset_classifier(num_classes)
+        start_params = count_parameters(model)
+
+        # ---- 1. linear probe ----------------------------------------------------------------------
+        probe_res: dict = {}
+        target_epochs = 0
+        if ft.strategy in ("lp_ft", "linear_probe"):
+            set_seed(cfg.seed)
+            freeze(model, "all_but_head")
+            model, probe_res = train_stage(run, cfg, "probe", model, target, model, ft.lp_optim, ft.lp_epochs,
+                                           export_bb)
+            target_epochs += ft.lp_epochs
+
+        # ---- 2. fine-tune ---------------------------------------------------------------------------
+        ft_res = probe_res
+        if ft.strategy != "linear_probe":
+            set_seed(cfg.seed)
+            set_trainable(model, range(num_stages(model) + 1), True)
+            freeze(model, ft.freeze)
+            unfreezer = GradualUnfreezer(model, ft.unfreeze_every) if ft.strategy == "gradual" else None
+            l2sp = L2SP(model, ft.l2sp_alpha, ft.l2sp_beta) if (ft.l2sp_alpha or ft.l2sp_beta) else None
+            groups = layer_decay_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, ft.layer_decay,
+                                              ft.head_lr_scale)
+            model, ft_res = train_stage(run, cfg, "finetune", model, target, groups, cfg.optim,
+                                        cfg.schedule.epochs, export_bb, unfreezer=unfreezer, l2sp=l2sp)
+            target_epochs += cfg.schedule.epochs
+
+        # ---- 3. the same architecture from scratch, same labels, same target epochs ---------------
+        scratch_res: dict = {}
+        if cfg.compare_scratch:
+            set_seed(cfg.seed)
+            scratch = create_backbone(export_bb.name, num_classes=num_classes, small_input=export_bb.small_input,
+                                      **export_bb.kwargs)
+            _, scratch_res = train_stage(run, cfg, "scratch", scratch, target, scratch, cfg.scratch_optim,
+                                         target_epochs, export_bb)
+
+        # ---- results ------------------------------------------------------------------------------
+        results = {
+            "method": ft.strategy,
+            "target_acc": ft_res["test_acc"],
+            "target_val_acc": ft_res["val_acc"],
+            "source_val_acc": source_res.get("val_acc"),
+            "source_test_acc": source_res.get("test_acc"),
+            "linear_probe_acc": probe_res.get("test_acc"),
+            "scratch_target_acc": scratch_res.get("test_acc"),
+            "transfer_gain": (ft_res["test_acc"] - scratch_res["test_acc"]) if scratch_res else None,
+            "label_fraction": cfg.data.label_fraction,
+            "train_labels": len(target.train),
+            "init": info.get("from"),
+            "params": start_params,
+            "trainable_params": ft_res.get("trainable_params"),
+            "selected_epoch": ft_res.get("selected_epoch"),
+            "wall_s": sum(r.get("wall_time", 0.0) for r in (source_res, probe_res, ft_res, scratch_res) if r),
+            "num_processes": acc.num_processes,
+        }
+        if ft.strategy == "linear_probe":
+            results["target_val_acc"] = probe_res["val_acc"]
+        run.log({f"results/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
+        run.write_results(results)
+        run.print(format_summary(results))
+        return results
+
+
+def format_summary(r: dict) -> str:
+    f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"\nfine-tuning ({r['method']}, {r['train_labels']} target labels = {r['label_fraction']:.0%}) "
+             f"from {r['init']}",
+             f"  source model: val acc {f(r['source_val_acc'])}, test acc {f(r['source_test_acc'])}",
+             f"  linear probe: target test acc {f(r['linear_probe_acc'])}",
+             f"  fine-tuned:   target test acc {f(r['target_acc'])} (epoch {r['selected_epoch']}, chosen on "
+             f"target val acc {f(r['target_val_acc'])})",
+             f"  from scratch: target test acc {f(r['scratch_target_acc'])}"]
+    if r["transfer_gain"] is not None:
+        lines.append(f"  transfer gain over scratch: {r['transfer_gain']:+.4f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

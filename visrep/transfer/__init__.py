@@ -1,0 +1,20 @@
+"""Transfer: fine-tuning (freezing with frozen BatchNorm, gradual unfreezing, LP-FT, layer-wise LR
+decay, L2-SP) and domain alignment (DANN, multi-kernel MMD, Deep CORAL)."""
+from visrep.transfer.adapt import AdaptationModel, BestOnSourceVal, PairedDataset
+from visrep.transfer.align import (CoralLoss, DomainDiscriminator, GradientReverseLayer, GRLSchedule,
+                                   MultiKernelMMDLoss, all_gather_with_grad, bandwidth_heuristic, coral, covariance,
+                                   dann_lambda, domain_adversarial_loss, grad_reverse, mk_mmd)
+from visrep.transfer.finetune import (L2SP, FreezeConfig, GradualUnfreezer, freeze, frozen_groups, head_param_names,
+                                      is_locked, layer_decay_param_groups, lock_batchnorm, num_stages,
+                                      param_stage_ids, resolve_stages, set_trainable, stage_names,
+                                      sync_batchnorm_locks, unlock_batchnorm)
+from visrep.transfer.loading import load_backbone_weights
+
+__all__ = [
+    "AdaptationModel", "BestOnSourceVal", "PairedDataset", "CoralLoss", "DomainDiscriminator",
+    "GradientReverseLayer", "GRLSchedule", "MultiKernelMMDLoss", "all_gather_with_grad", "bandwidth_heuristic",
+    "coral", "covariance", "dann_lambda", "domain_adversarial_loss", "grad_reverse", "mk_mmd", "L2SP",
+    "FreezeConfig", "GradualUnfreezer", "freeze", "frozen_groups", "head_param_names", "is_locked",
+    "layer_decay_param_groups", "lock_batchnorm", "num_stages", "param_stage_ids", "resolve_stages",
+    "set_trainable", "stage_names", "sync_batchnorm_locks", "unlock_batchnorm", "load_backbone_weights",
+]

@@ -1,0 +1,139 @@
+"""The pieces an adaptation run is built from: a classifier with a bottleneck (and an optional domain
+discriminator) behind one ``forward``, paired source/target batches, and model selection that never
+looks at target labels."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from visrep.transfer.align import DomainDiscriminator, grad_reverse
+
+
+class AdaptationModel(nn.Module):
+    """``backbone -> pooled features -> bottleneck (Linear, BN, ReLU) -> classifier``, plus an optional
+    DANN domain discriminator on the bottleneck features behind a gradient reversal layer.
+
+    Everything goes through ``forward`` so that a DDP wrapper sees each call:
+    ``model(x)`` -> class logits (evaluation); ``model(x_s, x_t, grl_coeff=...)`` -> a dict with
+    ``logits_s``, ``features_s``, ``features_t`` and, with a discriminator and ``grl_coeff`` given,
+    ``domain_s``/``domain_t``. Source and target run as one concatenated batch, so BatchNorm sees both
+    domains (as in DANN/DAN implementations).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, bottleneck_dim: int = 128,
+                 discriminator_hidden: Optional[int] = None):
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.num_features
+        if bottleneck_dim > 0:
+            self.bottleneck = nn.Sequential(nn.Linear(width, bottleneck_dim), nn.BatchNorm1d(bottleneck_dim),
+                                            nn.ReLU(inplace=True))
+            width = bottleneck_dim
+        else:
+            self.bottleneck = nn.Identity()
+        self.num_features = width
+        self.head = nn.Linear(width, num_classes)
+        self.discriminator = DomainDiscriminator(width, discriminator_hidden) if discriminator_hidden else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return self.bottleneck(f)
+
+    def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None, grl_coeff: Optional[float] = None):
+        if x_t is None:
+            return self.head(self.features(x))
+        m = x.shape[0]
+        f = self.features(torch.cat([x, x_t]))
+        out = {"logits_s": self.head(f[:m]), "features_s": f[:m], "features_t": f[m:]}
+        if self.discriminator is not None and grl_coeff is not None:
+            d = self.discriminator(grad_reverse(f, grl_coeff))
+            out["domain_s"], out["domain_t"] = d[:m], d[m:]
+        return out
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Item ``i``: ((source image i, target image j), source label i), with ``j`` the ``i``-th entry of a
+    permutation of the target set that is a function of (seed, epoch) (cycled when the target set is
+    smaller). Target labels are never returned. One sampler over the source indices then drives both
+    domains, so checkpoints, exact resume and sharding work as for one dataset."""
+
+    def __init__(self, source, target, seed: int):
+        self.source, self.target, self.seed = source, target, seed
+        self.epoch = 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        from visrep.data.images import sample_seed
+
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, 0xFFFFFFFE))
+        reps = -(-len(self.source) // len(self.target))
+        return np.concatenate([rng.permutation(len(self.target)) for _ in range(reps)])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._perm = self._permutation(epoch)
+        for ds in (self.source, self.target):
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        xs, ys = self.source[i]
+        xt, _ = self.target[int(self._perm[i])]
+        return (xs, xt), ys
+
+
+class BestOnSourceVal:
+    """Keeps the weights with the best *source validation* accuracy (the honest selection rule: the
+    target's labels are never consulted). Saved with every checkpoint so a resumed run selects the
+    same model."""
+
+    def __init__(self):
+        self.best_acc = -1.0
+        self.best_epoch = -1
+        self.weights: Optional[dict] = None
+
+    def update(self, model: nn.Module, acc: float, epoch: int) -> bool:
+        if acc > self.best_acc:
+            self.best_acc, self.best_epoch = float(acc), int(epoch)
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            return True
+        return False
+
+    def restore(self, model: nn.Module) -> None:
+        if self.weights is not None:
+            model.load_state_dict(copy.deepcopy(self.weights))
+
+    def state_dict(self) -> dict:
+        return {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "weights": self.weights or {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
+        self.weights = dict(state["weights"]) or None
+
+
+def load_adaptation_model(path) -> tuple[AdaptationModel, dict]:
+    """Rebuild an ``AdaptationModel`` exported by ``recipes/adapt.py`` (``RUN_DIR/models/adapt``)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from visrep.engine.export import CONFIG_NAME, WEIGHTS_NAME, read_model_config
+    from visrep.zoo import create_backbone
+
+    path = Path(path)
+    cfg = read_model_config(path)
+    if cfg.get("model_type") != "AdaptationModel":
+        raise ValueError(f"'{path}' holds a plain zoo model, not an adaptation model; use "
+                         f"visrep.engine.export.load_model (its {CONFIG_NAME} has no model_type)")
+    backbone = create_backbone(cfg["architecture"], num_classes=0, small_input=cfg.get("small_input", False),
+                               **(cfg.get("kwargs") or {}))
+    model = AdaptationModel(backbone, cfg["num_classes"], cfg["bottleneck_dim"], cfg.get("discriminator_hidden"))
+    model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
+    return model, cfg
