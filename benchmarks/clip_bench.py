@@ -1,0 +1,201 @@
+"""CLIP loss and training step: visrep.clip vs. open_clip's ``ClipLoss``, side by side in one run.
+
+  1. loss forward + backward, 1 process, at equal batch and width;
+  2. the same in 2 processes (gloo on CPU / nccl on CUDA), both computing the local loss
+     (open_clip: ``ClipLoss(local_loss=True, gather_with_grad=True)``; ours: ``clip_loss``);
+  3. a full training step (forward of both towers, loss, backward, AdamW) of a small CLIP model,
+     the same model, data and optimizer, only the loss differs.
+
+Timings alternate between the two implementations (so drift in machine load hits both alike); the
+median is reported. Memory: on CUDA the peak allocated during forward + backward; on CPU (no
+allocator statistics) the bytes the autograd graph saves for the backward pass, which is what
+grows with the batch. Ratios: speed = open_clip time / ours (>= 1: ours is faster); memory = ours /
+open_clip (<= 1: ours uses no more).
+
+    python benchmarks/clip_bench.py                                  # CPU defaults
+    python benchmarks/clip_bench.py --batch-size 4096 --width 512 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward (counted once per storage)."""
+
+    def __init__(self):
+        self.seen, self.total = set(), 0
+
+    def pack(self, t):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total += key[1]
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def loss_fns(rank: int = 0, world: int = 1):
+    from open_clip.loss import ClipLoss
+
+    from visrep.clip import clip_loss
+
+    oc = ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, cache_labels=True, rank=rank, world_size=world)
+    return {"ours": lambda i, t, s: clip_loss(i, t, s), "open_clip": lambda i, t, s: oc(i, t, s)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_loss(args, device, rank: int = 0, world: int = 1) -> dict:
+    fns = loss_fns(rank, world)
+    g = torch.Generator().manual_seed(rank)
+    img = F.normalize(torch.randn(args.batch_size, args.width, generator=g), dim=1).to(device)
+    txt = F.normalize(torch.randn(args.batch_size, args.width, generator=g), dim=1).to(device)
+    times = {k: [] for k in fns}
+    mem = {}
+    for r in range(args.warmup + args.rounds):
+        for name, fn in (fns.items() if r % 2 == 0 else reversed(list(fns.items()))):
+            i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+            s = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            sync(device)
+            t0 = time.perf_counter()
+            with SavedBytes() as sb:
+                loss = fn(i, t, s)
+            loss.backward()
+            sync(device)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+            mem[name] = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else sb.total
+    return {k: (statistics.median(v), mem[k]) for k, v in times.items()}
+
+
+def bench_step(args, device) -> dict:
+    from open_clip.loss import ClipLoss
+
+    from visrep.clip import ClipModelConfig, TextTowerConfig, build_clip_model, clip_loss, get_tokenizer
+    from visrep.data.pairs import DIGIT_NAMES, DIGIT_TRAIN_TEMPLATES
+
+    cfg = ClipModelConfig(text=TextTowerConfig(context_length=16, width=64, layers=2, heads=2), embed_dim=64)
+    torch.manual_seed(0)
+    base = build_clip_model(cfg).to(device)
+    tok = get_tokenizer(cfg)
+    n = args.step_batch
+    caps = [DIGIT_TRAIN_TEMPLATES[i % 10].format(DIGIT_NAMES[i % 10][0]) for i in range(n)]
+    images, tokens = torch.randn(n, 3, 16, 16, device=device), tok(caps).to(device)
+    oc = ClipLoss(cache_labels=True)
+    impls = {"ours": lambda o: clip_loss(o["image_features"], o["text_features"], o["logit_scale"]),
+             "open_clip": lambda o: oc(o["image_features"], o["text_features"], o["logit_scale"])}
+    import copy
+
+    models = {k: copy.deepcopy(base) for k in impls}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    times = {k: [] for k in impls}
+    for r in range(args.warmup + args.step_rounds):
+        for name in (impls if r % 2 == 0 else reversed(list(impls))):
+            sync(device)
+            t0 = time.perf_counter()
+            loss = impls[name](models[name](images, tokens))
+            loss.backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            sync(device)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v), None) for k, v in times.items()}
+
+
+def _dist_worker(rank, world, args, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, args.threads // world))
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+    device = torch.device(f"cuda:{rank}") if args.device == "cuda" else torch.device("cpu")
+    res = bench_loss(args, device, rank, world)
+    if rank == 0:
+        out.put(res)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def bench_dist(args, world: int = 2) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = 29700 + os.getpid() % 1000
+    procs = [ctx.Process(target=_dist_worker, args=(r, world, args, port, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    res = out.get(timeout=600)
+    for p in procs:
+        p.join()
+    return res
+
+
+def fmt_mem(b):
+    return "-" if b is None else f"{b / 2**20:.1f} MiB"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=1024, help="loss benchmark: batch per process")
+    ap.add_argument("--width", type=int, default=256, help="loss benchmark: embedding width")
+    ap.add_argument("--step-batch", type=int, default=128, help="training-step benchmark: batch")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--step-rounds", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--skip-dist", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    rows = [(f"loss fwd+bwd, 1 process (B={args.batch_size}, D={args.width})", bench_loss(args, device))]
+    if not args.skip_dist:
+        if args.device == "cuda" and torch.cuda.device_count() < 2:
+            print("[clip_bench] 2-process CUDA run needs 2 GPUs; skipped", file=sys.stderr)
+        else:
+            rows.append((f"loss fwd+bwd, 2 processes, local loss (B={args.batch_size}/rank)", bench_dist(args)))
+    rows.append((f"train step, small CLIP (resnet20 16px + 2-layer text, B={args.step_batch})", bench_step(args, device)))
+
+    mem_kind = "peak alloc" if args.device == "cuda" else "saved for bwd"
+    head = (f"{'case':<62}{'ours ms':>10}{'open_clip ms':>14}{'speed x':>9}"
+            f"{'ours ' + mem_kind:>22}{'open_clip ' + mem_kind:>27}{'mem x':>8}")
+    print(f"\nCLIP loss benchmark on {args.device} ({args.threads} threads, torch {torch.__version__})")
+    print(head)
+    print("-" * len(head))
+    for name, r in rows:
+        (to, mo), (tc, mc) = r["ours"], r["open_clip"]
+        mem_ratio = f"{mo / mc:.2f}" if mo is not None and mc else "-"
+        print(f"{name:<62}{to * 1e3:>10.2f}{tc * 1e3:>14.2f}{tc / to:>9.2f}{fmt_mem(mo):>22}{fmt_mem(mc):>27}"
+              f"{mem_ratio:>8}")
+    print("speed x = open_clip time / ours (>= 1: ours faster); mem x = ours / open_clip (<= 1: ours no more)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
