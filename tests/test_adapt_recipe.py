@@ -49,7 +49,7 @@ def test_dann_resume_mid_epoch_equals_straight_run(tiny, tmp_path):
     for k in ("target_acc", "source_val_acc", "source_test_acc", "selected_epoch", "target_acc_last_epoch",
               "oracle_target_acc"):
         assert ra[k] == rb[k], k
-    assert ra["method"] == "dann" and 0 <= ra["target_acc"] <= 1 and ra["source_val_acc"] > 0.2
+    assert ra["method"] == "dann" and 0 <= ra["target_acc"] <= 1 and 0 < ra["source_val_acc"] <= 1
     recs = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "train/disc_acc" in r]
     assert len(steps) == 18 and all(0 <= r["train/disc_acc"] <= 1 for r in steps)
