@@ -1,0 +1,24 @@
+"""Self-supervised pre-training: BYOL (Grill et al. 2020, arXiv:2006.07733).
+
+Heads and the online/target pair (``BYOL``, ``MLPHead``), the loss (``byol_loss``), the target's EMA
+on a cosine momentum schedule counted in optimizer steps (``EMAUpdater``), two-view augmentations
+(``byol_transforms``, ``BatchedBYOLAugment``), LARS and the scaled-rate optimizer set-up
+(``build_ssl_optimizer``), and evaluation on frozen features (weighted kNN, linear evaluation).
+"""
+from visrep.ssl.ema import EMAUpdater, cosine_tau, local_tensor
+from visrep.ssl.evaluate import (SSLEvalConfig, evaluate_representation, extract_features, knn_accuracy,
+                                 knn_predict, linear_eval)
+from visrep.ssl.export import export_backbone, export_byol
+from visrep.ssl.heads import BYOL, BYOLConfig, MLPHead, PredictionHead, ProjectionHead
+from visrep.ssl.loss import BYOLLoss, byol_loss, normalized_std, regression_loss
+from visrep.ssl.optim import LARS, SSLOptimConfig, build_ssl_optimizer, scaled_lr, ssl_param_groups
+from visrep.ssl.transforms import (BatchedBYOLAugment, SSLAugmentConfig, TwoViews, base_transform, batch_seed,
+                                   byol_transforms, byol_view_transform)
+
+__all__ = [
+    "BYOL", "BYOLConfig", "MLPHead", "ProjectionHead", "PredictionHead", "byol_loss", "BYOLLoss", "regression_loss",
+    "normalized_std", "EMAUpdater", "cosine_tau", "local_tensor", "LARS", "SSLOptimConfig", "build_ssl_optimizer",
+    "scaled_lr", "ssl_param_groups", "SSLAugmentConfig", "TwoViews", "byol_transforms", "byol_view_transform",
+    "BatchedBYOLAugment", "base_transform", "batch_seed", "SSLEvalConfig", "extract_features", "knn_predict",
+    "knn_accuracy", "linear_eval", "evaluate_representation", "export_backbone", "export_byol",
+]
