@@ -83,8 +83,8 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
     accelerator = run.accelerator
     data_config = get_data_config(model)
     optimizer = build_optimizer(model, optim_cfg)
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, data.train_loader, data.val_loader, data.test_loader)
+    model, optimizer, train_loader, val_loader, test_loader = run.prepare(
+        model, optimizer, data.train_loader, data.val_loader, data.test_loader, grad_clip=optim_cfg.grad_clip)
     sched_cfg = dataclasses.replace(cfg.schedule, epochs=epochs)
     steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
     stage = run.stage(name, model=model, optimizer=optimizer, train_loader=train_loader, epochs=epochs,
@@ -134,8 +134,10 @@ def main(argv=None) -> dict:
         set_seed(cfg.seed)
         t = cfg.teacher
         if t.source == "train":
-            teacher_net, teacher_res = train_classifier(run, cfg, data, "teacher", build(t.model, data.num_classes),
-                                                        t.model, t.optim, t.train_epochs)
+            _, teacher_res = train_classifier(run, cfg, data, "teacher", build(t.model, data.num_classes),
+                                              t.model, t.optim, t.train_epochs)
+            # reload the export: a plain module, whatever wrapped or sharded it during training
+            teacher_net, _ = load_model(run.run_dir / "models" / "teacher")
         else:
             if t.source == "checkpoint":
                 teacher_net, _ = load_model(t.checkpoint)

@@ -13,12 +13,16 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-def env() -> dict:
+def _base_env() -> dict:
     e = dict(os.environ)
     e.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
              ACCELERATE_USE_CPU="1", TOKENIZERS_PARALLELISM="false")
     e.pop("ACCELERATE_CONFIG_FILE", None)
     return e
+
+
+def env() -> dict:
+    return _base_env()
 
 
 def write_preset(path: Path, data: dict) -> Path:

@@ -74,6 +74,12 @@ def test_two_processes_shard_data_and_write_one_checkpoint(tiny, tmp_path):
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     keys = [(r.get("stage"), r.get("stage_step")) for r in lines if "train/loss" in r]
     assert len(keys) == len(set(keys)) == 3 * 8, "one metrics record per step, from the main process only"
+    # gather_for_metrics counts each of the 270 test images once (the padded last batch is trimmed):
+    # the same teacher scored by 1 process gives exactly the same accuracy.
+    one = tmp_path / "one"
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(one), "--schedule.epochs", "1",
+                           "--teacher.source", "checkpoint", "--teacher.checkpoint", str(out / "models" / "teacher")])
+    assert json.loads((one / "results.json").read_text())["teacher_acc"] == res["teacher_acc"]
 
 
 @pytest.mark.slow

@@ -38,4 +38,5 @@ def evaluate_classifier(model: torch.nn.Module, loader, accelerator: Accelerator
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Parameter count; under DeepSpeed ZeRO-3 the full size of partitioned parameters (``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -25,7 +25,7 @@ def export_model(accelerator, model: nn.Module, out_dir: str | Path, backbone: B
     """Call on every rank (DeepSpeed ZeRO-3 gathers the shards); the main process writes."""
     from safetensors.torch import save_file
 
-    state = accelerator.get_state_dict(model)
+    state = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return
     out = Path(out_dir)
@@ -36,6 +36,43 @@ def export_model(accelerator, model: nn.Module, out_dir: str | Path, backbone: B
            "kwargs": to_dict(backbone.kwargs), "data_config": to_dict(data_config), "library": "visrep"}
     cfg.update(extra or {})
     atomic_write_json(out / CONFIG_NAME, cfg)
+
+
+def full_state_dict(accelerator, model: nn.Module) -> dict:
+    """The whole model's weights on the main process (empty elsewhere). Under DeepSpeed ZeRO-3 the
+    shards are gathered (fp32 when training in fp32) -- no 16-bit-save switch needed."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        unwrapped = accelerator.unwrap_model(model)
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
+            if accelerator.is_main_process:
+                return {k: v.detach().to("cpu").clone() for k, v in unwrapped.state_dict().items()}
+        return {}
+    return accelerator.get_state_dict(model)
+
+
+def load_full_state_dict(accelerator, model: nn.Module, state: dict) -> None:
+    """Load a whole-model state dict (strict) into a prepared model; under ZeRO-3 the partitioned
+    parameters are gathered, filled on rank 0 and re-partitioned."""
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=0):
+            if accelerator.is_main_process:
+                unwrapped.load_state_dict(state, strict=True)
+        for name, buf in unwrapped.named_buffers():  # buffers are not partitioned: every rank loads them
+            if name in state:
+                buf.copy_(state[name])
+        return
+    unwrapped.load_state_dict(state, strict=True)
 
 
 def read_model_config(path: str | Path) -> dict:

@@ -115,11 +115,23 @@ def resolve_mixed_precision(name: str) -> str:
     return "no"
 
 
+def deepspeed_on_cpu() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available()
+
+
 def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerator:
     trackers: list[Any] = [JSONLTracker(run_dir / "metrics.jsonl")]
     for name in run_cfg.trackers:
         if name != "jsonl":
             trackers.append(name)
+    if deepspeed_on_cpu():
+        # On a CPU host Accelerate finds no backend and records 1 process while DeepSpeed starts a
+        # group of WORLD_SIZE ranks; naming gloo makes both agree on the world size and ranks.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers = list(kwargs.pop("kwargs_handlers", []))
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        kwargs["kwargs_handlers"] = handlers
     return Accelerator(
         mixed_precision=resolve_mixed_precision(run_cfg.mixed_precision),
         gradient_accumulation_steps=run_cfg.grad_accum,
@@ -217,6 +229,15 @@ class Run:
 
     def log(self, values: dict, step: Optional[int] = None) -> None:
         self.accelerator.log(values, step=self.global_step if step is None else step)
+
+    def prepare(self, *objs, grad_clip: Optional[float] = None):
+        """``accelerator.prepare`` with the recipe's gradient clipping written into the DeepSpeed
+        config when DeepSpeed is on (Accelerate would otherwise fill its "auto" with 1.0 and clip
+        where DDP does not). Under DeepSpeed the engine clips; ``accelerator.clip_grad_norm_`` is a no-op."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            plugin.deepspeed_config["gradient_clipping"] = float(grad_clip or 0.0)
+        return self.accelerator.prepare(*objs)
 
     def stage(self, name: str, **kwargs) -> "Stage":
         st = Stage(self, name, index=self._stage_index, **kwargs)
@@ -474,7 +495,9 @@ class Stage:
         if not f.is_file():
             raise FileNotFoundError(f"stage '{self.name}' is marked done in '{self.run.state_path}' but "
                                     f"'{f}' is missing; delete the stage entry from state.json to retrain it.")
-        self.accelerator.unwrap_model(self.model).load_state_dict(load_file(str(f)), strict=True)
+        from visrep.engine.export import load_full_state_dict
+
+        load_full_state_dict(self.accelerator, self.model, load_file(str(f)))
         self.run.print(f"[visrep] stage '{self.name}' already finished; loaded '{f}'")
 
     def finish(self, results: Optional[dict] = None) -> dict:
