@@ -33,6 +33,7 @@ from accelerate.utils import set_seed
 
 from visrep.data import DataConfig, build_classification_data
 from visrep.data.digits_m import load_digits_m_splits
+from visrep.data.sources import class_names, load_splits
 from visrep.engine import (OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, evaluate_classifier, parse_config)
 from visrep.engine.export import export_model
@@ -167,12 +168,8 @@ def main(argv=None) -> dict:
 
         # ---- target data (the label budget is data.label_fraction) --------------------------------
         set_seed(cfg.seed)
-        probe_classes = 10 if cfg.target_domain == "digits_m" else None
-        splits = load_digits_m_splits(cfg.data) if cfg.target_domain == "digits_m" else None
-        from visrep.data.sources import class_names, load_splits
-
-        splits = splits if splits is not None else load_splits(cfg.data)
-        num_classes = probe_classes or len(class_names(splits))
+        splits = load_digits_m_splits(cfg.data) if cfg.target_domain == "digits_m" else load_splits(cfg.data)
+        num_classes = len(class_names(splits))
 
         # ---- 0. the starting model ---------------------------------------------------------------
         model, export_bb, info = build_start_model(cfg.init, num_classes)

@@ -277,3 +277,22 @@ def test_digits_m_shares_the_digit_split_and_is_fixed():
                           np.full((2, 2, 3), 150, np.uint8))
     small = load_digits_m_splits(DataConfig(image_size=16, label_fraction=0.1))
     assert len(small["train"]) == 126 and small["test"]["label"] == m["test"]["label"]
+
+
+def test_load_backbone_weights_strips_prefix_ignores_head_and_names_missing_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from visrep.transfer import load_backbone_weights
+
+    src = tiny_resnet(num_classes=0)
+    f = tmp_path / "w.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in src.state_dict().items()}, str(f))
+    dst = tiny_resnet(num_classes=7)
+    info = load_backbone_weights(dst, f)
+    assert info["loaded"] == len(src.state_dict()) and info["dropped"] == []
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v)
+    partial = {k: v.contiguous() for k, v in src.state_dict().items() if not k.startswith("stages.2")}
+    save_file(partial, str(f))
+    with pytest.raises(ValueError, match="missing.*stages.2"):
+        load_backbone_weights(tiny_resnet(), f)

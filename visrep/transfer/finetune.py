@@ -301,13 +301,15 @@ class L2SP(nn.Module):
         self.alpha, self.beta = alpha, beta
         self.source_names = [n for n, p in model.named_parameters() if n not in head]
         self.head_names = sorted(head)
-        self.register_buffer("_dummy", torch.zeros(0), persistent=False)
         self.start = {n: p.detach().clone() for n, p in model.named_parameters() if n not in head}
 
     def forward(self, model: nn.Module) -> torch.Tensor:
         model = _unwrap(model)
         params = dict(model.named_parameters())
-        sp = sum(((params[n] - self.start[n].to(params[n].device)) ** 2).sum()
+        for n in self.source_names:  # move the reference once, not every step
+            if self.start[n].device != params[n].device:
+                self.start[n] = self.start[n].to(params[n].device)
+        sp = sum(((params[n] - self.start[n]) ** 2).sum()
                  for n in self.source_names if params[n].requires_grad)
         new = sum((params[n] ** 2).sum() for n in self.head_names if params[n].requires_grad)
         return 0.5 * self.alpha * torch.as_tensor(sp) + 0.5 * self.beta * torch.as_tensor(new)
