@@ -43,20 +43,29 @@ def test_small_input_variants(name):
     assert m.forward_features(torch.randn(1, 3, 32, 32)).shape[-1] == 4
 
 
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def test_resnet20_speed():
+    """Forward+backward of a batch of 64 at 32x32 well under 0.2 s on 2 CPU cores (about 0.08 s idle)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 1.5 * cores:  # a shared machine under heavy load says nothing about the model
+        pytest.skip(f"CPU too loaded to time (load average {load:.1f} on {cores} cores)")
     m = create_backbone("resnet20", num_classes=10)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
+
+    def step():
         loss = torch.nn.functional.cross_entropy(m(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t)
-    # about 0.08 s on an idle 2-core CPU; the bound leaves room for a loaded shared machine
-    assert min(times) < 0.4, times
+
+    times = [_timed(step) for _ in range(8)]
+    assert min(times[2:]) < 0.2, times
 
 
 # ------------------------------------------------------------------ registry

@@ -12,6 +12,7 @@ per stage) and ``data_config`` (``mean``, ``std``, ``input_size``, ``interpolati
 """
 from .errors import CheckpointMismatchError, PretrainedWeightsUnavailable
 from .features import FeatureExtractor
+from .necks import FPN, UNet
 from .registry import (
     BackboneEntry,
     create_backbone,
@@ -26,5 +27,5 @@ from .registry import (
 __all__ = [
     "create_backbone", "list_backbones", "get_data_config", "register_backbone", "get_backbone_entry",
     "BackboneEntry", "PretrainedWeightsUnavailable", "CheckpointMismatchError", "FeatureExtractor",
-    "load_checkpoint", "save_checkpoint",
+    "load_checkpoint", "save_checkpoint", "FPN", "UNet",
 ]

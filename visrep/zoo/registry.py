@@ -155,7 +155,7 @@ def _weight_locations(entry: BackboneEntry) -> tuple[list[str], bool]:
             hosts.append(urlparse(cfg.url).hostname or "")
             cached = cached or _torch_hub_cached(cfg.url)
         return hosts, cached
-    if entry.source == "tv" or entry.tags and "tv-weights" in entry.tags:
+    if entry.source == "tv":
         from .tv_backbones import tv_weights_url
         url = tv_weights_url(entry.target)
         if url is None:

@@ -85,7 +85,7 @@ def _patch_small_input(model: nn.Module, name: str) -> None:
                          "(supported: ResNet/ResNeXt/SE-ResNet, MobileNet/EfficientNet, DenseNet, ConvNeXt, ViT, Swin)")
 
 
-def finalize(model: nn.Module, *, small_input: bool = False, in_chans: int = 3) -> nn.Module:
+def finalize(model: nn.Module, *, small_input: bool = False, in_chans: int = 3, img_size=None) -> nn.Module:
     """Attach ``data_config`` and fix ``num_features`` on a timm model (in place)."""
     model._zoo_source = "timm"
     hidden = getattr(model, "head_hidden_size", None)
@@ -94,11 +94,15 @@ def finalize(model: nn.Module, *, small_input: bool = False, in_chans: int = 3) 
         model.__class__ = _prelogits_class(type(model))
         model.num_features = hidden
     cfg = timm.data.resolve_model_data_config(model)
-    input_size = (in_chans, 32, 32) if small_input else (in_chans, *cfg["input_size"][1:])
+    if img_size is not None:  # built for another resolution (ViT/Swin img_size=...)
+        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        input_size = (in_chans, *hw)
+    else:
+        input_size = (in_chans, 32, 32) if small_input else (in_chans, *cfg["input_size"][1:])
     model.data_config = make_data_config(input_size, cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
                                          1.0 if small_input else cfg.get("crop_pct", 0.875))
     if small_input:
-        model.feature_info = measure_feature_info(model, (in_chans, 32, 32))
+        model.feature_info = measure_feature_info(model, input_size)
     return model
 
 
@@ -111,4 +115,4 @@ def create_timm_backbone(name: str, pretrained: bool = False, num_classes: int =
     model._zoo_source = "timm"
     if small_input:
         _patch_small_input(model, name)
-    return finalize(model, small_input=small_input, in_chans=in_chans)
+    return finalize(model, small_input=small_input, in_chans=in_chans, img_size=kwargs.get("img_size"))
