@@ -97,7 +97,8 @@ class RunConfig:
     """Stop (after a checkpoint) once the run has taken this many optimizer steps in total; continue
     later with --resume latest. For interrupted jobs and tests."""
     num_workers: int = 0
-    deterministic: bool = False
+    save_on_each_node: bool = False
+    """Write checkpoints and exports on every node (node-local disks) instead of once (shared filesystem)."""
 
     def validate(self, prefix: str) -> None:
         for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_last"):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from visrep.engine.config import BackboneConfig, to_dict
-from visrep.engine.io import atomic_write_json
+from visrep.engine.io import atomic_write_json, is_writer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -26,7 +26,7 @@ def export_model(accelerator, model: nn.Module, out_dir: str | Path, backbone: B
     from safetensors.torch import save_file
 
     state = full_state_dict(accelerator, model)
-    if not accelerator.is_main_process:
+    if not is_writer(accelerator):
         return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def export_model(accelerator, model: nn.Module, out_dir: str | Path, backbone: B
 
 
 def full_state_dict(accelerator, model: nn.Module) -> dict:
-    """The whole model's weights on the main process (empty elsewhere). Under DeepSpeed ZeRO-3 the
+    """The whole model's weights on the writing process(es) (empty elsewhere under ZeRO-3). Under DeepSpeed ZeRO-3 the
     shards are gathered (fp32 when training in fp32) -- no 16-bit-save switch needed."""
     from accelerate.utils import DistributedType
 
@@ -49,7 +49,7 @@ def full_state_dict(accelerator, model: nn.Module) -> dict:
 
         unwrapped = accelerator.unwrap_model(model)
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
-            if accelerator.is_main_process:
+            if is_writer(accelerator):
                 return {k: v.detach().to("cpu").clone() for k, v in unwrapped.state_dict().items()}
         return {}
     return accelerator.get_state_dict(model)

@@ -39,3 +39,11 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def is_writer(accelerator) -> bool:
+    """Whether this process writes run files: the main process, or, with ``run.save_on_each_node``
+    (node-local disks), the local main process of every node."""
+    if accelerator.project_configuration.save_on_each_node:
+        return accelerator.is_local_main_process
+    return accelerator.is_main_process

@@ -31,7 +31,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from visrep.engine.config import RunConfig, diff_configs, save_yaml, to_dict
-from visrep.engine.io import atomic_write_json, replace_dir
+from visrep.engine.io import atomic_write_json, is_writer, replace_dir
 
 CHECKPOINT_PREFIX = "step_"
 # Keys that may differ between the run that was interrupted and the one that resumes it.
@@ -136,7 +136,8 @@ def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerato
         mixed_precision=resolve_mixed_precision(run_cfg.mixed_precision),
         gradient_accumulation_steps=run_cfg.grad_accum,
         log_with=trackers,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"),
+                                            save_on_each_node=run_cfg.save_on_each_node),
         **kwargs,
     )
 
@@ -178,7 +179,7 @@ class Run:
         self._check_run_dir()
         self.state = self._load_state()
         self.global_step = int(self.state.get("global_step", 0))
-        if self.accelerator.is_main_process:
+        if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.run_dir / "config.yaml")
         self.accelerator.wait_for_everyone()
@@ -216,7 +217,7 @@ class Run:
 
     def save_run_state(self) -> None:
         self.state["global_step"] = self.global_step
-        if self.accelerator.is_main_process:
+        if self.is_writer:
             atomic_write_json(self.state_path, self.state)
 
     # -- API for recipes ------------------------------------------------------------------------
@@ -224,8 +225,14 @@ class Run:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def is_writer(self) -> bool:
+        return is_writer(self.accelerator)
+
     def print(self, *args, **kwargs) -> None:
-        self.accelerator.print(*args, **kwargs)
+        """Print once for the whole job (the global main process), not once per node."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
 
     def log(self, values: dict, step: Optional[int] = None) -> None:
         self.accelerator.log(values, step=self.global_step if step is None else step)
@@ -246,7 +253,7 @@ class Run:
 
     def write_results(self, results: dict) -> Path:
         path = self.run_dir / "results.json"
-        if self.is_main:
+        if self.is_writer:
             atomic_write_json(path, results)
         self.accelerator.wait_for_everyone()
         return path
@@ -444,23 +451,23 @@ class Stage:
         acc = self.accelerator
         final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:08d}"
         tmp = self.ckpt_dir / f".tmp-{final.name}"
-        if acc.is_main_process:
+        if self.run.is_writer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
-            if acc.is_main_process:
+            if self.run.is_writer:
                 for key, obj in self.extra_state.items():
                     torch.save(obj.state_dict(), tmp / f"extra_{key}.pt")
                 atomic_write_json(tmp / "trainer_state.json", self.trainer_state())
                 save_yaml(self.run.cfg, tmp / "config.yaml")
                 replace_dir(tmp, final)
         except BaseException:
-            if acc.is_main_process:
+            if self.run.is_writer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if acc.is_main_process:
+        if self.run.is_writer:
             for old in list_checkpoints(self.ckpt_dir)[:-self.run.run_cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self._last_saved_step = self.step
@@ -510,12 +517,12 @@ class Stage:
             self.wall_time += time.perf_counter() - self._t0
             if self.export_fn is not None:
                 tmp = self.model_dir.with_name(f".tmp-{self.name}")
-                if acc.is_main_process:
+                if self.run.is_writer:
                     shutil.rmtree(tmp, ignore_errors=True)
                     tmp.mkdir(parents=True)
                 acc.wait_for_everyone()
                 self.export_fn(tmp)
-                if acc.is_main_process:
+                if self.run.is_writer:
                     replace_dir(tmp, self.model_dir)
             record = {"done": True, "wall_time": self.wall_time, "steps": self.step,
                       "results": results or {}}
