@@ -156,3 +156,19 @@ def test_pretrained_offline_fails_fast(name, monkeypatch):
 
 def test_offline_env_kept():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_deepcopy_pickle_and_prelogits_width():
+    """EMA teachers deep-copy models; timm models whose head has a hidden layer report its width."""
+    import copy
+    import io
+    m = create_backbone("mobilenetv3_small_050", num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    assert m.num_features == 1024 == m.forward_head(m.forward_features(x), pre_logits=True).shape[1]
+    c = copy.deepcopy(m)
+    c.reset_classifier(5)
+    assert c(x).shape == (2, 5) and m(x).shape == (2, 3) and c.num_features == 1024
+    buf = io.BytesIO()
+    torch.save(c, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False).num_classes == 5
