@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from visrep.launch import (HubAuthError, HubUnavailableError, UnsafeWeightsError, export_for_hub,
-                           load_backbone_from_hub, push_to_hub)
+                           load_backbone_from_hub, push_run, push_to_hub)
 from visrep.launch.hub import HUB_FILES
 from visrep.zoo import create_backbone
 from visrep.zoo.errors import CheckpointMismatchError
@@ -417,6 +417,21 @@ def test_push_in_a_subprocess_with_env_token_and_endpoint(tmp_path):
     assert sd.keys() == model.state_dict().keys()
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
     assert not _scan_for(FAKE_TOKEN, tmp_path / "hf_home", run / "models")
+
+
+def test_push_run_main_process_only(tmp_path, online, capsys):
+    from types import SimpleNamespace
+
+    run_dir, _ = make_run(tmp_path)
+    waits = []
+    with FakeHub() as hub:
+        for is_main in (False, True):
+            run = SimpleNamespace(run_dir=run_dir, is_main=is_main, print=print,
+                                  accelerator=SimpleNamespace(wait_for_everyone=lambda: waits.append(1)))
+            push_run(run, "me/from-recipe", token=FAKE_TOKEN, endpoint=hub.url)
+        assert push_run(run, None) is None  # no --push-to-hub: nothing happens
+        assert len(hub.posts("/commit/")) == 1 and len(waits) == 2
+    assert "pushed" in capsys.readouterr().out
 
 
 def test_no_token_is_a_clear_error(tmp_path, online, no_login):

@@ -37,7 +37,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 __all__ = ["HubError", "HubAuthError", "HubUnavailableError", "UnsafeWeightsError", "export_for_hub",
-           "push_to_hub", "load_backbone_from_hub", "resolve_token", "HUB_FILES"]
+           "push_to_hub", "push_run", "load_backbone_from_hub", "resolve_token", "HUB_FILES"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -491,6 +491,20 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, token: Optional[str] =
             return api.create_commit(repo_id, ops, commit_message=message, revision=revision, repo_type="model")
         except Exception as e:
             raise _hub_error(e, token, f"pushing to {repo_id} at {endpoint}") from None
+
+
+def push_run(run, repo_id: Optional[str], **kwargs: Any):
+    """``--push-to-hub USER/REPO`` at the end of a recipe: push ``run.run_dir`` (a ``visrep.engine.Run``)
+    from the main process only; every process waits for it. No-op when ``repo_id`` is empty. Returns the
+    ``CommitInfo`` on the main process, None elsewhere."""
+    if not repo_id:
+        return None
+    info = None
+    if run.is_main:
+        info = push_to_hub(run.run_dir, repo_id, **kwargs)
+        run.print(f"[visrep] pushed {run.run_dir} to {info.commit_url if hasattr(info, 'commit_url') else info}")
+    run.accelerator.wait_for_everyone()
+    return info
 
 
 def _hub_error(e: Exception, token: Optional[str], doing: str) -> HubError:
