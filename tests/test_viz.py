@@ -113,3 +113,15 @@ def test_zoo_cli_list_and_summary(capsys):
     assert "25,557,032" in out and "4.09 G per image" in out
     assert main(["zoo", "summary", "resnet20", "--input-size", "3", "32", "32", "--batch-size", "128"]) == 0
     assert "batch 128" in capsys.readouterr().out
+
+
+def test_cli_structure(capsys):
+    import pytest
+    from visrep.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert {"zoo", "viz"} <= set(sub.choices)
+    assert main(["zoo"]) == 2 and "summary" in capsys.readouterr().out
+    assert main(["viz"]) == 2 and "gradcam" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from importlib import metadata
 
@@ -20,6 +21,31 @@ COMMAND_MODULES = (
     "visrep.data.cli",
     "visrep.engine.cli",
 )
+
+
+# Commands whose module has its own parser and a ``main(argv)``: ``visrep NAME ARGS...`` is forwarded
+# to ``module.main(ARGS)`` unchanged (unless a ``register`` module above already defines NAME).
+PASSTHROUGH_COMMANDS = {
+    "launch": ("visrep.launch.accelerate_config", "launch a recipe (Accelerate / DeepSpeed / SLURM)"),
+    "push": ("visrep.launch.hub", "export a run and push it to the Hugging Face Hub"),
+}
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _forward(command: str, argv: list[str]) -> int:
+    module_name = PASSTHROUGH_COMMANDS[command][0]
+    mod = importlib.import_module(module_name)
+    fn = getattr(mod, "main", None)
+    if fn is None:
+        print(f"visrep {command}: {module_name} has no main(argv) yet", file=sys.stderr)
+        return 2
+    return int(fn(argv) or 0)
 
 
 def _registrars():
@@ -47,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _registrars():
         register(sub)
+    for name, (module, help_text) in PASSTHROUGH_COMMANDS.items():
+        if name not in sub.choices and _module_exists(module):
+            sub.add_parser(name, help=f"{help_text} (visrep {name} --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv and argv[0] in PASSTHROUGH_COMMANDS and _module_exists(PASSTHROUGH_COMMANDS[argv[0]][0]):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if sub.choices[argv[0]].get_default("func") is None:  # not claimed by a register() module
+            return _forward(argv[0], argv[1:])
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
