@@ -73,9 +73,11 @@ def test_resume_restores_tau_step_and_target_exactly(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_with_accumulation(tiny, tmp_path):
+def test_two_processes_with_accumulation_and_device_views(tiny, tmp_path):
     out = tmp_path / "ddp"
-    p = run_recipe("byol", ["--config", str(tiny), "--output-dir", str(out), "--run.grad-accum", "2"], processes=2)
+    # and the batched, on-device views (random per image, seeded per (epoch, batch, rank))
+    p = run_recipe("byol", ["--config", str(tiny), "--output-dir", str(out), "--run.grad-accum", "2",
+                            "--augment.device", "accelerator"], processes=2)
     res = json.loads((out / "results.json").read_text())
     assert res["num_processes"] == 2 and res["global_batch"] == 32 * 2 * 2
     assert res["peak_lr"] == pytest.approx(1.0 * 128 / 256)

@@ -211,6 +211,11 @@ def test_scaled_lr_and_optimizer_choices():
         by_name = {g["name"]: g for g in opt.param_groups}
         assert by_name["weights"]["initial_lr"] == pytest.approx(0.8)
         assert by_name["probe"]["initial_lr"] == pytest.approx(0.4) and by_name["probe"]["weight_decay"] == 0
+    opt = build_ssl_optimizer(m, SSLOptimConfig(base_lr=0.4, predictor_lr_mult=10), 512)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["predictor"]["initial_lr"] == pytest.approx(8.0)
+    assert {id(p) for p in m.predictor.parameters()} == {id(p) for g in opt.param_groups
+                                                         if g["name"].startswith("predictor") for p in g["params"]}
 
 
 # ---------------------------------------------------------------------------- augmentations

@@ -83,6 +83,9 @@ class SSLOptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     probe_lr: float = 0.1
     """Learning rate of the online linear probe (per 256 images, no weight decay, no LARS)."""
+    predictor_lr_mult: float = 1.0
+    """Rate of the predictor relative to the rest (> 1 lets the predictor track its optimum; Tian et al.,
+    "Understanding Self-Supervised Learning Dynamics without Contrastive Pairs", 2021, arXiv:2102.06810)."""
     grad_clip: Optional[float] = None
 
     def validate(self, prefix: str) -> None:
@@ -106,25 +109,33 @@ def _is_excluded(name: str, p: nn.Parameter) -> bool:
 
 
 def ssl_param_groups(model: nn.Module, cfg: SSLOptimConfig, lr: float, probe_lr: float,
-                     probe_prefix: str = "probe.") -> list[dict]:
+                     probe_prefix: str = "probe.", predictor_prefix: str = "predictor.") -> list[dict]:
     """Parameter groups of the trainable (online) parameters: weights (decay, LARS-adapted), biases
     and norms (no decay, not adapted, when ``exclude_bias_and_norm``), the probe (own rate, no decay,
     not adapted). Frozen parameters (the target network) are left out. Each group carries its peak
     rate in ``initial_lr`` for ``visrep.engine.StepSchedule``."""
-    weights, excluded, probe = [], [], []
+    mult = cfg.predictor_lr_mult
+    weights, excluded, probe, pred_w, pred_x = [], [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        split = mult != 1.0 and name.startswith(predictor_prefix)
         if name.startswith(probe_prefix):
             probe.append(p)
         elif cfg.exclude_bias_and_norm and _is_excluded(name, p):
-            excluded.append(p)
+            (pred_x if split else excluded).append(p)
         else:
-            weights.append(p)
+            (pred_w if split else weights).append(p)
     groups = [{"name": "weights", "params": weights, "lr": lr, "weight_decay": cfg.weight_decay,
                "lars_exclude": False}]
     if excluded:
         groups.append({"name": "bias_and_norm", "params": excluded, "lr": lr, "weight_decay": 0.0,
+                       "lars_exclude": True})
+    if pred_w:
+        groups.append({"name": "predictor", "params": pred_w, "lr": lr * mult, "weight_decay": cfg.weight_decay,
+                       "lars_exclude": False})
+    if pred_x:
+        groups.append({"name": "predictor_bias_and_norm", "params": pred_x, "lr": lr * mult, "weight_decay": 0.0,
                        "lars_exclude": True})
     if probe:
         groups.append({"name": "probe", "params": probe, "lr": probe_lr, "weight_decay": 0.0, "lars_exclude": True})
