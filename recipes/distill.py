@@ -28,6 +28,7 @@ from visrep.distill import DistillationLoss, FrozenTeacher, KDConfig
 from visrep.engine import (BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
                            build_optimizer, count_parameters, evaluate_classifier, parse_config)
 from visrep.engine.export import export_model, load_model
+from visrep.launch import push_run
 from visrep.zoo import create_backbone, get_data_config
 
 PRESETS = Path(__file__).resolve().parent / "configs"
@@ -69,6 +70,8 @@ class DistillRecipeConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     """Student budget (both student runs); the teacher uses teacher.train_epochs with the same shape."""
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    push_to_hub: Optional[str] = None
+    """USER/REPO: push the distilled student (weights, config.json, model card) to the Hub at the end."""
 
 
 def build(bb: BackboneConfig, num_classes: int) -> torch.nn.Module:
@@ -184,6 +187,7 @@ def main(argv=None) -> dict:
         run.log({f"results/{k}": v for k, v in results.items()})
         run.write_results(results)
         run.print(format_table(results, cfg))
+        push_run(run, cfg.push_to_hub)
         return results
 
 

@@ -31,7 +31,7 @@ def write_preset(path: Path, data: dict) -> Path:
 
 
 def run_recipe(recipe: str, args: list[str], processes: int = 1, timeout: int = 600, check: bool = True,
-               launcher_args: list[str] | None = None) -> subprocess.CompletedProcess:
+               launcher_args: list[str] | None = None, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     script = str(ROOT / "recipes" / f"{recipe}.py")
     if processes == 1 and launcher_args is None:
         cmd = [sys.executable, script, *args]
@@ -41,7 +41,8 @@ def run_recipe(recipe: str, args: list[str], processes: int = 1, timeout: int = 
                                                           "--num_machines", "1", "--mixed_precision", "no",
                                                           "--dynamo_backend", "no", "--main_process_port",
                                                           str(29500 + os.getpid() % 1000)]), script, *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                       timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p

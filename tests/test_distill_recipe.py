@@ -84,8 +84,16 @@ def test_two_processes_shard_data_and_write_one_checkpoint(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_teacher_sources_and_bad_input(tiny, tmp_path):
+    from test_hub import FAKE_TOKEN, HUB_FILES, FakeHub
+
     first = tmp_path / "first"
-    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(first), "--schedule.epochs", "1"])
+    with FakeHub() as hub:  # a local stand-in for the Hub API (HF_ENDPOINT): --push-to-hub sends one commit
+        p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(first), "--schedule.epochs", "1",
+                                   "--push-to-hub", "me/student"],
+                       extra_env={"HF_ENDPOINT": hub.url, "HF_TOKEN": FAKE_TOKEN, "HF_HUB_OFFLINE": "0",
+                                  "HF_HOME": str(tmp_path / "hf_home")})
+        assert len(hub.posts("/commit/")) == 1 and sorted(hub.repos["me/student"]) == sorted(HUB_FILES)
+    assert FAKE_TOKEN not in p.stdout + p.stderr
     again = tmp_path / "from_ckpt"
     run_recipe("distill", ["--config", str(tiny), "--output-dir", str(again), "--schedule.epochs", "1",
                            "--teacher.source", "checkpoint", "--teacher.checkpoint", str(first / "models" / "teacher")])

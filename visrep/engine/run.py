@@ -35,7 +35,7 @@ from visrep.engine.io import atomic_write_json, is_writer, replace_dir
 
 CHECKPOINT_PREFIX = "step_"
 # Keys that may differ between the run that was interrupted and the one that resumes it.
-RESUME_FREE_KEYS = ("resume", "run.stop_after_steps", "run.progress", "run.trackers", "config")
+RESUME_FREE_KEYS = ("resume", "run.stop_after_steps", "run.progress", "run.trackers", "config", "push_to_hub")
 
 
 class NonFiniteLossError(RuntimeError):
