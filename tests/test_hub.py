@@ -387,6 +387,16 @@ def test_push_sends_one_commit_with_the_three_files(tmp_path, online, capsys, ca
         fetched = {r["path"].split("/")[-1] for r in hub.requests if r["method"] in ("GET", "HEAD")}
         assert fetched == {"config.json", "model.safetensors"}
 
+        # the zoo's own entry point: create_backbone("hf-hub:USER/REPO"), with a new head on request
+        from visrep.zoo import create_backbone
+
+        monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        _same_weights(model, create_backbone("hf-hub:me/resnet20-digits"))
+        assert create_backbone("hf-hub:me/resnet20-digits", num_classes=3).num_classes == 3
+        with pytest.raises(ValueError, match="loads its own weights"):
+            create_backbone("hf-hub:me/resnet20-digits", pretrained=True)
+
     out = capsys.readouterr()
     assert FAKE_TOKEN not in out.out + out.err + caplog.text
     assert not _scan_for(FAKE_TOKEN, tmp_path / "expected", cache)

@@ -89,7 +89,7 @@ def get_backbone_entry(name: str) -> BackboneEntry:
         close = difflib.get_close_matches(plain, list(_REGISTRY), n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown backbone {name!r}.{hint} See list_backbones() / `visrep zoo list`, "
-                       "or use a 'timm:NAME' or 'tv:NAME' prefix.")
+                       "or use a 'timm:NAME', 'tv:NAME' or 'hf-hub:USER/REPO' name.")
     return _REGISTRY[plain]
 
 
@@ -264,6 +264,20 @@ def create_backbone(name: str, pretrained: bool = False, num_classes: int = 0, i
     ``features_only``: a ``FeatureExtractor`` returning the feature maps of ``out_indices``.
     Extra ``kwargs`` go to the builder (timm kwargs such as ``drop_rate``, ``img_size``; ``width``).
     """
+    if name.startswith("hf-hub:"):
+        if pretrained or checkpoint is not None:
+            raise ValueError(f"{name!r} loads its own weights from the Hub; drop pretrained=/checkpoint=")
+        # The one place the zoo reaches outside itself, lazily: Hub loading lives with the Hub code.
+        from visrep.launch.hub import load_backbone_from_hub
+
+        extra = dict(kwargs)
+        if num_classes:  # 0 keeps the pushed head; K != saved -> reset_classifier(K)
+            extra["num_classes"] = num_classes
+        if in_chans != 3:
+            extra["in_chans"] = in_chans
+        if small_input:
+            extra["small_input"] = True
+        return load_backbone_from_hub(name, features_only=features_only, out_indices=out_indices, **extra)
     entry = get_backbone_entry(name)
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True or checkpoint=..., not both")
