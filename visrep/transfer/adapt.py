@@ -90,9 +90,10 @@ class PairedDataset(torch.utils.data.Dataset):
 
 
 class BestOnSourceVal:
-    """Keeps the weights with the best *source validation* accuracy (the honest selection rule: the
-    target's labels are never consulted). Saved with every checkpoint so a resumed run selects the
-    same model."""
+    """Keeps the weights of the epoch with the best validation accuracy. For adaptation that is the
+    *source* validation split -- the honest rule: the target's labels are never consulted; for
+    fine-tuning, the target's own validation split (never its test split). Saved with every
+    checkpoint so a resumed run selects the same model."""
 
     def __init__(self):
         self.best_acc = -1.0
