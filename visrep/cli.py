@@ -16,18 +16,14 @@ from importlib import metadata
 
 COMMAND_MODULES = (
     "visrep.zoo.cli",       # zoo list|summary, viz gradcam|features|attention
-    "visrep.launch.cli",    # launch (accelerate / DeepSpeed / SLURM)
     "visrep.launch.push",   # push (Hub export)
-    "visrep.data.cli",
-    "visrep.engine.cli",
 )
 
 
 # Commands whose module has its own parser and a ``main(argv)``: ``visrep NAME ARGS...`` is forwarded
-# to ``module.main(ARGS)`` unchanged (unless a ``register`` module above already defines NAME).
+# to ``module.main(ARGS)`` unchanged, so recipe arguments pass through the launcher untouched.
 PASSTHROUGH_COMMANDS = {
     "launch": ("visrep.launch.accelerate_config", "launch a recipe (Accelerate / DeepSpeed / SLURM)"),
-    "push": ("visrep.launch.hub", "export a run and push it to the Hugging Face Hub"),
 }
 
 
@@ -50,14 +46,7 @@ def _forward(command: str, argv: list[str]) -> int:
 
 def _registrars():
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and (name == e.name or name.startswith(e.name + ".")):
-                continue  # that command module is not written yet
-            raise
-        if hasattr(mod, "register"):
-            yield mod.register
+        yield importlib.import_module(name).register
     try:
         eps = metadata.entry_points(group="visrep.commands")
     except Exception:  # pragma: no cover
