@@ -80,3 +80,23 @@ def test_start_from_a_backbone_state_dict(tiny, tmp_path):
         assert torch.equal(probe[k], v), k  # the frozen backbone is exactly the loaded one
     p = run_recipe("finetune", ["--config", str(tiny), "--init.source", "export"], check=False)
     assert p.returncode != 0 and "init.path" in p.stderr
+
+
+@pytest.mark.slow
+def test_gradual_l2sp_resume_mid_stage_equals_straight_run(tiny, tmp_path):
+    args = ["--config", str(tiny), "--init.source", "scratch", "--finetune.strategy", "gradual",
+            "--finetune.unfreeze-every", "1", "--compare-scratch", "False", "--schedule.epochs", "3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_recipe("finetune", [*args, "--output-dir", str(a)])
+    # 378 labels -> 11 batches of 32 per epoch: stop in epoch 2 (one stage unfrozen), then resume
+    p = run_recipe("finetune", [*args, "--output-dir", str(b), "--run.stop-after-steps", "15"])
+    assert "stopped after 15 optimizer steps" in p.stdout + p.stderr
+    ckpt = b / "checkpoints" / "finetune" / "step_00000015"
+    assert torch.load(ckpt / "extra_unfreeze.pt", weights_only=True)["epoch"] == 1
+    assert (ckpt / "extra_l2sp.pt").is_file()
+    run_recipe("finetune", [*args, "--output-dir", str(b), "--resume", "latest"])
+    wa, wb = (load_file(str(d / "models" / "finetune" / "model.safetensors")) for d in (a, b))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert ra["target_acc"] == rb["target_acc"] and ra["target_val_acc"] == rb["target_val_acc"]
