@@ -86,6 +86,11 @@ class JSONLTracker(GeneralTracker):
             self._file.close()
             self._file = None
 
+    def reopen(self):
+        """After the file was replaced on disk (``truncate_metrics``), append to the new one."""
+        self.finish()
+        self.start()
+
 
 def truncate_metrics(path: Path, stage: str, after_step: int) -> None:
     """On resume, drop records of ``stage`` logged after the checkpoint being resumed, so the file
@@ -492,6 +497,9 @@ class Stage:
         self._last_saved_step = self.step
         if self.run.is_main:
             truncate_metrics(self.run.run_dir / "metrics.jsonl", self.name, self.step)
+            for tracker in self.accelerator.trackers:
+                if isinstance(tracker, JSONLTracker):
+                    tracker.reopen()
         self.run.print(f"[visrep] resumed stage '{self.name}' from '{path}' (epoch {self.epoch}, "
                        f"batch {self.batch_in_epoch}, step {self.step}/{self.total_steps})")
 
