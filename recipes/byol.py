@@ -29,10 +29,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from visrep.data import DataConfig, ImageDataset, build_classification_data, build_transforms, collate
-from visrep.engine import (BackboneConfig, RunConfig, ScheduleConfig, StepSchedule, count_parameters,
+from visrep.engine import (BackboneConfig, ConfigError, RunConfig, ScheduleConfig, StepSchedule, count_parameters,
                            evaluate_classifier, parse_config, Run)
 from visrep.ssl import (BYOL, BYOLConfig, BatchedBYOLAugment, EMAUpdater, SSLAugmentConfig, SSLEvalConfig,
                         SSLOptimConfig, base_transform, batch_seed, build_ssl_optimizer, byol_loss, byol_transforms,
@@ -103,11 +103,16 @@ def main(argv=None) -> dict:
                      num_classes=data.num_classes, batch_norm=cfg.byol.head_batch_norm)
         if cfg.byol.sync_batchnorm and accelerator.num_processes > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.optim.name == "lars":
+            raise ConfigError(
+                "optim.name 'lars' takes a trust ratio per layer, but DeepSpeed ZeRO hands the optimizer "
+                "flattened partitions, so the ratios would be computed over shards. Under DeepSpeed use "
+                "--optim.name sgd or adamw; or train with LARS under DDP (without --use_deepspeed).")
         global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
         optimizer = build_ssl_optimizer(model, cfg.optim, global_batch)
-        model, optimizer, train_loader, bank_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, bank_loader, val_loader, test_loader = run.prepare(
             model, optimizer, data.train_loader, eval_loaders(cfg, data, data_config), data.val_loader,
-            data.test_loader)
+            data.test_loader, grad_clip=cfg.optim.grad_clip)
         net = accelerator.unwrap_model(model)
         online, target = net.ema_pairs()
 

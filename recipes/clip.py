@@ -127,8 +127,8 @@ def main(argv=None) -> dict:
                                cfg.run.eval_batch_size, cfg.run.num_workers)
         teacher = build_teacher(cfg, data_config, accelerator.device)
         optimizer = build_optimizer(model, cfg.optim)  # logit scale / bias: no weight decay (model.no_weight_decay)
-        model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-            model, optimizer, data.train_loader, data.val_loader, data.test_loader)
+        model, optimizer, train_loader, val_loader, test_loader = run.prepare(
+            model, optimizer, data.train_loader, data.val_loader, data.test_loader, grad_clip=cfg.optim.grad_clip)
         export_meta = {"image_size": cfg.data.image_size, "in_chans": cfg.data.channels,
                        "classnames": data.classnames, "templates": data.templates}
         stage = run.stage("clip", model=model, optimizer=optimizer, train_loader=train_loader,

@@ -462,6 +462,7 @@ class Stage:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every rank has written its part (RNG states, shards) before the rename
             if self.run.is_writer:
                 for key, obj in self.extra_state.items():
                     torch.save(obj.state_dict(), tmp / f"extra_{key}.pt")

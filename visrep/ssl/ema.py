@@ -63,9 +63,17 @@ class EMAUpdater:
     @torch.no_grad()
     def update(self, online: Iterable[torch.Tensor], target: Iterable[torch.Tensor]) -> float:
         """One EMA step with the current ``tau``; advances ``step``. Returns the ``tau`` used."""
+        online, target = list(online), list(target)
         src = [local_tensor(p) for p in online]
         dst = [local_tensor(p) for p in target]
         _check_pairs(src, dst)
+        # ZeRO-3 keeps small ("persistent") parameters whole in ``.data`` besides their shard, and the
+        # forward reads ``.data``: update that copy too (the optimizer re-gathers the online one after
+        # each step), or the target would never move.
+        for po, pt in zip(online, target):
+            if hasattr(pt, "ds_tensor") and pt.data.numel() == getattr(pt, "ds_numel", -1) == po.data.numel():
+                src.append(po.data)
+                dst.append(pt.data)
         tau = self.tau
         groups: dict[tuple, tuple[list, list]] = {}
         for s, d in zip(src, dst):

@@ -6,6 +6,7 @@ from pathlib import Path
 from torch import nn
 
 from visrep.engine.config import BackboneConfig
+from visrep.engine.export import full_state_dict
 
 
 def export_backbone(accelerator, model: nn.Module, out_dir: str | Path, backbone: BackboneConfig, data_config: dict,
@@ -22,7 +23,7 @@ def export_backbone(accelerator, model: nn.Module, out_dir: str | Path, backbone
     from visrep.engine.io import atomic_write_json
     from visrep.engine.config import to_dict
 
-    state = accelerator.get_state_dict(model) if state is None else state
+    state = full_state_dict(accelerator, model) if state is None else state
     if not accelerator.is_main_process:
         return
     tensors = {k[len(prefix):]: v.detach().to("cpu").contiguous() for k, v in state.items() if k.startswith(prefix)}
@@ -47,7 +48,7 @@ def export_byol(accelerator, model: nn.Module, out_dir: str | Path, backbone: Ba
 
     from visrep.engine.export import WEIGHTS_NAME
 
-    state = accelerator.get_state_dict(model)
+    state = full_state_dict(accelerator, model)  # gathers ZeRO-3 shards
     if accelerator.is_main_process:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,69 @@
+"""BYOL under DeepSpeed ZeRO-3 (CPU, gloo): the EMA target is updated correctly while the online and
+target networks are sharded -- both for partitioned parameters (shard-local update of ``ds_tensor``)
+and for ZeRO-3's small "persistent" parameters (kept whole in ``.data``) -- across a stop and resume,
+so the weights equal those of the same run under DDP. LARS is refused under ZeRO."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import helpers
+from helpers import run_recipe, write_preset
+from visrep.launch.accelerate_config import LaunchSpec, write_launch_files
+
+pytest.importorskip("deepspeed")
+
+TINY = {
+    "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
+    "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
+    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "base_tau": 0.99},
+    "augment": {"crop_scale": [0.3, 1.0], "hflip": 0.0},
+    "optim": {"name": "sgd", "base_lr": 1.0, "weight_decay": 1e-5},
+    "schedule": {"epochs": 2, "warmup_epochs": 0.5},
+    "eval": {"knn_k": 10, "linear_epochs": 5, "every_epochs": 2},
+    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
+}
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "models" / "byol" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_zero3_byol_target_equals_ddp_and_lars_is_refused(tmp_path, monkeypatch):
+    preset = write_preset(tmp_path / "tiny.yaml", TINY)
+    ddp = tmp_path / "ddp"
+    run_recipe("byol", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
+
+    monkeypatch.setattr(helpers, "env", lambda: {k: v for k, v in helpers._base_env().items()
+                                                 if k != "ACCELERATE_USE_CPU"})
+    # every parameter partitioned (persistence threshold 0): the shard-local EMA path; stop, resume
+    z3 = tmp_path / "zero3"
+    args = ["--config", str(preset), "--output-dir", str(z3)]
+    files = write_launch_files(LaunchSpec("byol", list(args), gpus_per_node=2, deepspeed="zero3", cpu=True,
+                                          main_process_port=29741))
+    ds = json.loads(files["deepspeed"].read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    files["deepspeed"].write_text(json.dumps(ds))
+    launch = ["--config_file", str(files["accelerate_config"])]
+    run_recipe("byol", args + ["--run.stop-after-steps", "5"], launcher_args=launch)
+    run_recipe("byol", args + ["--resume", "latest"], launcher_args=launch)
+    # ZeRO-3 defaults (--zero_stage 3): these small parameters are all "persistent", kept whole
+    z3p = tmp_path / "zero3_persistent"
+    run_recipe("byol", ["--config", str(preset), "--output-dir", str(z3p)],
+               launcher_args=["--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
+                              "--mixed_precision", "no", "--main_process_port", "29742"])
+    ref = weights(ddp)
+    assert any(k.startswith("target_backbone.") for k in ref)
+    for run_dir in (z3, z3p):
+        got = weights(run_dir)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=f"{run_dir.name}: {k}")
+        assert json.loads((run_dir / "results.json").read_text())["final_tau"] == \
+            json.loads((ddp / "results.json").read_text())["final_tau"]
+    p = run_recipe("byol", ["--config", str(preset), "--output-dir", str(tmp_path / "lars"), "--optim.name", "lars"],
+                   launcher_args=["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
+                                  "--mixed_precision", "no", "--main_process_port", "29743"], check=False)
+    assert p.returncode != 0 and "optim.name 'lars'" in p.stderr and "--optim.name sgd" in p.stderr
