@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType, set_seed
 
 from visrep.data import DataConfig, ImageDataset, build_classification_data, build_transforms, collate
+from visrep.launch import push_run
 from visrep.engine import (BackboneConfig, ConfigError, RunConfig, ScheduleConfig, StepSchedule, count_parameters,
                            evaluate_classifier, parse_config, Run)
 from visrep.ssl import (BYOL, BYOLConfig, BatchedBYOLAugment, EMAUpdater, SSLAugmentConfig, SSLEvalConfig,
@@ -62,6 +63,8 @@ class BYOLRecipeConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     eval: SSLEvalConfig = dataclasses.field(default_factory=SSLEvalConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    push_to_hub: Optional[str] = None
+    """USER/REPO: push the pre-trained encoder (models/byol/backbone) with config.json and a model card to the Hub at the end."""
 
 
 def build_backbone(bb: BackboneConfig) -> torch.nn.Module:
@@ -189,6 +192,7 @@ def main(argv=None) -> dict:
         }
         run.log({f"results/{k}": v for k, v in results.items() if not isinstance(v, str)})
         run.write_results(results)
+        push_run(run, cfg.push_to_hub)
         run.print(format_table(results, cfg))
         return results
 

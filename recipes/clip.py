@@ -29,6 +29,7 @@ from visrep.clip import (ClipModelConfig, ContrastiveLoss, FrozenClipTeacher, cl
                          contrastive_step, create_open_clip, evaluate_clip, export_clip, get_tokenizer,
                          image_data_config, load_clip)
 from visrep.data.pairs import PairsConfig, build_pair_data
+from visrep.launch import push_run
 from visrep.engine import (OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, parse_config)
 
@@ -86,6 +87,8 @@ class ClipRecipeConfig:
                                                                                betas=(0.9, 0.98)))
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    push_to_hub: Optional[str] = None
+    """USER/REPO: push the CLIP model with config.json and a model card to the Hub at the end."""
     """run.batch_size: micro-batch per device; run.grad_accum micro-batches form one step's batch."""
 
     def validate(self, prefix: str) -> None:
@@ -179,6 +182,7 @@ def main(argv=None) -> dict:
         })
         run.log({f"results/{k}": v for k, v in results.items() if v is not None})
         run.write_results(results)
+        push_run(run, cfg.push_to_hub)
         run.print(format_table(results, cfg))
         return results
 
