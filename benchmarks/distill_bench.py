@@ -131,10 +131,10 @@ def main(argv=None):
     print(f"KD step: teacher {args.teacher} ({n_t / 1e6:.2f}M) -> student {args.student} ({n_s / 1e6:.2f}M), "
           f"batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.precision}, {args.device}, "
           f"torch threads {torch.get_num_threads()}, {args.rounds}x{args.steps} timed steps each")
-    print(f"{'implementation':<34}{'median step ms':>16}{'images/s':>12}")
-    print(f"{'visrep (DistillationLoss + FrozenTeacher)':<34}"[:34] +
-          f"{1000 * statistics.median(times['visrep']):>16.1f}{ips['visrep']:>12.1f}")
-    print(f"{'timm LogitDistillationTask':<34}{1000 * statistics.median(times['timm']):>16.1f}{ips['timm']:>12.1f}")
+    rows = [("visrep (DistillationLoss + FrozenTeacher)", "visrep"), ("timm LogitDistillationTask", "timm")]
+    print(f"{'implementation':<44}{'median step ms':>16}{'images/s':>12}")
+    for label, key in rows:
+        print(f"{label:<44}{1000 * statistics.median(times[key]):>16.1f}{ips[key]:>12.1f}")
     print(f"ratio visrep / timm (throughput): {ips['visrep'] / ips['timm']:.3f}")
     return ips
 
