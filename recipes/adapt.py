@@ -123,12 +123,16 @@ def main(argv=None) -> dict:
         if tgt.classes != src.classes:
             raise ValueError(f"source classes {src.classes} and target classes {tgt.classes} differ; closed-set "
                              f"adaptation needs one label space.")
-        paired = PairedDataset(src.train, tgt.train, cfg.seed)
-        from visrep.data.images import EpochSampler, collate
+        if cfg.method == "source_only":  # the very source batches the other methods see, no target decoding
+            train_loader, epoch_setters = src.train_loader, src.epoch_setters
+        else:
+            from visrep.data.images import EpochSampler, collate
 
-        sampler = EpochSampler(len(paired), cfg.seed)
-        train_loader = torch.utils.data.DataLoader(paired, batch_size=bs, sampler=sampler, drop_last=True,
-                                                   num_workers=nw, collate_fn=collate)
+            paired = PairedDataset(src.train, tgt.train, cfg.seed)
+            sampler = EpochSampler(len(paired), cfg.seed)
+            train_loader = torch.utils.data.DataLoader(paired, batch_size=bs, sampler=sampler, drop_last=True,
+                                                       num_workers=nw, collate_fn=collate)
+            epoch_setters = (sampler, paired)
 
         # ---- model: backbone -> bottleneck -> classifier (+ domain discriminator for DANN) --------
         a = cfg.adapt
@@ -147,7 +151,7 @@ def main(argv=None) -> dict:
                         "discriminator_hidden": disc_hidden, "method": cfg.method}
         stage = run.stage("adapt", model=model, optimizer=optimizer, train_loader=train_loader,
                           epochs=cfg.schedule.epochs, schedule=StepSchedule(optimizer, cfg.schedule, steps_per_epoch),
-                          epoch_setters=(sampler, paired), extra_state={"grl": grl, "best": best},
+                          epoch_setters=epoch_setters, extra_state={"grl": grl, "best": best},
                           export=lambda d: export_model(accelerator, model, d, cfg.model, src.num_classes, dc,
                                                         extra=export_extra))
         unwrapped = accelerator.unwrap_model(model)
@@ -157,12 +161,13 @@ def main(argv=None) -> dict:
         for epoch in stage.epochs():
             model.train()
             t0 = time.perf_counter()
-            for (x_s, x_t), y_s in stage.batches():
+            for x, y_s in stage.batches():
                 with accelerator.accumulate(model):
                     metrics = {}
                     if cfg.method == "source_only":
-                        loss = cls_loss = F.cross_entropy(model(x_s).float(), y_s)
+                        loss = cls_loss = F.cross_entropy(model(x).float(), y_s)
                     else:
+                        x_s, x_t = x
                         out = model(x_s, x_t, grl_coeff=grl.value if cfg.method == "dann" else None)
                         cls_loss = F.cross_entropy(out["logits_s"].float(), y_s)
                         if cfg.method == "dann":

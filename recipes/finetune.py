@@ -3,8 +3,8 @@
     accelerate launch recipes/finetune.py                     # digits model -> Digits-M with 10% of the labels
     accelerate launch recipes/finetune.py --finetune.strategy gradual --finetune.layer-decay 0.7
     accelerate launch recipes/finetune.py --init.source export --init.path RUN/models/kd     # a distilled student
-    accelerate launch recipes/finetune.py --init.source safetensors --init.path byol_backbone.safetensors \
-        --init.model.name resnet20                                                             # a BYOL backbone
+    accelerate launch recipes/finetune.py --init.source safetensors --init.path byol.safetensors  # a BYOL backbone
+        (--init.model.name / --init.model.kwargs.width: its architecture)
     accelerate launch recipes/finetune.py --init.source pretrained --init.model.name resnet18  # a zoo model
 
 Stages, each checkpointed and resumable:
