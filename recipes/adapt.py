@@ -37,6 +37,7 @@ from accelerate.utils import set_seed
 
 from visrep.data import DataConfig, build_classification_data
 from visrep.data.digits_m import load_digits_m_splits
+from visrep.launch import push_run
 from visrep.engine import (BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
                            build_optimizer, evaluate_classifier, parse_config)
 from visrep.engine.export import export_model
@@ -95,6 +96,8 @@ class AdaptRecipeConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    push_to_hub: Optional[str] = None
+    """USER/REPO: push the final model with config.json and a model card to the Hub at the end."""
 
     def validate(self, prefix: str) -> None:
         from visrep.engine.config import _check
@@ -139,8 +142,9 @@ def main(argv=None) -> dict:
         disc_hidden = a.discriminator_hidden if cfg.method == "dann" else None
         model = AdaptationModel(backbone, src.num_classes, a.bottleneck_dim, disc_hidden)
         optimizer = build_optimizer(model, cfg.optim)
-        model, optimizer, train_loader, val_loader, src_test_loader, tgt_test_loader = accelerator.prepare(
-            model, optimizer, train_loader, src.val_loader, src.test_loader, tgt.test_loader)
+        model, optimizer, train_loader, val_loader, src_test_loader, tgt_test_loader = run.prepare(
+            model, optimizer, train_loader, src.val_loader, src.test_loader, tgt.test_loader,
+            grad_clip=cfg.optim.grad_clip)
         steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
         grl = GRLSchedule(steps_per_epoch * cfg.schedule.epochs, gamma=a.grl_gamma)
         best = BestOnSourceVal()
@@ -216,6 +220,7 @@ def main(argv=None) -> dict:
                    "num_processes": accelerator.num_processes}
         run.log({f"results/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
         run.write_results(results)
+        push_run(run, cfg.push_to_hub)
         run.print(format_summary(results))
         return results
 

@@ -34,6 +34,7 @@ from accelerate.utils import set_seed
 from visrep.data import DataConfig, build_classification_data
 from visrep.data.digits_m import load_digits_m_splits
 from visrep.data.sources import class_names, load_splits
+from visrep.launch import push_run
 from visrep.engine import (OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, evaluate_classifier, parse_config)
 from visrep.engine.export import export_model
@@ -98,6 +99,8 @@ class FinetuneRecipeConfig:
     compare_scratch: bool = True
     scratch_optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.05))
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    push_to_hub: Optional[str] = None
+    """USER/REPO: push the final model with config.json and a model card to the Hub at the end."""
 
 
 def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.Module, data, params,
@@ -107,8 +110,8 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
     acc = run.accelerator
     dc = get_data_config(model)
     optimizer = build_optimizer(params, optim_cfg)
-    model, optimizer, train_loader, val_loader, test_loader = acc.prepare(
-        model, optimizer, data.train_loader, data.val_loader, data.test_loader)
+    model, optimizer, train_loader, val_loader, test_loader = run.prepare(
+        model, optimizer, data.train_loader, data.val_loader, data.test_loader, grad_clip=optim_cfg.grad_clip)
     steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
     best = BestOnSourceVal()
     extra = {"best": best}
@@ -242,6 +245,7 @@ def main(argv=None) -> dict:
             results["target_val_acc"] = probe_res["val_acc"]
         run.log({f"results/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
         run.write_results(results)
+        push_run(run, cfg.push_to_hub)
         run.print(format_summary(results))
         return results
 
