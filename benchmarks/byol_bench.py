@@ -30,6 +30,8 @@ from types import SimpleNamespace
 
 import torch
 
+from timing import time_steps
+
 
 def make_backbone(args):
     from visrep.zoo import create_backbone
@@ -126,20 +128,6 @@ def peer(args, backbone, make_opt, heads_from):
 
 
 # ----------------------------------------------------------------------------------------------
-def time_steps(step, batches, n, device):
-    times = []
-    for i in range(n):
-        v1, v2 = batches[i % len(batches)]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step(v1, v2)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return times
-
-
 def throughput(args, backbone, accelerator, make_opt):
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)

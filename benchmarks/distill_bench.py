@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
+
+from timing import time_steps
 
 
 def make_models(args):
@@ -77,20 +77,6 @@ def peer(args, teacher, student, batches):
         return loss
 
     return step
-
-
-def time_steps(step, batches, n, device):
-    times = []
-    for i in range(n):
-        x, y = batches[i % len(batches)]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step(x, y)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def main(argv=None):

@@ -38,7 +38,7 @@ from accelerate.utils import set_seed
 from visrep.data import DataConfig, build_classification_data
 from visrep.data.digits_m import load_digits_m_splits
 from visrep.launch import push_run
-from visrep.engine import (BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
+from visrep.engine import (RecipeConfig, BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
                            build_optimizer, evaluate_classifier, parse_config)
 from visrep.engine.export import export_model
 from visrep.transfer import (AdaptationModel, BestOnSourceVal, CoralLoss, GRLSchedule, MultiKernelMMDLoss,
@@ -78,12 +78,8 @@ class AdaptConfig:
 
 
 @dataclasses.dataclass
-class AdaptRecipeConfig:
-    config: Optional[str] = None
-    """YAML preset the values below start from (default: recipes/configs/adapt_digits.yaml)."""
+class AdaptRecipeConfig(RecipeConfig):
     output_dir: str = "runs/adapt"
-    resume: Optional[str] = None
-    seed: int = 0
     method: Literal["source_only", "dann", "mmd", "coral"] = "dann"
     source: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(hflip=0.0))
     """The labelled source domain (default: the embedded digits)."""
@@ -95,9 +91,6 @@ class AdaptRecipeConfig:
     adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    push_to_hub: Optional[str] = None
-    """USER/REPO: push the final model with config.json and a model card to the Hub at the end."""
 
     def validate(self, prefix: str) -> None:
         from visrep.engine.config import _check

@@ -33,7 +33,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from visrep.data import DataConfig, ImageDataset, build_classification_data, build_transforms, collate
 from visrep.launch import push_run
-from visrep.engine import (BackboneConfig, ConfigError, RunConfig, ScheduleConfig, StepSchedule, count_parameters,
+from visrep.engine import (RecipeConfig, BackboneConfig, ConfigError, RunConfig, ScheduleConfig, StepSchedule, count_parameters,
                            evaluate_classifier, parse_config, Run)
 from visrep.ssl import (BYOL, BYOLConfig, BatchedBYOLAugment, EMAUpdater, SSLAugmentConfig, SSLEvalConfig,
                         SSLOptimConfig, base_transform, batch_seed, build_ssl_optimizer, byol_loss, byol_transforms,
@@ -44,17 +44,12 @@ PRESETS = Path(__file__).resolve().parent / "configs"
 
 
 @dataclasses.dataclass
-class BYOLRecipeConfig:
-    config: Optional[str] = None
-    """YAML preset the values below start from (default: recipes/configs/byol_digits.yaml)."""
+class BYOLRecipeConfig(RecipeConfig):
     output_dir: str = "runs/byol"
-    resume: Optional[str] = None
-    """'latest' (the run in --output-dir) or a checkpoint directory."""
     eval_only: Optional[str] = None
     """Offline evaluation only: kNN and linear evaluation of an exported encoder (a directory with
     model.safetensors + config.json, e.g. RUN_DIR/models/byol/backbone, or a BYOL run directory) on
     the configured data; writes OUTPUT_DIR/eval_results.json."""
-    seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: BackboneConfig = dataclasses.field(default_factory=lambda: BackboneConfig(name="resnet20"))
     byol: BYOLConfig = dataclasses.field(default_factory=BYOLConfig)
@@ -62,9 +57,6 @@ class BYOLRecipeConfig:
     optim: SSLOptimConfig = dataclasses.field(default_factory=SSLOptimConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     eval: SSLEvalConfig = dataclasses.field(default_factory=SSLEvalConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    push_to_hub: Optional[str] = None
-    """USER/REPO: push the pre-trained encoder (models/byol/backbone) with config.json and a model card to the Hub at the end."""
 
 
 def build_backbone(bb: BackboneConfig) -> torch.nn.Module:

@@ -30,7 +30,7 @@ from visrep.clip import (ClipModelConfig, ContrastiveLoss, FrozenClipTeacher, cl
                          image_data_config, load_clip)
 from visrep.data.pairs import PairsConfig, build_pair_data
 from visrep.launch import push_run
-from visrep.engine import (OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
+from visrep.engine import (RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, parse_config)
 
 PRESETS = Path(__file__).resolve().parent / "configs"
@@ -72,13 +72,8 @@ class ClipTeacherConfig:
 
 
 @dataclasses.dataclass
-class ClipRecipeConfig:
-    config: Optional[str] = None
-    """YAML preset the values below start from (default: recipes/configs/clip_digits.yaml)."""
+class ClipRecipeConfig(RecipeConfig):
     output_dir: str = "runs/clip"
-    resume: Optional[str] = None
-    """'latest' (the run in --output-dir) or a checkpoint directory."""
-    seed: int = 0
     data: PairsConfig = dataclasses.field(default_factory=PairsConfig)
     model: ClipModelConfig = dataclasses.field(default_factory=ClipModelConfig)
     clip: ClipMethodConfig = dataclasses.field(default_factory=ClipMethodConfig)
@@ -86,9 +81,6 @@ class ClipRecipeConfig:
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1,
                                                                                betas=(0.9, 0.98)))
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    push_to_hub: Optional[str] = None
-    """USER/REPO: push the CLIP model with config.json and a model card to the Hub at the end."""
     """run.batch_size: micro-batch per device; run.grad_accum micro-batches form one step's batch."""
 
     def validate(self, prefix: str) -> None:

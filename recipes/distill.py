@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 
 from visrep.data import DataConfig, build_classification_data
 from visrep.distill import DistillationLoss, FrozenTeacher, KDConfig
-from visrep.engine import (BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
+from visrep.engine import (RecipeConfig, BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
                            build_optimizer, count_parameters, evaluate_classifier, parse_config)
 from visrep.engine.export import export_model, load_model
 from visrep.launch import push_run
@@ -54,13 +54,8 @@ class TeacherConfig:
 
 
 @dataclasses.dataclass
-class DistillRecipeConfig:
-    config: Optional[str] = None
-    """YAML preset the values below start from (default: recipes/configs/digits.yaml)."""
+class DistillRecipeConfig(RecipeConfig):
     output_dir: str = "runs/distill"
-    resume: Optional[str] = None
-    """'latest' (the run in --output-dir) or a checkpoint directory."""
-    seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     student: BackboneConfig = dataclasses.field(default_factory=lambda: BackboneConfig(name="resnet20", kwargs={"width": 0.5}))
@@ -69,9 +64,6 @@ class DistillRecipeConfig:
     """Student optimizer (both student runs)."""
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     """Student budget (both student runs); the teacher uses teacher.train_epochs with the same shape."""
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    push_to_hub: Optional[str] = None
-    """USER/REPO: push the distilled student (weights, config.json, model card) to the Hub at the end."""
 
 
 def build(bb: BackboneConfig, num_classes: int) -> torch.nn.Module:

@@ -35,7 +35,7 @@ from visrep.data import DataConfig, build_classification_data
 from visrep.data.digits_m import load_digits_m_splits
 from visrep.data.sources import class_names, load_splits
 from visrep.launch import push_run
-from visrep.engine import (OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
+from visrep.engine import (RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, evaluate_classifier, parse_config)
 from visrep.engine.export import export_model
 from visrep.transfer import (L2SP, BestOnSourceVal, FreezeConfig, GradualUnfreezer, freeze,
@@ -77,12 +77,8 @@ class FinetuneConfig:
 
 
 @dataclasses.dataclass
-class FinetuneRecipeConfig:
-    config: Optional[str] = None
-    """YAML preset the values below start from (default: recipes/configs/finetune_digits.yaml)."""
+class FinetuneRecipeConfig(RecipeConfig):
     output_dir: str = "runs/finetune"
-    resume: Optional[str] = None
-    seed: int = 0
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     source: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(hflip=0.0))
     """Labelled source domain, used when init.source=train."""
@@ -98,9 +94,6 @@ class FinetuneRecipeConfig:
     """Fine-tuning epochs and LR shape (probe and source stages use the same shape)."""
     compare_scratch: bool = True
     scratch_optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.05))
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    push_to_hub: Optional[str] = None
-    """USER/REPO: push the final model with config.json and a model card to the Hub at the end."""
 
 
 def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.Module, data, params,

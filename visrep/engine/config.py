@@ -109,6 +109,22 @@ class RunConfig:
                self.stop_after_steps, "null or an integer >= 1")
 
 
+@dataclasses.dataclass
+class RecipeConfig:
+    """What every recipe's config has (DESIGN.md, "Recipe conventions"). A recipe subclasses it,
+    sets its own ``output_dir`` default and adds its groups (data, model, method, optim, ...)."""
+
+    config: Optional[str] = None
+    """YAML preset the values start from (default: the recipe's embedded-data preset)."""
+    output_dir: str = "runs/run"
+    resume: Optional[str] = None
+    """'latest' (the run in --output-dir) or a checkpoint directory."""
+    seed: int = 0
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    push_to_hub: Optional[str] = None
+    """USER/REPO: push the final model (weights, config.json, model card) to the Hugging Face Hub at the end."""
+
+
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' has value {value!r}; expected {expected}.")

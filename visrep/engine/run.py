@@ -547,8 +547,9 @@ class Stage:
         if self._pbar is None and self.run.run_cfg.progress and self.run.is_main:
             from tqdm.auto import tqdm
 
+            # a terminal gets a live bar; a log file (SLURM, CI) one line every 30 s
             self._pbar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, dynamic_ncols=True,
-                              file=sys.stderr)
+                              file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
     def _close_pbar(self) -> None:
         if self._pbar is not None:
