@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from visrep.clip import (ClipModelConfig, ContrastiveLoss, FrozenClipTeacher, clamp_logit_scale, build_clip_model,
                          contrastive_step, create_open_clip, evaluate_clip, export_clip, get_tokenizer,
                          image_data_config, load_clip)
 from visrep.data.pairs import PairsConfig, build_pair_data
 from visrep.launch import push_run
-from visrep.engine import (RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
+from visrep.engine import (ConfigError, RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, parse_config)
 
 PRESETS = Path(__file__).resolve().parent / "configs"
@@ -111,6 +111,11 @@ def main(argv=None) -> dict:
     step_run_cfg = dataclasses.replace(cfg.run, grad_accum=1)
     with Run(cfg, "clip", cfg.output_dir, cfg.seed, step_run_cfg, resume=cfg.resume) as run:
         accelerator = run.accelerator
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(
+                "the CLIP recipe does not run under DeepSpeed yet: the logit-scale clamp would miss "
+                "DeepSpeed's fp32 master copy (and its 0-dim parameter breaks DeepSpeed's broadcast over "
+                "gloo). Launch it with DDP instead (accelerate launch --multi_gpu ...).")
         chunks = cfg.run.grad_accum
 
         # ---- model, tokenizer, data -----------------------------------------------------------------

@@ -60,3 +60,14 @@ def test_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
     res = json.loads((z3 / "results.json").read_text())
     assert res["student_params"] == json.loads((ddp / "results.json").read_text())["student_params"] > 0
     same_weights(ddp, z3)
+
+
+@pytest.mark.slow
+def test_clip_refuses_deepspeed_with_a_clear_error(tmp_path, monkeypatch):
+    import helpers
+
+    monkeypatch.setattr(helpers, "env", lambda: {k: v for k, v in helpers._base_env().items()
+                                                 if k != "ACCELERATE_USE_CPU"})
+    p = run_recipe("clip", ["--output-dir", str(tmp_path / "clip"), "--schedule.epochs", "1"],
+                   launcher_args=deepspeed_args(2, 29634), check=False)
+    assert p.returncode != 0 and "does not run under DeepSpeed yet" in p.stderr and "--multi_gpu" in p.stderr
