@@ -128,7 +128,7 @@ def test_logit_scale_init_clamp_and_no_weight_decay():
     assert model.logit_scale.item() == before
     # a step that pushes the scale far up is clamped back to ln(100), every step
     for _ in range(3):
-        model.logit_scale.grad = torch.tensor(-1.0)
+        model.logit_scale.grad = torch.full_like(model.logit_scale, -1.0)
         opt.step()
         clamp_logit_scale(model)
         assert model.logit_scale.item() <= math.log(100.0) + 1e-7

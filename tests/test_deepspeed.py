@@ -63,11 +63,46 @@ def test_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_clip_refuses_deepspeed_with_a_clear_error(tmp_path, monkeypatch):
+def test_clip_zero2_matches_ddp_and_zero3_is_refused(tmp_path, monkeypatch):
+    """The whole CLIP recipe under ZeRO-2 (logit scale starting at its cap) ends with DDP's weights."""
     import helpers
 
+    preset = write_preset(tmp_path / "clip.yaml", {
+        "data": {"source": "digits", "image_size": 8, "hflip": 0.0, "val_fraction": 0.4, "test_fraction": 0.4},
+        "model": {"image": {"source": "zoo", "name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
+                  "init_logit_scale": 4.605170185988092},
+        "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.1},
+        "schedule": {"epochs": 2, "warmup_epochs": 0.5},
+        "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1}})
+    ddp = tmp_path / "ddp"
+    run_recipe("clip", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
     monkeypatch.setattr(helpers, "env", lambda: {k: v for k, v in helpers._base_env().items()
                                                  if k != "ACCELERATE_USE_CPU"})
-    p = run_recipe("clip", ["--output-dir", str(tmp_path / "clip"), "--schedule.epochs", "1"],
-                   launcher_args=deepspeed_args(2, 29634), check=False)
-    assert p.returncode != 0 and "does not run under DeepSpeed yet" in p.stderr and "--multi_gpu" in p.stderr
+    z2 = tmp_path / "zero2"
+    run_recipe("clip", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, 29635))
+    wa = load_file(str(ddp / "models" / "clip" / "model.safetensors"))
+    wb = load_file(str(z2 / "models" / "clip" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and float(wa["logit_scale"].max()) <= 4.605170185988092 + 1e-6
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+    p = run_recipe("clip", ["--config", str(preset), "--output-dir", str(tmp_path / "z3")],
+                   launcher_args=deepspeed_args(3, 29636), check=False)
+    assert p.returncode != 0 and "ZeRO-3 yet" in p.stderr and "--zero_stage 2" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_logit_scale_clamp_reaches_deepspeed_master_weights(stage, monkeypatch):
+    import helpers
+    from helpers import ROOT, VENV_BIN
+    import shutil
+    import subprocess
+
+    e = {k: v for k, v in helpers._base_env().items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [shutil.which("accelerate", path=str(VENV_BIN)), "launch", *deepspeed_args(stage, 29650 + stage),
+           str(ROOT / "tests" / "ds_clamp_script.py")]
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    line = [l for l in p.stdout.splitlines() if l.startswith("FINAL")]
+    assert p.returncode == 0 and line, p.stdout[-2000:] + p.stderr[-4000:]
+    _, final, _, expected = line[0].split()
+    assert final == expected, "the clamp must act on DeepSpeed's fp32 master copy, not only on param.data"

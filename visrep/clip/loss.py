@@ -271,4 +271,24 @@ def clamp_logit_scale(model: nn.Module, max_value: float = MAX_LOGIT_SCALE) -> N
     """Clamp the learned log-scale to ``[0, max_value]`` in place, on the real parameter. Call once
     per optimizer step (after ``optimizer.step()``, when ``accelerator.sync_gradients``)."""
     model = getattr(model, "module", model)
-    model.logit_scale.clamp_(0.0, max_value)
+    p = model.logit_scale
+    with torch.no_grad():
+        p.clamp_(0.0, max_value)
+    # Under DeepSpeed ZeRO the real parameter is the optimizer's fp32 master copy: clamp it too, or
+    # the next step would undo the clamp. The clamp is elementwise, so under ZeRO-3 each rank clamps
+    # its own partitions (a rank's share of a 1-element parameter may be empty).
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = safe_get_local_fp32_param(p)
+        if local is not None and local.numel():
+            safe_set_local_fp32_param(p, local.clamp(0.0, max_value))
+        if getattr(p, "ds_tensor", None) is not None and p.ds_tensor.numel():
+            with torch.no_grad():
+                p.ds_tensor.clamp_(0.0, max_value)
+    elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2: each rank holds a fragment; set_full writes its part
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        full = safe_get_full_fp32_param(p)
+        if full is not None:
+            safe_set_full_fp32_param(p, full.clamp(0.0, max_value))

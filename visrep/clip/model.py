@@ -221,8 +221,9 @@ class ClipModel(nn.Module):
         self.text_tower = text_tower
         self.image_proj = _projection(image_tower.num_features, cfg, cfg.image.source == "open_clip", "image")
         self.text_proj = _projection(text_tower.num_features, cfg, cfg.text.source == "open_clip", "text")
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        self.logit_bias = (nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+        # shape (1,), not 0-dim: DeepSpeed's parameter broadcast cannot take 0-dim tensors over gloo
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        self.logit_bias = (nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
                            if cfg.init_logit_bias is not None else None)
         self.context_length = text_tower.context_length
 
@@ -358,7 +359,9 @@ def export_clip(accelerator, model: nn.Module, out_dir, cfg: ClipModelConfig, da
     from visrep.engine.config import to_dict
     from visrep.engine.io import atomic_write_json
 
-    state = accelerator.get_state_dict(model)
+    from visrep.engine.export import full_state_dict
+
+    state = full_state_dict(accelerator, model)  # gathers ZeRO-3 shards
     if not accelerator.is_main_process:
         return
     out = Path(out_dir)
