@@ -96,6 +96,7 @@ def worker(out_dir: str) -> None:
             torch.save({"grads": grads, "loss": losses["loss"]}, Path(out_dir) / f"{name}.pt")
         acc.free_memory()
     acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # a clean shutdown: no gloo thread left behind at exit
 
 
 @pytest.fixture(scope="module")
