@@ -29,6 +29,7 @@ from visrep.clip import (ClipModelConfig, ContrastiveLoss, FrozenClipTeacher, cl
                          contrastive_step, create_open_clip, evaluate_clip, export_clip, get_tokenizer,
                          image_data_config, load_clip)
 from visrep.data.pairs import PairsConfig, build_pair_data
+from visrep.engine.export import is_zero3
 from visrep.launch import push_run
 from visrep.engine import (ConfigError, RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, parse_config)
@@ -111,8 +112,7 @@ def main(argv=None) -> dict:
     step_run_cfg = dataclasses.replace(cfg.run, grad_accum=1)
     with Run(cfg, "clip", cfg.output_dir, cfg.seed, step_run_cfg, resume=cfg.resume) as run:
         accelerator = run.accelerator
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and plugin.zero_stage == 3:
+        if is_zero3(accelerator):
             raise ConfigError(
                 "the CLIP recipe does not run under DeepSpeed ZeRO-3 yet: the text transformer's attention "
                 "in_proj_bias trains differently there than under DDP (found by tests/test_deepspeed.py). "

@@ -38,13 +38,18 @@ def export_model(accelerator, model: nn.Module, out_dir: str | Path, backbone: B
     atomic_write_json(out / CONFIG_NAME, cfg)
 
 
-def full_state_dict(accelerator, model: nn.Module) -> dict:
-    """The whole model's weights on the writing process(es) (empty elsewhere under ZeRO-3). Under DeepSpeed ZeRO-3 the
-    shards are gathered (fp32 when training in fp32) -- no 16-bit-save switch needed."""
+def is_zero3(accelerator) -> bool:
+    """Whether the model is trained under DeepSpeed ZeRO-3 (parameters partitioned across ranks)."""
     from accelerate.utils import DistributedType
 
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def full_state_dict(accelerator, model: nn.Module) -> dict:
+    """The whole model's weights on the writing process(es) (empty elsewhere under ZeRO-3). Under DeepSpeed ZeRO-3 the
+    shards are gathered (fp32 when training in fp32) -- no 16-bit-save switch needed."""
+    if is_zero3(accelerator):
         import deepspeed
 
         unwrapped = accelerator.unwrap_model(model)
@@ -58,11 +63,8 @@ def full_state_dict(accelerator, model: nn.Module) -> dict:
 def load_full_state_dict(accelerator, model: nn.Module, state: dict) -> None:
     """Load a whole-model state dict (strict) into a prepared model; under ZeRO-3 the partitioned
     parameters are gathered, filled on rank 0 and re-partitioned."""
-    from accelerate.utils import DistributedType
-
     unwrapped = accelerator.unwrap_model(model)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+    if is_zero3(accelerator):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=0):

@@ -166,7 +166,6 @@ class Run:
         self.cfg = cfg
         self.recipe = recipe
         self.run_cfg = run_cfg
-        self.seed = seed
         self.resume_ckpt: Optional[Path] = None
         self.run_dir = Path(output_dir)
         if resume not in (None, "", "latest"):
@@ -180,7 +179,6 @@ class Run:
         self.accelerator = build_accelerator(run_cfg, self.run_dir, **(accelerator_kwargs or {}))
         self.state_path = self.run_dir / "state.json"
         self.global_step = 0
-        self._stage_index = 0
         self._check_run_dir()
         self.state = self._load_state()
         self.global_step = int(self.state.get("global_step", 0))
@@ -252,9 +250,7 @@ class Run:
         return self.accelerator.prepare(*objs)
 
     def stage(self, name: str, **kwargs) -> "Stage":
-        st = Stage(self, name, index=self._stage_index, **kwargs)
-        self._stage_index += 1
-        return st
+        return Stage(self, name, **kwargs)
 
     def write_results(self, results: dict) -> Path:
         path = self.run_dir / "results.json"
@@ -307,13 +303,12 @@ class Stage:
     (EMA counters, GRL progress, ...) saved with each checkpoint.
     """
 
-    def __init__(self, run: Run, name: str, *, index: int, model: torch.nn.Module, optimizer, train_loader,
+    def __init__(self, run: Run, name: str, *, model: torch.nn.Module, optimizer, train_loader,
                  epochs: int, schedule=None, epoch_setters: tuple = (), extra_state: Optional[dict] = None,
                  export: Optional[Callable[[Path], None]] = None):
         self.run = run
         self.accelerator: Accelerator = run.accelerator
         self.name = name
-        self.index = index
         self.model = model
         self.optimizer = optimizer
         self.train_loader = train_loader
