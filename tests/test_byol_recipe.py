@@ -129,6 +129,8 @@ EMA_SCRIPT = textwrap.dedent('''
     assert all(torch.equal(every[0], row) for row in every), "target weights differ across ranks"
     if acc.is_main_process:
         torch.save({"target": flat, "step": ema.step, "tau": ema.last_tau}, sys.argv[1])
+    acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group: no gloo thread left to abort the process at exit
 ''')
 
 
