@@ -127,6 +127,13 @@ def test_two_ranks_match_one_rank_with_the_global_batch(two_rank_grads, name):
     for k, g in ref.items():
         torch.testing.assert_close(got[k], g, rtol=0, atol=1e-5, msg=lambda m: f"{name} / {k}: {m}")
     assert max(g.abs().max().item() for g in ref.values()) > 1e-3  # the comparison is not vacuous
+    if kind == "infonce":  # rank 0's loss value: its own B rows (image->text) and B columns (text->image)
+        with torch.no_grad():
+            out = model(images, tokens)
+            logits = out["logit_scale"] * out["image_features"] @ out["text_features"].t()
+            t = torch.arange(B)
+            local = 0.5 * (F.cross_entropy(logits[:B], t) + F.cross_entropy(logits.t()[:B], t))
+        torch.testing.assert_close(two_rank_grads[name]["loss"], local, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

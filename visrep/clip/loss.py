@@ -3,15 +3,18 @@
 Every loss here takes L2-normalised image and text features of the *local* batch (``B`` rows on
 this rank) and the logit scale ``s`` (already exponentiated, as ``ClipModel.forward`` returns it).
 
-Across ranks: the features of all ranks are gathered with :func:`all_gather_with_grad` (an
-autograd-aware all-gather: its backward all-reduces the incoming gradient and keeps this rank's
-slice, so a rank's features receive the gradient of *every* rank's loss terms), and each rank
-computes the loss of its own ``B`` rows against all ``W * B`` columns, the positives sitting at
-``rank * B + i``. Each rank's loss is a mean over its own rows; data-parallel gradient averaging
-(DDP divides the sum by ``W``) then yields exactly the gradient of the mean over all ``W * B``
-rows: 2 ranks with local batch ``B`` train like 1 rank with batch ``2B``
-(``tests/test_clip_distributed.py`` checks it). ``accelerator.gather`` carries no gradient and
-would silently drop every cross-rank term of the gradient; it must not be used here.
+Across ranks: the texts of all ranks are gathered, and each rank computes the loss of its own ``B``
+rows (images against all ``W * B`` texts) and its own ``B`` columns (texts against all images), the
+positives sitting at ``rank * B + i``. For InfoNCE a rank only ever builds its *row block* of the
+global logit matrix: the column log-sum-exps it needs are combined across ranks from per-column
+partial statistics (:class:`_InfoNCERowBlock`). The other losses gather with
+:func:`all_gather_with_grad` (an autograd-aware all-gather whose backward reduce-scatters the
+incoming gradient, so a rank's features receive the gradient of *every* rank's loss terms). Each
+rank's loss is a mean over its own rows; data-parallel gradient averaging (DDP divides the sum by
+``W``) then yields exactly the gradient of the mean over all ``W * B`` rows: 2 ranks with local
+batch ``B`` train like 1 rank with batch ``2B`` (``tests/test_clip_distributed.py`` checks it).
+``accelerator.gather`` carries no gradient and would silently drop every cross-rank term of the
+gradient; it must not be used here.
 """
 from __future__ import annotations
 
@@ -37,29 +40,44 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def _gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """``cat`` of ``x`` from all ranks along dim 0, in rank order (no gradient)."""
+    if world == 1:
+        return x
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
+def _reduce_scatter_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum over ranks of ``x`` (``W B x D``, same shape everywhere), this rank's ``B`` rows. NCCL has a
+    native reduce-scatter; on gloo an all-to-all moving each slice to its owner, then a local sum,
+    sends half the bytes of an all-reduce (and is several times faster on CPU)."""
+    if world == 1:
+        return x
+    n = x.shape[0] // world
+    if dist.get_backend() == "nccl":
+        out = x.new_empty((n, *x.shape[1:]))
+        dist.reduce_scatter_tensor(out, x.contiguous())
+        return out
+    parts = torch.empty_like(x)
+    dist.all_to_all_single(parts, x.contiguous())
+    return parts.view(world, n, *x.shape[1:]).sum(0)
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """``cat([x_0, ..., x_{W-1}])`` forward; backward: the sum over ranks of the gradient w.r.t.
-    this rank's slice (all-reduce then slice; reduce-scatter on NCCL)."""
+    this rank's slice (a reduce-scatter, :func:`_reduce_scatter_rows`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         rank, world = dist_info()
         ctx.rank, ctx.world, ctx.n = rank, world, x.shape[0]
-        x = x.contiguous()
-        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x)
-        return out
+        return _gather_rows(x, world)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        if dist.get_backend() == "nccl":
-            out = grad.new_empty((ctx.n, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+        return _reduce_scatter_rows(grad, ctx.world)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +95,7 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     _, world = dist_info()
     if world == 1:
         return x
-    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous())
-    return out
+    return _gather_rows(x, world)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,36 +130,61 @@ class _InfoNCESingle(torch.autograd.Function):
         return torch.mm(gm, txt), torch.mm(gm.t(), img), coef * dscale
 
 
-class _InfoNCELocal(torch.autograd.Function):
-    """Fused symmetric InfoNCE of the local rows against gathered columns (positive of row ``i`` at
-    ``offset + i``). Saves one ``B x N`` gradient matrix (``softmax - onehot``) per direction."""
+class _InfoNCERowBlock(torch.autograd.Function):
+    """Symmetric InfoNCE across ranks from this rank's *row block* of the global logit matrix only.
+
+    The global matrix is ``L = s * X Y^T`` (``N x N``, ``N = W B``). Rank ``r`` computes its rows
+    ``L_r = s * X_r Y^T`` (``B x N``: local images against the gathered texts), which give the
+    image->text terms of its rows directly. The text->image terms of its columns need, per column,
+    a log-sum-exp over *all* rows: every rank reduces its block to a per-column (max, sum of exp)
+    pair and two all-reduces of ``N`` numbers combine them. So only the texts are gathered, the
+    forward is one ``B x N x D`` product and the backward two (against two and four when each rank
+    builds both an image->text and a text->image block), and one ``B x N`` gradient matrix
+    ``softmax_rows(L_r) + exp(L_r - lse_cols) - 2 * onehot`` is saved.
+
+    The loss value is this rank's mean over its own ``B`` rows and ``B`` columns (open_clip's
+    ``local_loss``); the gradients are scaled so that DDP's average over ranks is the gradient of
+    the mean over all ``N`` rows and columns. Image gradients are complete locally; the gathered
+    texts' gradient is summed over ranks and scattered back (reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, img, txt, all_img, all_txt, scale, offset: int):
+    def forward(ctx, img, txt, scale):
+        rank, world = dist_info()
         b = img.shape[0]
-        rows = torch.arange(b, device=img.device)
-        cols = rows + offset
-        li = torch.mm(img, all_txt.t()).mul_(scale)
-        lt = torch.mm(txt, all_img.t()).mul_(scale)
-        lse_i, lse_t = torch.logsumexp(li, dim=1), torch.logsumexp(lt, dim=1)
-        loss = 0.5 * ((lse_i - li[rows, cols]).mean() + (lse_t - lt[rows, cols]).mean())
-        gi = torch.exp(li - lse_i[:, None])
-        gi[rows, cols] -= 1.0
-        gt = torch.exp(lt - lse_t[:, None])
-        gt[rows, cols] -= 1.0
-        dscale = (torch.vdot(gi.view(-1), li.view(-1)) + torch.vdot(gt.view(-1), lt.view(-1))) / scale
-        del li, lt
-        ctx.save_for_backward(img, txt, all_img, all_txt, gi, gt, dscale, scale)
+        all_txt = _gather_rows(txt, world)
+        logits = torch.mm(img, all_txt.t()).mul_(scale)  # B x N
+        lse_r = torch.logsumexp(logits, dim=1)
+        col_max = logits.amax(dim=0)
+        if world > 1:
+            dist.all_reduce(col_max, op=dist.ReduceOp.MAX)
+        grad = logits - col_max  # becomes exp(L - lse_cols), then the whole gradient matrix
+        grad.exp_()
+        col_sum = grad.sum(dim=0)
+        if world > 1:
+            dist.all_reduce(col_sum)
+        lse_c = col_max + col_sum.log()
+        grad.div_(col_sum)
+        row_soft = logits - lse_r[:, None]
+        grad.add_(row_soft.exp_())
+        del row_soft
+        cols = torch.arange(b, device=img.device) + rank * b
+        block = grad[:, rank * b:(rank + 1) * b]
+        block.diagonal().sub_(2.0)
+        pos = logits[torch.arange(b, device=img.device), cols]
+        loss = 0.5 * ((lse_r - pos).mean() + (lse_c[cols] - pos).mean())
+        dscale = torch.vdot(grad.view(-1), logits.view(-1)) / scale
+        del logits
+        ctx.world = world
+        ctx.save_for_backward(img, all_txt, grad, dscale, scale)
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        img, txt, all_img, all_txt, gi, gt, dscale, scale = ctx.saved_tensors
+        img, all_txt, grad, dscale, scale = ctx.saved_tensors
         coef = g / (2 * img.shape[0])
-        gi = gi * (coef * scale)
-        gt = gt * (coef * scale)
-        return (torch.mm(gi, all_txt), torch.mm(gt, all_img), torch.mm(gt.t(), txt), torch.mm(gi.t(), img),
-                coef * dscale, None)
+        gm = grad * (coef * scale)
+        g_txt = _reduce_scatter_rows(torch.mm(gm.t(), img), ctx.world)
+        return torch.mm(gm, all_txt), g_txt, coef * dscale
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -157,7 +198,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
     over this rank's ``B`` rows against the ``N = W * B`` features of all ranks (positive of local
     row ``i`` at column ``rank * B + i``; see the module docstring). Computed in fp32 with a fused
-    backward that stores one ``B x N`` matrix per direction (one in total on a single rank).
+    backward that stores one ``B x N`` matrix (see :class:`_InfoNCERowBlock`).
     ``logit_scale`` is ``s`` itself (``exp`` of the learned log-scale), a tensor with a gradient.
     """
     if image_features.shape != text_features.shape or image_features.ndim != 2:
@@ -172,8 +213,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     if not gather or world == 1:
         loss = _InfoNCESingle.apply(img, txt, scale)
     else:
-        all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)
-        loss = _InfoNCELocal.apply(img, txt, all_img, all_txt, scale, rank * img.shape[0])
+        loss = _InfoNCERowBlock.apply(img, txt, scale)
     return loss
 
 
