@@ -192,9 +192,44 @@ class OpenClipText(nn.Module):
         return self.model.encode_text(tokens, normalize=False)
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention holding an ``nn.MultiheadAttention``'s parameters under the same
+    state-dict keys (``in_proj_weight``, ``in_proj_bias``, ``out_proj.*``): one packed q/k/v projection,
+    then ``F.scaled_dot_product_attention``. It takes the call open_clip's ``ResidualAttentionBlock``
+    makes, ``attn(x, x, x, need_weights=False, attn_mask=mask)``, and reads the first input only.
+
+    Why not ``nn.MultiheadAttention`` itself: it uses the packed projection only when ``query is key is
+    value``. Under DeepSpeed ZeRO-3 each module input is handed to ``forward`` wrapped by its own
+    autograd node (DeepSpeed's backward hooks), so the identity test fails and the attention takes three
+    separate projections: equal in exact arithmetic, not in float, so a ZeRO-3 run drifted away from DDP."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not (mha.batch_first and mha._qkv_same_embed_dim and mha.in_proj_bias is not None
+                and mha.bias_k is None and not mha.add_zero_attn):
+            raise ValueError("SelfAttention replaces a batch-first nn.MultiheadAttention with a packed, biased "
+                             "input projection and no extra key/value bias only.")
+        self.num_heads = mha.num_heads
+        self.dropout = mha.dropout
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = mha.out_proj
+
+    def forward(self, x: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                need_weights: bool = False, attn_mask: Optional[torch.Tensor] = None):
+        if need_weights or any(t is not None and t.shape != x.shape for t in (key, value)):
+            raise ValueError("SelfAttention: self-attention only (key and value are the query), no weights returned.")
+        b, n, d = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(
+            b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+
 class SmallText(nn.Module):
-    """A small causal text transformer (open_clip's ``TextTransformer``), pooled at the end-of-text
-    token (the highest token id, as in CLIP)."""
+    """A small causal text transformer (open_clip's ``TextTransformer``, its attention as
+    ``SelfAttention``), pooled at the end-of-text token (the highest token id, as in CLIP)."""
 
     def __init__(self, cfg: TextTowerConfig, vocab_size: int = 49408):
         super().__init__()
@@ -203,6 +238,8 @@ class SmallText(nn.Module):
         self.net = TextTransformer(context_length=cfg.context_length, vocab_size=vocab_size, width=cfg.width,
                                    heads=cfg.heads, layers=cfg.layers, mlp_ratio=cfg.mlp_ratio, output_dim=None,
                                    proj_type="none", pool_type="argmax")
+        for block in self.net.transformer.resblocks:
+            block.attn = SelfAttention(block.attn)
         self.context_length = cfg.context_length
         self.num_features = cfg.width
 
@@ -226,9 +263,22 @@ class ClipModel(nn.Module):
         self.logit_bias = (nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
                            if cfg.init_logit_bias is not None else None)
         self.context_length = text_tower.context_length
+        zero_key_bias_grads(self)
 
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale", "logit_bias"}
+
+    @torch.no_grad()
+    def logit_scale_value(self) -> torch.Tensor:
+        """``exp(logit_scale)`` read outside ``forward``. Call on every rank: under DeepSpeed ZeRO-3 a
+        partitioned (non-persistent) parameter is empty between forwards and is gathered for the read."""
+        p = self.logit_scale
+        if getattr(getattr(p, "ds_status", None), "name", None) == "NOT_AVAILABLE":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                return p.detach().exp().clone()
+        return p.detach().exp()
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         f = self.image_proj(self.image_tower(images))
@@ -242,6 +292,33 @@ class ClipModel(nn.Module):
         return {"image_features": self.encode_image(images), "text_features": self.encode_text(tokens),
                 "logit_scale": self.logit_scale.exp(),
                 "logit_bias": self.logit_bias}
+
+
+def zero_key_bias_grads(module: nn.Module) -> int:
+    """Make the gradient of every attention key bias exactly zero; returns how many were hooked.
+
+    In attention, adding ``b_k`` to every key adds ``q . b_k`` to all logits of a query's row, which
+    softmax ignores: the loss does not depend on ``b_k``, and its true gradient is zero. In float it is
+    round-off (~1e-10 where q/v biases get ~1e-3), which Adam divides by its own tiny running RMS into
+    steps of up to lr in a direction set by round-off: the key bias random-walks, differently for any
+    change of summation order (DeepSpeed ZeRO-3's own linear kernel, 1 vs 2 processes) while the model's
+    function stays the same. Zeroing that gradient keeps the key bias where it is (zero at init) and
+    training reproducible. Acts on the fused ``in_proj_bias`` (q, k, v thirds) of
+    ``nn.MultiheadAttention`` and open_clip's ``Attention``; the state dict is unchanged."""
+    hooked = 0
+    for m in module.modules():
+        bias = getattr(m, "in_proj_bias", None)
+        if isinstance(bias, nn.Parameter) and bias.requires_grad and bias.ndim == 1 and bias.numel() % 3 == 0:
+            bias.register_hook(_without_key_third)
+            hooked += 1
+    return hooked
+
+
+def _without_key_third(grad: torch.Tensor) -> torch.Tensor:
+    e = grad.shape[0] // 3
+    grad = grad.clone()
+    grad[e:2 * e] = 0
+    return grad
 
 
 def _projection(width: int, cfg: ClipModelConfig, from_open_clip: bool, which: str) -> nn.Module:
@@ -396,7 +473,7 @@ def load_clip(path) -> tuple[ClipModel, dict]:
 
 __all__ = ["ClipModel", "FrozenClipTeacher", "fit_context", "ClipModelConfig", "ImageTowerConfig", "TextTowerConfig", "Tokenizer", "build_clip_model",
            "create_open_clip", "export_clip", "get_tokenizer", "image_data_config", "load_clip",
-           "PretrainedUnavailableError", "resolve_pretrained"]
+           "PretrainedUnavailableError", "resolve_pretrained", "SelfAttention", "zero_key_bias_grads"]
 
 
 # ----------------------------------------------------------------------------------------------
