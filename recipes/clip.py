@@ -29,9 +29,8 @@ from visrep.clip import (ClipModelConfig, ContrastiveLoss, FrozenClipTeacher, cl
                          contrastive_step, create_open_clip, evaluate_clip, export_clip, get_tokenizer,
                          image_data_config, load_clip)
 from visrep.data.pairs import PairsConfig, build_pair_data
-from visrep.engine.export import is_zero3
 from visrep.launch import push_run
-from visrep.engine import (ConfigError, RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
+from visrep.engine import (RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, parse_config)
 
 PRESETS = Path(__file__).resolve().parent / "configs"
@@ -112,11 +111,6 @@ def main(argv=None) -> dict:
     step_run_cfg = dataclasses.replace(cfg.run, grad_accum=1)
     with Run(cfg, "clip", cfg.output_dir, cfg.seed, step_run_cfg, resume=cfg.resume) as run:
         accelerator = run.accelerator
-        if is_zero3(accelerator):
-            raise ConfigError(
-                "the CLIP recipe does not run under DeepSpeed ZeRO-3 yet: the text transformer's attention "
-                "in_proj_bias trains differently there than under DDP (found by tests/test_deepspeed.py). "
-                "Use ZeRO-1/2 (--zero_stage 2) or DDP (accelerate launch --multi_gpu ...).")
         chunks = cfg.run.grad_accum
 
         # ---- model, tokenizer, data -----------------------------------------------------------------
@@ -152,7 +146,7 @@ def main(argv=None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:  # once per optimizer step, on the real parameter
                     clamp_logit_scale(accelerator.unwrap_model(model), cfg.model.max_logit_scale)
-                scale = accelerator.unwrap_model(model).logit_scale.detach().exp()
+                scale = accelerator.unwrap_model(model).logit_scale_value()
                 stage.step_done(losses.pop("loss"), logit_scale=scale, **losses)
             val = evaluate(val_loader)
             stage.epoch_done(**{f"val_{k}": v for k, v in val.items() if k != "count"})
@@ -163,7 +157,7 @@ def main(argv=None) -> dict:
         if data.train_templates and data.classnames:
             extra["zero_shot_acc_train_templates"] = evaluate(test_loader, data.train_templates)["zero_shot_acc"]
         net = accelerator.unwrap_model(model)
-        final_scale = float(net.logit_scale.detach().exp().reshape(-1)[0])  # before finish re-partitions it
+        final_scale = float(net.logit_scale_value().reshape(-1)[0])
         stage_res = stage.finish({k: v for k, v in test.items()})
         results = {k: test[k] for k in ("zero_shot_acc", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5") if k in test}
         results.update({k: test[k] for k in ("zero_shot_top5", "i2t_r10", "t2i_r10") if k in test})
