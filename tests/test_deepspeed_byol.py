@@ -1,7 +1,8 @@
-"""BYOL under DeepSpeed ZeRO-3 (CPU, gloo): the EMA target is updated correctly while the online and
+"""BYOL under DeepSpeed ZeRO-2 and ZeRO-3 (CPU, gloo): the EMA target is updated correctly while the online and
 target networks are sharded -- both for partitioned parameters (shard-local update of ``ds_tensor``)
 and for ZeRO-3's small "persistent" parameters (kept whole in ``.data``) -- across a stop and resume,
-so the weights equal those of the same run under DDP. LARS is refused under ZeRO."""
+so the weights equal those of the same run under DDP; so do those of a ZeRO-2 run stopped and resumed.
+LARS is refused under ZeRO."""
 import json
 
 import pytest
@@ -31,7 +32,7 @@ def weights(run_dir):
 
 
 @pytest.mark.slow
-def test_zero3_byol_target_equals_ddp_and_lars_is_refused(tmp_path, monkeypatch):
+def test_zero2_and_zero3_byol_with_resume_equal_ddp_and_lars_is_refused(tmp_path, monkeypatch):
     preset = write_preset(tmp_path / "tiny.yaml", TINY)
     ddp = tmp_path / "ddp"
     run_recipe("byol", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
@@ -54,9 +55,16 @@ def test_zero3_byol_target_equals_ddp_and_lars_is_refused(tmp_path, monkeypatch)
     run_recipe("byol", ["--config", str(preset), "--output-dir", str(z3p)],
                launcher_args=["--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
                               "--mixed_precision", "no", "--main_process_port", "29742"])
+    # ZeRO-2 (optimizer state and gradients partitioned, parameters whole): stop mid-epoch, resume
+    z2 = tmp_path / "zero2"
+    args = ["--config", str(preset), "--output-dir", str(z2)]
+    z2_launch = ["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2", "--mixed_precision", "no"]
+    run_recipe("byol", args + ["--run.stop-after-steps", "5"], launcher_args=z2_launch + ["--main_process_port", "29744"])
+    assert not (z2 / "results.json").exists() and (z2 / "checkpoints" / "byol").is_dir()
+    run_recipe("byol", args + ["--resume", "latest"], launcher_args=z2_launch + ["--main_process_port", "29745"])
     ref = weights(ddp)
     assert any(k.startswith("target_backbone.") for k in ref)
-    for run_dir in (z3, z3p):
+    for run_dir in (z3, z3p, z2):
         got = weights(run_dir)
         assert got.keys() == ref.keys()
         for k in ref:
