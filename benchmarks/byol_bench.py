@@ -13,8 +13,10 @@ uses ``0.5 * (...)``, the same objective up to an affine map, i.e. another learn
 
 1. Throughput: training steps (two views, target forward, loss, backward, optimizer, EMA) timed in
    alternating rounds, so drift in machine load hits both alike; median step time -> images/s.
-2. Accuracy: each trained the same number of epochs on the embedded digits (same two-view loader,
-   LARS at the scaled rate, warm-up + cosine, cosine tau), then weighted kNN on the test split.
+2. Accuracy: each trained with the BYOL recipe's digits preset (same backbone, heads, two-view
+   loader, LARS at the scaled rate with the predictor's rate multiplier, warm-up + cosine, cosine
+   tau) from the same initial weights, then weighted kNN on the test split; over several seeds
+   (mean +- std), next to the untrained backbone.
 
     python benchmarks/byol_bench.py                                   # CPU defaults
     python benchmarks/byol_bench.py --backbone resnet18 --proj-hidden 4096 --proj-dim 256 \
@@ -33,10 +35,10 @@ import torch
 from timing import time_steps
 
 
-def make_backbone(args):
+def make_backbone(args, seed: int = 0):
     from visrep.zoo import create_backbone
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return create_backbone(args.backbone, num_classes=0, small_input=True, width=args.width) \
         if args.width is not None else create_backbone(args.backbone, num_classes=0, small_input=True)
 
@@ -49,10 +51,10 @@ def autocast(args):
 # ----------------------------------------------------------------------------------------------
 # The two implementations. Each returns (step(v1, v2, k, total), online_encoder, params)
 # ----------------------------------------------------------------------------------------------
-def ours(args, backbone, make_opt, accelerator):
+def ours(args, backbone, make_opt, accelerator, seed: int = 0):
     from visrep.ssl import BYOL, EMAUpdater, byol_loss
 
-    torch.manual_seed(1)
+    torch.manual_seed(1 + seed)
     model = BYOL(copy.deepcopy(backbone), args.proj_hidden, args.proj_dim, args.proj_hidden)
     opt = make_opt(model)
     model, opt = accelerator.prepare(model, opt)
@@ -135,7 +137,7 @@ def throughput(args, backbone, accelerator, make_opt):
     batches = [(torch.randn(*shape, generator=g).to(dev), torch.randn(*shape, generator=g).to(dev)) for _ in range(3)]
     args.total_steps = 10_000
     ours_step, _, ours_model, _ = ours(args, backbone, make_opt, accelerator)
-    peer_step, *_ = peer(args, backbone, make_opt, accelerator.unwrap_model(ours_model))
+    peer_step, _, peer_model, _ = peer(args, backbone, make_opt, accelerator.unwrap_model(ours_model))
     steps = {"visrep": ours_step, "lightly": peer_step}
     for step in steps.values():
         time_steps(step, batches, args.warmup, args.device)
@@ -144,62 +146,96 @@ def throughput(args, backbone, accelerator, make_opt):
         for name, step in steps.items():
             times[name] += time_steps(step, batches, args.steps, args.device)
     return {k: args.batch_size / statistics.median(v) for k, v in times.items()}, \
-        {k: 1000 * statistics.median(v) for k, v in times.items()}
+        {k: 1000 * statistics.median(v) for k, v in times.items()}, \
+        ema_times(args, accelerator.unwrap_model(ours_model), peer_model)
 
 
-def accuracy(args, backbone, accelerator):
-    """Train both for ``args.epochs`` on the digits with the same loader, optimizer and schedules;
-    weighted kNN on the test split."""
-    from visrep.data import DataConfig, build_classification_data
-    from visrep.engine import ScheduleConfig, StepSchedule
-    from visrep.ssl import (SSLAugmentConfig, SSLEvalConfig, SSLOptimConfig, build_ssl_optimizer, byol_transforms,
-                            evaluate_representation)
-    from visrep.zoo import get_data_config
+def ema_times(args, ours_net, peer_net) -> dict:
+    """The EMA update alone (part of the step above), ms per update: ours (one fused lerp over all
+    tracked parameters) vs. lightly's ``update_momentum`` on the backbone and the projection head."""
+    from lightly.models.utils import update_momentum
 
+    from visrep.ssl import EMAUpdater
+
+    online, target = ours_net.ema_pairs()
+    ema = EMAUpdater(10_000, args.base_tau)
+
+    def peer_update():
+        update_momentum(peer_net.backbone, peer_net.backbone_momentum, m=0.99)
+        update_momentum(peer_net.projection_head, peer_net.projection_head_momentum, m=0.99)
+
+    fns = {"visrep": lambda: ema.update(online, target), "lightly": peer_update}
+    times = {k: [] for k in fns}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            times[name] += time_steps(fn, [()], 5 * args.steps, args.device)
+    res = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    res["params"] = sum(p.numel() for p in online)
+    return res
+
+
+def accuracy(args, accelerator, seed: int):
+    """Train both on the digits with the BYOL recipe's own preset (``recipes/configs/byol_digits.yaml``:
+    backbone, heads, augmentations, LARS, rates, warm-up + cosine, tau schedule; ``--epochs`` overrides
+    its length) from the same initial weights (backbone, heads and data order from ``seed``), then a
+    weighted kNN on the test split. Also the kNN of the untrained backbone (the floor)."""
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-    from byol import eval_loaders  # noqa: E402
+    from visrep.data import build_classification_data
+    from visrep.engine import StepSchedule
+    from visrep.engine.config import parse_config
+    from visrep.ssl import build_ssl_optimizer, byol_transforms, evaluate_representation
+    from visrep.zoo import get_data_config
 
-    size = args.acc_image_size
-    dcfg = DataConfig(source="digits", image_size=size, hflip=0.0)
-    dc = dict(get_data_config(backbone), input_size=(3, size, size))
-    aug = SSLAugmentConfig(crop_scale=(0.3, 1.0), hflip=0.0)
-    views = byol_transforms(aug, size, dc["mean"], dc["std"])
-    data = build_classification_data(dcfg, dc, 0, args.acc_batch_size, 256, 0, train_transform=views)
-    ocfg = SSLOptimConfig(name="lars", base_lr=1.0, weight_decay=1e-5, eta=0.02)
-    sched_cfg = ScheduleConfig(epochs=args.epochs, warmup_epochs=min(2.0, args.epochs / 4))
-    spe = len(data.train_loader)
-    args.total_steps = spe * args.epochs
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    sys.path.insert(0, str(recipes))
+    from byol import BYOLRecipeConfig, build_backbone, eval_loaders  # noqa: E402
 
-    def make_opt(m):
-        return build_ssl_optimizer(m, ocfg, args.acc_batch_size)
+    over = ["--seed", str(seed)] + (["--schedule.epochs", str(args.epochs)] if args.epochs else [])
+    cfg = parse_config(BYOLRecipeConfig, ["--config", str(recipes / "configs" / "byol_digits.yaml"), *over])
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg.model)
+    size = cfg.data.image_size
+    dc = dict(get_data_config(backbone), input_size=(cfg.data.channels, size, size))
+    views = byol_transforms(cfg.augment, size, dc["mean"], dc["std"], cfg.data.channels)
+    data = build_classification_data(cfg.data, dc, seed, cfg.run.batch_size, cfg.run.eval_batch_size, 0,
+                                     train_transform=views)
+    spe, epochs = len(data.train_loader), cfg.schedule.epochs
+    run_args = SimpleNamespace(**vars(args))
+    run_args.proj_hidden, run_args.proj_dim = cfg.byol.proj_hidden_dim, cfg.byol.proj_dim
+    run_args.base_tau, run_args.total_steps = cfg.byol.base_tau, spe * epochs
+    assert cfg.byol.pred_hidden_dim == cfg.byol.proj_hidden_dim and cfg.byol.final_tau == 1.0
 
-    rc = SimpleNamespace(data=dcfg, run=SimpleNamespace(eval_batch_size=256, num_workers=0))
-    bank, test = eval_loaders(rc, data, dc), data.test_loader
-    out = {}
+    bank, test = eval_loaders(cfg, data, dc), data.test_loader
+    floor = evaluate_representation(copy.deepcopy(backbone), bank, test, accelerator, data.num_classes, cfg.eval,
+                                    linear=False)
+    out = {"random init": (floor["knn_acc"], 0.0)}
     heads = None
     for name in ("visrep", "lightly"):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         if name == "visrep":
-            step, encoder, model, opt = ours(args, backbone, make_opt, accelerator)
-            heads = accelerator.unwrap_model(model)
+            step, encoder, model, opt = ours(
+                run_args, backbone, lambda m: build_ssl_optimizer(m, cfg.optim, cfg.run.batch_size), accelerator, seed)
+            # the peer starts from the same *initial* heads: copy them before ours trains
+            heads = copy.deepcopy(accelerator.unwrap_model(model))
         else:
-            step, encoder, model, opt = peer(args, backbone, make_opt, heads)
-        sched = StepSchedule(opt, sched_cfg, spe)
+            step, encoder, model, opt = peer(
+                run_args, backbone, lambda m: build_ssl_optimizer(m, cfg.optim, cfg.run.batch_size,
+                                                                  predictor_prefix="prediction_head."), heads)
+        sched = StepSchedule(opt, cfg.schedule, spe)
         t0, k = time.perf_counter(), 0
-        for epoch in range(args.epochs):
+        for epoch in range(epochs):
             data.sampler.set_epoch(epoch)
             data.train.set_epoch(epoch)
             for (v1, v2), _ in data.train_loader:
                 sched.apply(k)
                 step(v1.to(args.device), v2.to(args.device))
                 k += 1
-        ev = evaluate_representation(encoder, bank, test, accelerator, data.num_classes,
-                                     SSLEvalConfig(knn_k=20, knn_t=0.07), module=model, linear=False)
+        ev = evaluate_representation(encoder, bank, test, accelerator, data.num_classes, cfg.eval, module=model,
+                                     linear=False)
         out[name] = (ev["knn_acc"], time.perf_counter() - t0)
-    return out
+    return out, epochs
 
 
 def main(argv=None):
@@ -219,9 +255,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--epochs", type=int, default=6, help="accuracy: pre-training epochs on the digits (0: skip)")
-    p.add_argument("--acc-image-size", type=int, default=16)
-    p.add_argument("--acc-batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="accuracy: pre-training epochs on the digits (default: the preset's; 0: skip accuracy)")
+    p.add_argument("--seeds", type=int, default=3, help="accuracy: runs with seeds 0..N-1 (init, data order)")
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.threads:
@@ -234,26 +270,40 @@ def main(argv=None):
     def make_opt(m):
         return torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=0.01, momentum=0.9)
 
-    ips, ms = throughput(args, backbone, accelerator, make_opt)
-    acc = accuracy(args, backbone, accelerator) if args.epochs > 0 else None
+    ips, ms, ema_ms = throughput(args, backbone, accelerator, make_opt)
+    runs = [accuracy(args, accelerator, seed) for seed in range(args.seeds)] if args.epochs != 0 else []
+    acc = {name: ([r[name][0] for r, _ in runs], statistics.mean(r[name][1] for r, _ in runs))
+           for name in ("visrep", "lightly", "random init")} if runs else None
+    acc_epochs = runs[0][1] if runs else 0
 
     n_b = sum(q.numel() for q in backbone.parameters())
     print(f"\nBYOL step: {args.backbone} (width {args.width}, {n_b / 1e6:.3f}M params), heads "
           f"{args.proj_hidden}->{args.proj_dim}, batch {args.batch_size} x 2 views, {args.image_size}x{args.image_size}, "
           f"{args.precision}, {args.device}, torch threads {torch.get_num_threads()}, "
           f"{args.rounds}x{args.steps} timed steps each (interleaved rounds)")
+    if acc:
+        print(f"kNN: the BYOL recipe's preset (recipes/configs/byol_digits.yaml), {acc_epochs} epochs, seeds 0..{args.seeds - 1}")
     head = f"{'implementation':<40}{'step ms':>10}{'images/s':>10}"
     if acc:
-        head += f"{'kNN acc':>10}{'train s':>9}"
+        head += f"{'kNN acc (mean +- std)':>24}{'per seed':>24}{'train s':>9}"
     print(head)
-    for name, label in (("visrep", "visrep (BYOL + byol_loss + EMAUpdater)"), ("lightly", "lightly BYOL blocks")):
-        row = f"{label:<40}{ms[name]:>10.1f}{ips[name]:>10.1f}"
+    mean = {k: statistics.mean(v[0]) for k, v in acc.items()} if acc else {}
+    for name, label in (("visrep", "visrep (BYOL + byol_loss + EMAUpdater)"), ("lightly", "lightly BYOL blocks"),
+                        ("random init", "untrained backbone (floor)")):
+        if name not in ips and not acc:
+            continue
+        row = f"{label:<40}" + (f"{ms[name]:>10.1f}{ips[name]:>10.1f}" if name in ips else f"{'-':>10}{'-':>10}")
         if acc:
-            row += f"{acc[name][0]:>10.4f}{acc[name][1]:>9.1f}"
+            accs = acc[name][0]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            row += f"{f'{mean[name]:.4f} +- {std:.4f}':>24}{' '.join(f'{a:.3f}' for a in accs):>24}{acc[name][1]:>9.1f}"
         print(row)
+    print(f"EMA update alone ({ema_ms['params'] / 1e6:.2f}M tracked parameters): "
+          f"visrep {ema_ms['visrep']:.2f} ms, lightly {ema_ms['lightly']:.2f} ms, "
+          f"ratio {ema_ms['lightly'] / ema_ms['visrep']:.2f}x")
     print(f"ratio visrep / lightly: throughput {ips['visrep'] / ips['lightly']:.3f}" +
-          (f", kNN accuracy {acc['visrep'][0] / max(acc['lightly'][0], 1e-9):.3f} "
-           f"({args.epochs} epochs on digits {args.acc_image_size}px, batch {args.acc_batch_size})" if acc else ""))
+          (f", mean kNN accuracy {mean['visrep'] / max(mean['lightly'], 1e-9):.3f} ({args.seeds} seeds, "
+           f"{acc_epochs} epochs, the recipe's digits preset)" if acc else ""))
     return ips, acc
 
 

@@ -165,7 +165,7 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=256, help="loss benchmark: embedding width")
     ap.add_argument("--step-batch", type=int, default=128, help="training-step benchmark: batch")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--step-rounds", type=int, default=10)
+    ap.add_argument("--step-rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -144,11 +144,14 @@ def ssl_param_groups(model: nn.Module, cfg: SSLOptimConfig, lr: float, probe_lr:
     return groups
 
 
-def build_ssl_optimizer(model: nn.Module, cfg: SSLOptimConfig, global_batch: int) -> torch.optim.Optimizer:
-    """LARS / SGD / AdamW over ``ssl_param_groups`` at the scaled peak rates."""
+def build_ssl_optimizer(model: nn.Module, cfg: SSLOptimConfig, global_batch: int,
+                        predictor_prefix: str = "predictor.") -> torch.optim.Optimizer:
+    """LARS / SGD / AdamW over ``ssl_param_groups`` at the scaled peak rates (``predictor_prefix``:
+    the parameter-name prefix of the predictor, for ``predictor_lr_mult``, when the model is not
+    ``visrep.ssl.BYOL``)."""
     lr = cfg.base_lr * global_batch / 256.0
     probe_lr = cfg.probe_lr * global_batch / 256.0
-    groups = ssl_param_groups(model, cfg, lr, probe_lr)
+    groups = ssl_param_groups(model, cfg, lr, probe_lr, predictor_prefix=predictor_prefix)
     if cfg.name == "lars":
         opt = LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta)
     else:
