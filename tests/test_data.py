@@ -95,3 +95,26 @@ def test_order_and_augmentation_are_functions_of_seed_epoch_index():
     first = list(s)
     s.set_epoch(2)
     assert first != list(s) and sorted(first) == list(range(50))
+
+
+def test_digits_m_is_a_data_source_for_every_recipe():
+    """``data.source: digits_m`` gives the Digits-M splits (same images as ``load_digits_m_splits``),
+    with the label budget applied like for every other source."""
+    from visrep.data import load_splits
+    from visrep.data.digits_m import load_digits_m_splits
+    from visrep.engine.config import ConfigError, from_dict
+
+    cfg = DataConfig(source="digits_m", image_size=16)
+    got, ref = load_splits(cfg), load_digits_m_splits(cfg)
+    for split in ("train", "val", "test"):
+        assert got[split]["label"] == ref[split]["label"]
+        assert [r["bytes"] for r in got[split]["image"][:20]] == [r["bytes"] for r in ref[split]["image"][:20]]
+    data = build_classification_data(cfg, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "input_size": (3, 16, 16)}, 0, 32, 64)
+    x, y = next(iter(data.test_loader))
+    assert x.shape == (64, 3, 16, 16) and data.num_classes == 10
+    assert float(x.std(dim=(2, 3)).mean()) > 0.1  # coloured backgrounds, not the plain black digits
+    budget = load_splits(DataConfig(source="digits_m", image_size=16, label_fraction=0.2))
+    assert abs(len(budget["train"]) - 0.2 * len(got["train"])) < 2
+    assert from_dict(DataConfig, {"source": "digits_m"}).source == "digits_m"
+    with pytest.raises(ConfigError, match="digits_m"):
+        from_dict(DataConfig, {"source": "digits-m"})

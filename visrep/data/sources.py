@@ -15,9 +15,11 @@ import numpy as np
 
 @dataclasses.dataclass
 class DataConfig:
-    source: Literal["digits", "hf", "imagefolder"] = "digits"
-    """digits: scikit-learn's bundled 8x8 digits (no download); hf: datasets.load_dataset(name, hf_config);
-    imagefolder: a local tree (class-per-folder, optionally under train/ val/ test/)."""
+    source: Literal["digits", "digits_m", "hf", "imagefolder"] = "digits"
+    """digits: scikit-learn's bundled 8x8 digits (no download); digits_m: the same digits blended with
+    colour patches of scikit-learn's sample photos (an offline MNIST-M, ``visrep.data.digits_m``; same
+    splits as digits); hf: datasets.load_dataset(name, hf_config); imagefolder: a local tree
+    (class-per-folder, optionally under train/ val/ test/)."""
     name: Optional[str] = None
     """Hugging Face dataset name (source=hf)."""
     hf_config: Optional[str] = None
@@ -141,6 +143,10 @@ def load_splits(cfg: DataConfig):
 
     if cfg.source == "digits":
         d = _digits(cfg)
+    elif cfg.source == "digits_m":
+        from visrep.data.digits_m import load_digits_m_splits
+
+        d = load_digits_m_splits(dataclasses.replace(cfg, label_fraction=1.0))  # the budget is applied below
     elif cfg.source == "hf":
         d = datasets.load_dataset(cfg.name, cfg.hf_config)
         d = _standardize(d, cfg)
