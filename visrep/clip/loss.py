@@ -101,35 +101,6 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # InfoNCE (CLIP)
 # ----------------------------------------------------------------------------------------------
-class _InfoNCESingle(torch.autograd.Function):
-    """Fused symmetric InfoNCE on one rank: a single ``B x B`` logit matrix serves both directions
-    (rows: image->text, columns: text->image). Only the gradient matrix of the logits
-    (``softmax_rows + softmax_cols - 2 I``) is saved -- not the logits, two log-softmaxes and the
-    scaled products autograd would keep -- and the gradient w.r.t. the scale is reduced to a scalar
-    in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, img, txt, scale):
-        logits = torch.mm(img, txt.t()).mul_(scale)
-        lse_r = torch.logsumexp(logits, dim=1)
-        lse_c = torch.logsumexp(logits, dim=0)
-        pos = logits.diagonal()
-        loss = 0.5 * ((lse_r - pos).mean() + (lse_c - pos).mean())
-        grad = torch.exp(logits - lse_r[:, None]).add_(torch.exp(logits - lse_c[None, :]))
-        grad.diagonal().sub_(2.0)
-        dscale = torch.vdot(grad.view(-1), logits.view(-1)) / scale
-        del logits
-        ctx.save_for_backward(img, txt, grad, dscale, scale)
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        img, txt, grad, dscale, scale = ctx.saved_tensors
-        coef = g / (2 * img.shape[0])
-        gm = grad * (coef * scale)
-        return torch.mm(gm, txt), torch.mm(gm.t(), img), coef * dscale
-
-
 class _InfoNCERowBlock(torch.autograd.Function):
     """Symmetric InfoNCE across ranks from this rank's *row block* of the global logit matrix only.
 
@@ -145,11 +116,12 @@ class _InfoNCERowBlock(torch.autograd.Function):
     The loss value is this rank's mean over its own ``B`` rows and ``B`` columns (open_clip's
     ``local_loss``); the gradients are scaled so that DDP's average over ranks is the gradient of
     the mean over all ``N`` rows and columns. Image gradients are complete locally; the gathered
-    texts' gradient is summed over ranks and scattered back (reduce-scatter)."""
+    texts' gradient is summed over ranks and scattered back (reduce-scatter). On one rank (or with
+    ``gather=False``: each rank's own batch only) the block is the whole ``B x B`` matrix."""
 
     @staticmethod
-    def forward(ctx, img, txt, scale):
-        rank, world = dist_info()
+    def forward(ctx, img, txt, scale, gather: bool = True):
+        rank, world = dist_info() if gather else (0, 1)
         b = img.shape[0]
         all_txt = _gather_rows(txt, world)
         logits = torch.mm(img, all_txt.t()).mul_(scale)  # B x N
@@ -184,7 +156,7 @@ class _InfoNCERowBlock(torch.autograd.Function):
         coef = g / (2 * img.shape[0])
         gm = grad * (coef * scale)
         g_txt = _reduce_scatter_rows(torch.mm(gm.t(), img), ctx.world)
-        return torch.mm(gm, all_txt), g_txt, coef * dscale
+        return torch.mm(gm, all_txt), g_txt, coef * dscale, None
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -209,12 +181,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     if scale.numel() != 1:
         raise ValueError(f"logit_scale must hold one value, got shape {tuple(scale.shape)}")
     scale = scale.reshape(())
-    rank, world = dist_info()
-    if not gather or world == 1:
-        loss = _InfoNCESingle.apply(img, txt, scale)
-    else:
-        loss = _InfoNCERowBlock.apply(img, txt, scale)
-    return loss
+    return _InfoNCERowBlock.apply(img, txt, scale, gather)
 
 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
