@@ -24,7 +24,7 @@ import yaml
 
 from visrep.launch import (HubAuthError, HubUnavailableError, UnsafeWeightsError, export_for_hub,
                            load_backbone_from_hub, push_run, push_to_hub)
-from visrep.launch.hub import HUB_FILES
+from visrep.launch.hub import HUB_FILES, HubError
 from visrep.zoo import create_backbone
 from visrep.zoo.errors import CheckpointMismatchError
 
@@ -505,3 +505,42 @@ def test_non_backbone_export_is_pushed_as_is_but_not_loaded_as_a_backbone(tmp_pa
     assert json.loads((out / "config.json").read_text())["kind"] == "clip"
     with pytest.raises(Exception, match="'clip' model, not a zoo backbone.*load_clip"):
         load_backbone_from_hub(out)
+
+
+def test_clip_run_pushed_and_loaded_back_from_the_hub(tmp_path, online, monkeypatch):
+    """A CLIP export goes to the Hub with its config and loads back (both towers, same outputs) with
+    load_clip_from_hub; loading it as a backbone, or a backbone as CLIP, says which loader to use."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from visrep.clip import ClipModelConfig, TextTowerConfig, build_clip_model, export_clip, get_tokenizer, image_data_config
+    from visrep.launch.hub import load_clip_from_hub
+
+    torch.manual_seed(0)
+    model = build_clip_model(ClipModelConfig(text=TextTowerConfig(width=32, heads=2, layers=1)), image_size=16)
+    run = tmp_path / "run"
+    try:
+        export_clip(Accelerator(cpu=True), model, run / "models" / "clip", model.cfg, image_data_config(model),
+                    {"image_size": 16})
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "data": {"source": "digits"}}))
+    (run / "results.json").write_text(json.dumps({"zero_shot_acc": 0.9, "num_processes": 1}))
+    (run / "state.json").write_text(json.dumps({"recipe": "clip", "stages": {"clip": {"done": True}}}))
+    x, t = torch.randn(2, 3, 16, 16), get_tokenizer(model)(["a handwritten 7", "the number two"])
+    model.eval()
+    with FakeHub() as hub:
+        push_to_hub(run, "me/clip-digits", token=FAKE_TOKEN, endpoint=hub.url)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        loaded, meta = load_clip_from_hub("hf-hub:me/clip-digits", cache_dir=tmp_path / "cache", token=FAKE_TOKEN)
+        assert meta["kind"] == "clip" and loaded.hub_source == "me/clip-digits"
+        loaded.eval()
+        a, b = model(x, t), loaded(x, t)
+        for k in ("image_features", "text_features", "logit_scale"):
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+        with pytest.raises(Exception, match="not a zoo backbone.*load_clip_from_hub"):
+            load_backbone_from_hub("me/clip-digits", cache_dir=tmp_path / "cache", token=FAKE_TOKEN)
+    backbone_run, _ = make_run(tmp_path / "b")
+    with pytest.raises(HubError, match="not a visrep CLIP model.*create_backbone"):
+        load_clip_from_hub(backbone_run / "models" / "kd")

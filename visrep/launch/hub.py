@@ -37,7 +37,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 __all__ = ["HubError", "HubAuthError", "HubUnavailableError", "UnsafeWeightsError", "export_for_hub",
-           "push_to_hub", "push_run", "load_backbone_from_hub", "resolve_token", "HUB_FILES"]
+           "push_to_hub", "push_run", "load_backbone_from_hub", "load_clip_from_hub", "resolve_token", "HUB_FILES"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -577,20 +577,10 @@ def _fetch(repo: str, token: Optional[str], revision: Optional[str], cache_dir) 
     return Path(weights).parent
 
 
-def load_backbone_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str] = None,
-                           revision: Optional[str] = None, cache_dir=None, return_config: bool = False,
-                           **overrides: Any):
-    """Rebuild a pushed backbone with ``visrep.zoo.create_backbone`` and load its weights strictly.
-
-    ``repo_id_or_dir``: ``USER/REPO`` (``hf-hub:`` prefix and ``@revision`` accepted) or a local folder
-    (a pushed repo's files, or an export ``RUN_DIR/models/STAGE``). Only ``config.json`` and
-    ``model.safetensors`` are read. ``overrides`` go to ``create_backbone`` (``features_only``,
-    ``out_indices``, builder kwargs such as ``drop_rate``); ``num_classes=K`` different from the saved head
-    loads the weights and then ``reset_classifier(K)``. Returns the model (and the config with
-    ``return_config=True``)."""
-    from visrep.zoo import create_backbone
-    from visrep.zoo.errors import CheckpointMismatchError
-
+def _locate(repo_id_or_dir: str | os.PathLike, token: Optional[str], revision: Optional[str],
+            cache_dir) -> tuple[str, Path, str]:
+    """``(source, folder holding config.json and model.safetensors, description for errors)`` for a
+    local folder or a Hub repo id (``hf-hub:`` prefix and ``@revision`` accepted)."""
     src = str(repo_id_or_dir)
     if src.startswith(HUB_PREFIX):
         src = src[len(HUB_PREFIX):]
@@ -606,12 +596,50 @@ def load_backbone_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional
         raise FileNotFoundError(f"'{src}' is neither a local folder nor a Hub repo id (USER/REPO)")
     else:
         folder, where = _fetch(src, token, revision, cache_dir), f"Hub repo '{src}'"
+    return src, folder, where
 
+
+def load_clip_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str] = None,
+                       revision: Optional[str] = None, cache_dir=None):
+    """Rebuild a pushed visrep CLIP model (both towers, projections, logit scale) with
+    ``visrep.clip.load_clip`` and load its weights strictly; returns ``(model, config)``. The
+    tokenizer follows from the model: ``visrep.clip.get_tokenizer(model)``. Same sources and rules as
+    :func:`load_backbone_from_hub` (safetensors only; ``USER/REPO`` or a local folder)."""
+    from visrep.clip import load_clip
+
+    src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
+    kind = json.loads((folder / CONFIG_NAME).read_text()).get("kind")
+    if kind != "clip":
+        raise HubError(f"{where} holds a '{kind or 'backbone'}' model, not a visrep CLIP model; "
+                       f"load backbones with visrep.zoo.create_backbone('hf-hub:{src}').")
+    try:
+        model, config = load_clip(folder)
+    except RuntimeError as e:  # strict load_state_dict: missing / unexpected keys, wrong shapes
+        raise HubError(f"{where}: the weights do not match the CLIP model its config.json describes. {e}") from None
+    model.hub_source = src
+    return model, config
+
+
+def load_backbone_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str] = None,
+                           revision: Optional[str] = None, cache_dir=None, return_config: bool = False,
+                           **overrides: Any):
+    """Rebuild a pushed backbone with ``visrep.zoo.create_backbone`` and load its weights strictly.
+
+    ``repo_id_or_dir``: ``USER/REPO`` (``hf-hub:`` prefix and ``@revision`` accepted) or a local folder
+    (a pushed repo's files, or an export ``RUN_DIR/models/STAGE``). Only ``config.json`` and
+    ``model.safetensors`` are read. ``overrides`` go to ``create_backbone`` (``features_only``,
+    ``out_indices``, builder kwargs such as ``drop_rate``); ``num_classes=K`` different from the saved head
+    loads the weights and then ``reset_classifier(K)``. Returns the model (and the config with
+    ``return_config=True``)."""
+    from visrep.zoo import create_backbone
+    from visrep.zoo.errors import CheckpointMismatchError
+
+    src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
     config = json.loads((folder / CONFIG_NAME).read_text())
     vis = config.get("visrep", config)
     if "architecture" not in vis:
         kind = vis.get("kind", "unknown")
-        hint = " Load it with visrep.clip.load_clip(folder)." if kind == "clip" else ""
+        hint = f" Load it with visrep.launch.hub.load_clip_from_hub('{src}')." if kind == "clip" else ""
         raise HubError(f"{where} holds a '{kind}' model, not a zoo backbone.{hint}")
 
     overrides = dict(overrides)
