@@ -1,0 +1,127 @@
+"""The transfer recipes under DeepSpeed (CPU, gloo) end with exactly the weights of the same runs under DDP:
+fine-tuning (source -> linear probe -> LP-FT with a frozen stem and per-stage learning rates -> scratch
+baseline, each stage a new DeepSpeed engine) under ZeRO-2 and ZeRO-3, and DANN (gradient reversal, domain
+discriminator, best-epoch selection) under ZeRO-2 and under ZeRO-3 stopped mid-epoch and resumed. The
+ZeRO-3 runs partition every parameter (persistence threshold 0). What DeepSpeed cannot do is refused."""
+import importlib.util
+import json
+import sys
+import types
+
+import pytest
+from accelerate.utils import DistributedType
+
+from ds_helpers import assert_same_weights, deepspeed_args, without_use_cpu, zero_config_args
+from helpers import ROOT, run_recipe, write_preset
+
+pytest.importorskip("deepspeed")
+
+FINETUNE = {
+    "init": {"source": "train", "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
+             "train_epochs": 1},
+    "source": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
+    "target_domain": "digits_m",
+    "data": {"image_size": 16, "hflip": 0.0, "label_fraction": 0.3},
+    "finetune": {"strategy": "lp_ft", "freeze": {"mode": "first_n", "first_n": 1}, "layer_decay": 0.5,
+                 "lp_epochs": 1},
+    "optim": {"lr": 0.02, "weight_decay": 1e-4},
+    "schedule": {"epochs": 2, "warmup_epochs": 0.5},
+    "compare_scratch": True,
+    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
+}
+
+ADAPT = {
+    "source": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
+    "target": {"image_size": 16, "hflip": 0.0},
+    "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
+    "adapt": {"bottleneck_dim": 16, "discriminator_hidden": 16},
+    "optim": {"lr": 0.05},
+    "schedule": {"epochs": 3, "warmup_epochs": 0.5},  # the last epoch is the one selected
+    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
+}
+
+
+def results(run_dir):
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_finetune_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
+    preset = write_preset(tmp_path / "ft.yaml", FINETUNE)
+    ddp = tmp_path / "ddp"
+    run_recipe("finetune", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
+    without_use_cpu(monkeypatch)
+    z2 = tmp_path / "zero2"
+    run_recipe("finetune", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, 29746))
+    z3 = tmp_path / "zero3"
+    args = ["--config", str(preset), "--output-dir", str(z3)]
+    run_recipe("finetune", args, launcher_args=zero_config_args("finetune", args, 3, 29747,
+                                                                stage3_param_persistence_threshold=0))
+    ref = results(ddp)
+    for run_dir in (z2, z3):
+        for stage in ("source", "probe", "finetune", "scratch"):
+            w = assert_same_weights(ddp / "models" / stage / "model.safetensors",
+                                    run_dir / "models" / stage / "model.safetensors", label=f"{run_dir.name}/{stage}")
+        got = results(run_dir)
+        for k in ("target_acc", "linear_probe_acc", "scratch_target_acc", "selected_epoch", "trainable_params",
+                  "params"):
+            assert got[k] == ref[k], k
+    assert any(k.startswith("stem.") for k in w) and ref["trainable_params"] < ref["params"]  # the stem was frozen
+
+
+@pytest.mark.slow
+def test_dann_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
+    preset = write_preset(tmp_path / "adapt.yaml", ADAPT)
+    base = ["--config", str(preset), "--method", "dann"]
+    ddp = tmp_path / "ddp"
+    run_recipe("adapt", base + ["--output-dir", str(ddp)], processes=2)
+    without_use_cpu(monkeypatch)
+    z2 = tmp_path / "zero2"
+    run_recipe("adapt", base + ["--output-dir", str(z2)], launcher_args=deepspeed_args(2, 29748))
+    z3 = tmp_path / "zero3"
+    args = base + ["--output-dir", str(z3)]
+    launch = zero_config_args("adapt", args, 3, 29749, stage3_param_persistence_threshold=0)
+    run_recipe("adapt", args + ["--run.stop-after-steps", "6"], launcher_args=launch)  # 4 steps per epoch
+    assert not (z3 / "results.json").exists()
+    run_recipe("adapt", args + ["--resume", "latest"], launcher_args=launch)
+    ref = results(ddp)
+    assert ref["selected_epoch"] == 3  # the exported weights are those after the resumed epochs
+    for run_dir in (z2, z3):
+        w = assert_same_weights(ddp / "models" / "adapt" / "model.safetensors",
+                                run_dir / "models" / "adapt" / "model.safetensors", label=run_dir.name)
+        got = results(run_dir)
+        for k in ("target_acc", "source_val_acc", "source_test_acc", "selected_epoch", "oracle_target_acc"):
+            assert got[k] == ref[k], k
+    assert any(k.startswith("discriminator.") for k in w)
+
+
+def _finetune_recipe():
+    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _accelerator(zero_stage):
+    if zero_stage is None:
+        return types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU,
+                                     state=types.SimpleNamespace(deepspeed_plugin=None))
+    return types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                 state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=zero_stage)))
+
+
+def test_finetune_refuses_what_deepspeed_cannot_do():
+    from visrep.engine import ConfigError, from_dict
+
+    recipe = _finetune_recipe()
+    cfg = lambda **ft: from_dict(recipe.FinetuneRecipeConfig, dict(FINETUNE, finetune=dict(FINETUNE["finetune"], **ft)))  # noqa: E731
+    gradual, l2sp = cfg(strategy="gradual"), cfg(l2sp_alpha=0.01)
+    for stage in (1, 2, 3):
+        with pytest.raises(ConfigError, match="--finetune.strategy lp_ft"):
+            recipe.refuse_under_deepspeed(gradual, _accelerator(stage))
+    with pytest.raises(ConfigError, match="--finetune.l2sp-alpha 0"):
+        recipe.refuse_under_deepspeed(l2sp, _accelerator(3))
+    for stage in (None, 2):  # L2-SP: whole parameters under DDP and ZeRO-1/2
+        recipe.refuse_under_deepspeed(l2sp, _accelerator(stage))
+    recipe.refuse_under_deepspeed(gradual, _accelerator(None))
