@@ -3,6 +3,7 @@ optimizer steps, clamping after each, then pull it down once. If the clamp reach
 and not DeepSpeed's fp32 master copy, the master would have drifted to cap + 3 lr and the down-step
 would leave the value at the cap instead of cap - lr. Prints the final value on the main process."""
 import math
+import os
 import sys
 
 import torch
@@ -44,3 +45,8 @@ if acc.is_main_process:
     sys.stdout.flush()
 acc.wait_for_everyone()
 torch.distributed.destroy_process_group()  # a clean shutdown: no gloo thread left behind at exit
+# Exit without interpreter teardown: a DDP/gloo object still alive then can abort the process
+# ("terminate called without an active exception") after the results are already written.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)

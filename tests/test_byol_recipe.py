@@ -92,7 +92,7 @@ def test_two_processes_with_accumulation_and_device_views(tiny, tmp_path):
 
 
 EMA_SCRIPT = textwrap.dedent('''
-    import sys, torch
+    import os, sys, torch
     from torch import nn
     from accelerate import Accelerator
     from visrep.ssl import BYOL, EMAUpdater, SSLOptimConfig, build_ssl_optimizer, byol_loss
@@ -131,6 +131,11 @@ EMA_SCRIPT = textwrap.dedent('''
         torch.save({"target": flat, "step": ema.step, "tau": ema.last_tau}, sys.argv[1])
     acc.wait_for_everyone()
     acc.end_training()  # destroys the process group: no gloo thread left to abort the process at exit
+    # Exit without interpreter teardown: a DDP/gloo object still alive then can abort the process
+    # ("terminate called without an active exception") after the results are already written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 ''')
 
 

@@ -97,6 +97,11 @@ def worker(out_dir: str) -> None:
         acc.free_memory()
     acc.wait_for_everyone()
     torch.distributed.destroy_process_group()  # a clean shutdown: no gloo thread left behind at exit
+    # Exit without interpreter teardown: a DDP/gloo object still alive then can abort the process
+    # ("terminate called without an active exception") after the results are already written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")

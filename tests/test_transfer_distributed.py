@@ -12,7 +12,7 @@ import torch
 from helpers import ROOT, VENV_BIN, env
 
 SCRIPT = r'''
-import json, sys, torch
+import json, os, sys, torch
 from accelerate import Accelerator
 from visrep.transfer import CoralLoss, MultiKernelMMDLoss, all_gather_with_grad
 
@@ -37,6 +37,11 @@ with open(sys.argv[1] + f"/rank{r}.json", "w") as fh:
     json.dump(local, fh)
 acc.wait_for_everyone()
 torch.distributed.destroy_process_group()  # a clean shutdown: no gloo thread left behind at exit
+# Exit without interpreter teardown: a DDP/gloo object still alive then can abort the process
+# ("terminate called without an active exception") after the results are already written.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 '''
 
 
