@@ -69,8 +69,12 @@ def test_zero2_and_zero3_byol_with_resume_equal_ddp_and_lars_is_refused(tmp_path
         assert got.keys() == ref.keys()
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=f"{run_dir.name}: {k}")
-        assert json.loads((run_dir / "results.json").read_text())["final_tau"] == \
-            json.loads((ddp / "results.json").read_text())["final_tau"]
+        res, ref_res = (json.loads((d / "results.json").read_text()) for d in (run_dir, ddp))
+        # the same weights and, with rank 0's BatchNorm statistics on every rank, the same figures; the
+        # SGD-trained linear probe may flip one test sample (the weights agree to 1e-6, not bitwise)
+        for key in ("final_tau", "knn_acc"):
+            assert res[key] == ref_res[key], (run_dir.name, key, res[key], ref_res[key])
+        assert abs(res["linear_acc"] - ref_res["linear_acc"]) <= 1 / 100, (run_dir.name, res, ref_res)
     p = run_recipe("byol", ["--config", str(preset), "--output-dir", str(tmp_path / "lars"), "--optim.name", "lars"],
                    launcher_args=["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
                                   "--mixed_precision", "no", "--main_process_port", "29743"], check=False)

@@ -94,7 +94,11 @@ def embed_split(model, loader, accelerator) -> dict:
 def evaluate_clip(model, loader, accelerator, tokenizer, classnames=None, templates=None,
                   ks: tuple = (1, 5, 10)) -> dict:
     """Zero-shot accuracy (when ``classnames`` and ``templates`` are given and the split has labels
-    >= 0) and retrieval recalls on one split."""
+    >= 0) and retrieval recalls on one split. Under DeepSpeed every rank first takes rank 0's
+    buffers (BatchNorm statistics), as DDP does."""
+    from visrep.engine.evaluate import broadcast_buffers_under_deepspeed
+
+    broadcast_buffers_under_deepspeed(model, accelerator)
     e = embed_split(model, loader, accelerator)
     out = retrieval_metrics(e["image"], e["text"], e["keys"], ks)
     if classnames and templates and (e["labels"] >= 0).all():

@@ -126,9 +126,15 @@ def evaluate_representation(encoder, bank_loader, test_loader, accelerator, num_
                             cfg: SSLEvalConfig, module: Optional[torch.nn.Module] = None, seed: int = 0,
                             linear: bool = True) -> dict:
     """kNN (and, with ``linear``, linear-evaluation) accuracy of ``encoder`` on ``test_loader``, with
-    ``bank_loader`` (the training split under the evaluation transform) as the labelled set."""
+    ``bank_loader`` (the training split under the evaluation transform) as the labelled set. Under
+    DeepSpeed every rank first takes rank 0's buffers (BatchNorm statistics), as DDP does."""
+    from visrep.engine.evaluate import broadcast_buffers_under_deepspeed, release_zero3_parameters
+
+    broadcast_buffers_under_deepspeed(module if module is not None else encoder, accelerator)
     ftr, ytr = extract_features(encoder, bank_loader, accelerator, module)
     fte, yte = extract_features(encoder, test_loader, accelerator, module)
+    if module is not None:
+        release_zero3_parameters(module)
     out = {"knn_acc": knn_accuracy(ftr, ytr, fte, yte, num_classes, cfg.knn_k, cfg.knn_t)}
     if linear:
         lin = linear_eval(ftr, ytr, fte, yte, num_classes, cfg.linear_epochs, cfg.linear_lr,
