@@ -142,8 +142,8 @@ def throughput(args, backbone, accelerator, make_opt):
     for step in steps.values():
         time_steps(step, batches, args.warmup, args.device)
     times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
+    for r in range(args.rounds):  # alternate who goes first, so drift in machine load hits both alike
+        for name, step in (list(steps.items()) if r % 2 == 0 else reversed(list(steps.items()))):
             times[name] += time_steps(step, batches, args.steps, args.device)
     return {k: args.batch_size / statistics.median(v) for k, v in times.items()}, \
         {k: 1000 * statistics.median(v) for k, v in times.items()}, \
@@ -166,8 +166,8 @@ def ema_times(args, ours_net, peer_net) -> dict:
 
     fns = {"visrep": lambda: ema.update(online, target), "lightly": peer_update}
     times = {k: [] for k in fns}
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
+    for r in range(args.rounds):
+        for name, fn in (list(fns.items()) if r % 2 == 0 else reversed(list(fns.items()))):
             times[name] += time_steps(fn, [()], 5 * args.steps, args.device)
     res = {k: 1000 * statistics.median(v) for k, v in times.items()}
     res["params"] = sum(p.numel() for p in online)
@@ -251,7 +251,7 @@ def main(argv=None):
     p.add_argument("--base-tau", type=float, default=0.99)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

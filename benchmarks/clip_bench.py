@@ -4,7 +4,8 @@
   2. the same in 2 processes (gloo on CPU / nccl on CUDA), both computing the local loss
      (open_clip: ``ClipLoss(local_loss=True, gather_with_grad=True)``; ours: ``clip_loss``);
   3. a full training step (forward of both towers, loss, backward, AdamW) of a small CLIP model,
-     the same model, data and optimizer, only the loss differs.
+     the same model, data and optimizer, only the loss differs; and the same step with open_clip's
+     loss on both sides (an A/A control: how far from 1.00 the ratio moves by noise alone).
 
 Timings alternate between the two implementations (so drift in machine load hits both alike); the
 median is reported. Memory: on CUDA the peak allocated during forward + backward; on CPU (no
@@ -92,7 +93,9 @@ def bench_loss(args, device, rank: int = 0, world: int = 1) -> dict:
     return {k: (statistics.median(v), mem[k]) for k, v in times.items()}
 
 
-def bench_step(args, device) -> dict:
+def bench_step(args, device, control: bool = False) -> dict:
+    """A full training step; ``control``: open_clip's loss on *both* sides (an A/A run: the ratio it
+    gives is the noise floor of this measurement)."""
     from open_clip.loss import ClipLoss
 
     from visrep.clip import ClipModelConfig, TextTowerConfig, build_clip_model, clip_loss, get_tokenizer
@@ -106,7 +109,7 @@ def bench_step(args, device) -> dict:
     caps = [DIGIT_TRAIN_TEMPLATES[i % 10].format(DIGIT_NAMES[i % 10][0]) for i in range(n)]
     images, tokens = torch.randn(n, 3, 16, 16, device=device), tok(caps).to(device)
     oc = ClipLoss(cache_labels=True)
-    impls = {"ours": lambda o: clip_loss(o["image_features"], o["text_features"], o["logit_scale"]),
+    impls = {"ours": lambda o: (oc if control else clip_loss)(o["image_features"], o["text_features"], o["logit_scale"]),
              "open_clip": lambda o: oc(o["image_features"], o["text_features"], o["logit_scale"])}
     import copy
 
@@ -181,6 +184,7 @@ def main(argv=None):
         else:
             rows.append((f"loss fwd+bwd, 2 processes, local loss (B={args.batch_size}/rank)", bench_dist(args)))
     rows.append((f"train step, small CLIP (resnet20 16px + 2-layer text, B={args.step_batch})", bench_step(args, device)))
+    rows.append(("  A/A control: open_clip's loss on both sides (noise floor)", bench_step(args, device, control=True)))
 
     mem_kind = "peak alloc" if args.device == "cuda" else "saved for bwd"
     head = (f"{'case':<62}{'ours ms':>10}{'open_clip ms':>14}{'speed x':>9}"
