@@ -73,6 +73,15 @@ def eval_loaders(cfg: BYOLRecipeConfig, data, data_config: dict):
                                        num_workers=cfg.run.num_workers)
 
 
+def refuse_under_deepspeed(cfg: BYOLRecipeConfig, accelerator) -> None:
+    """What DeepSpeed cannot do here, refused before any training."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.optim.name == "lars":
+        raise ConfigError(
+            "optim.name 'lars' takes a trust ratio per layer, but DeepSpeed ZeRO hands the optimizer "
+            "flattened partitions, so the ratios would be computed over shards. Under DeepSpeed use "
+            "--optim.name sgd or adamw; or train with LARS under DDP (without --use_deepspeed).")
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(BYOLRecipeConfig, argv, default_preset=PRESETS / "byol_digits.yaml", description=__doc__)
     if cfg.eval_only:
@@ -98,11 +107,7 @@ def main(argv=None) -> dict:
                      num_classes=data.num_classes, batch_norm=cfg.byol.head_batch_norm)
         if cfg.byol.sync_batchnorm and accelerator.num_processes > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.optim.name == "lars":
-            raise ConfigError(
-                "optim.name 'lars' takes a trust ratio per layer, but DeepSpeed ZeRO hands the optimizer "
-                "flattened partitions, so the ratios would be computed over shards. Under DeepSpeed use "
-                "--optim.name sgd or adamw; or train with LARS under DDP (without --use_deepspeed).")
+        refuse_under_deepspeed(cfg, accelerator)
         global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
         optimizer = build_ssl_optimizer(model, cfg.optim, global_batch)
         model, optimizer, train_loader, bank_loader, val_loader, test_loader = run.prepare(

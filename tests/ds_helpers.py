@@ -1,7 +1,10 @@
 """DeepSpeed runs of the recipes on CPU (gloo), for the tests that compare them with DDP."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -41,3 +44,24 @@ def assert_same_weights(ref: Path, got: Path, atol: float = 1e-6, label: str = "
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=f"{label}: {k}")
     return a
+
+
+def fake_accelerator(zero_stage):
+    """Just enough of an ``Accelerator`` for a recipe's ``refuse_under_deepspeed``: DeepSpeed at
+    ``zero_stage``, or DDP when it is None."""
+    from accelerate.utils import DistributedType
+
+    if zero_stage is None:
+        return types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU,
+                                     state=types.SimpleNamespace(deepspeed_plugin=None))
+    return types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                 state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=zero_stage)))
+
+
+def load_recipe(name: str):
+    """``recipes/NAME.py`` as a module (the recipes are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", helpers.ROOT / "recipes" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

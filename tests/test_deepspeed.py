@@ -63,11 +63,11 @@ def test_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_clip_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
+def test_clip_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
     """The whole CLIP recipe (logit scale starting at its cap) under ZeRO-2, and under ZeRO-3 with every
     parameter partitioned (the attention's out_proj and the logit scale are then gathered outside their
-    own module's forward; the scale is clamped on its shards), stopped mid-epoch and resumed, ends with
-    DDP's weights. ZeRO-3 runs with memory_efficient_linear off: by default DeepSpeed swaps
+    own module's forward; the scale is clamped on its shards) ends with DDP's weights (ZeRO-3 stop and
+    resume is tested with the distillation, BYOL and DANN recipes). ZeRO-3 runs with memory_efficient_linear off: by default DeepSpeed swaps
     torch.nn.functional.linear for its own matmul + add, whose round-off leaves the weights ~6e-6 from
     DDP's after these 10 steps (with it off they are bit-identical)."""
     from ds_helpers import assert_same_weights, without_use_cpu, zero_config_args
@@ -92,9 +92,7 @@ def test_clip_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
     args = ["--config", str(preset), "--output-dir", str(z3)]
     launch = zero_config_args("clip", args, 3, 29636, stage3_param_persistence_threshold=0,
                               memory_efficient_linear=False)
-    run_recipe("clip", args + ["--run.stop-after-steps", "7"], launcher_args=launch)
-    assert not (z3 / "results.json").exists()
-    run_recipe("clip", args + ["--resume", "latest"], launcher_args=launch)
+    run_recipe("clip", args, launcher_args=launch)
     assert_same_weights(ddp / weights, z3 / weights, label="zero3")
     res, res_ddp = (json.loads((d / "results.json").read_text()) for d in (z3, ddp))
     assert res["logit_scale"] == pytest.approx(res_ddp["logit_scale"], abs=1e-4) and res["num_processes"] == 2

@@ -1,18 +1,16 @@
 """The transfer recipes under DeepSpeed (CPU, gloo) end with exactly the weights of the same runs under DDP:
 fine-tuning (source -> linear probe -> LP-FT with a frozen stem and per-stage learning rates -> scratch
 baseline, each stage a new DeepSpeed engine) under ZeRO-2 and ZeRO-3, and DANN (gradient reversal, domain
-discriminator, best-epoch selection) under ZeRO-2 and under ZeRO-3 stopped mid-epoch and resumed. The
-ZeRO-3 runs partition every parameter (persistence threshold 0). What DeepSpeed cannot do is refused."""
-import importlib.util
+discriminator, best-epoch selection) under ZeRO-3 stopped mid-epoch and resumed (a ZeRO-2 DANN run matched
+DDP as well when this test still ran it; dropped to keep the suite short). The ZeRO-3 runs partition
+every parameter (persistence threshold 0). What DeepSpeed cannot do is refused."""
 import json
-import sys
-import types
 
 import pytest
-from accelerate.utils import DistributedType
 
-from ds_helpers import assert_same_weights, deepspeed_args, without_use_cpu, zero_config_args
-from helpers import ROOT, run_recipe, write_preset
+from ds_helpers import (assert_same_weights, deepspeed_args, fake_accelerator, load_recipe, without_use_cpu,
+                        zero_config_args)
+from helpers import run_recipe, write_preset
 
 pytest.importorskip("deepspeed")
 
@@ -70,14 +68,12 @@ def test_finetune_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_dann_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
+def test_dann_zero3_with_resume_matches_ddp(tmp_path, monkeypatch):
     preset = write_preset(tmp_path / "adapt.yaml", ADAPT)
     base = ["--config", str(preset), "--method", "dann"]
     ddp = tmp_path / "ddp"
     run_recipe("adapt", base + ["--output-dir", str(ddp)], processes=2)
     without_use_cpu(monkeypatch)
-    z2 = tmp_path / "zero2"
-    run_recipe("adapt", base + ["--output-dir", str(z2)], launcher_args=deepspeed_args(2, 29748))
     z3 = tmp_path / "zero3"
     args = base + ["--output-dir", str(z3)]
     launch = zero_config_args("adapt", args, 3, 29749, stage3_param_persistence_threshold=0)
@@ -86,42 +82,25 @@ def test_dann_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
     run_recipe("adapt", args + ["--resume", "latest"], launcher_args=launch)
     ref = results(ddp)
     assert ref["selected_epoch"] == 3  # the exported weights are those after the resumed epochs
-    for run_dir in (z2, z3):
-        w = assert_same_weights(ddp / "models" / "adapt" / "model.safetensors",
-                                run_dir / "models" / "adapt" / "model.safetensors", label=run_dir.name)
-        got = results(run_dir)
-        for k in ("target_acc", "source_val_acc", "source_test_acc", "selected_epoch", "oracle_target_acc"):
-            assert got[k] == ref[k], k
+    w = assert_same_weights(ddp / "models" / "adapt" / "model.safetensors", z3 / "models" / "adapt" / "model.safetensors",
+                            label=z3.name)
+    got = results(z3)
+    for k in ("target_acc", "source_val_acc", "source_test_acc", "selected_epoch", "oracle_target_acc"):
+        assert got[k] == ref[k], k
     assert any(k.startswith("discriminator.") for k in w)
-
-
-def _finetune_recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _accelerator(zero_stage):
-    if zero_stage is None:
-        return types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU,
-                                     state=types.SimpleNamespace(deepspeed_plugin=None))
-    return types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
-                                 state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=zero_stage)))
 
 
 def test_finetune_refuses_what_deepspeed_cannot_do():
     from visrep.engine import ConfigError, from_dict
 
-    recipe = _finetune_recipe()
+    recipe = load_recipe("finetune")
     cfg = lambda **ft: from_dict(recipe.FinetuneRecipeConfig, dict(FINETUNE, finetune=dict(FINETUNE["finetune"], **ft)))  # noqa: E731
     gradual, l2sp = cfg(strategy="gradual"), cfg(l2sp_alpha=0.01)
     for stage in (1, 2, 3):
         with pytest.raises(ConfigError, match="--finetune.strategy lp_ft"):
-            recipe.refuse_under_deepspeed(gradual, _accelerator(stage))
+            recipe.refuse_under_deepspeed(gradual, fake_accelerator(stage))
     with pytest.raises(ConfigError, match="--finetune.l2sp-alpha 0"):
-        recipe.refuse_under_deepspeed(l2sp, _accelerator(3))
+        recipe.refuse_under_deepspeed(l2sp, fake_accelerator(3))
     for stage in (None, 2):  # L2-SP: whole parameters under DDP and ZeRO-1/2
-        recipe.refuse_under_deepspeed(l2sp, _accelerator(stage))
-    recipe.refuse_under_deepspeed(gradual, _accelerator(None))
+        recipe.refuse_under_deepspeed(l2sp, fake_accelerator(stage))
+    recipe.refuse_under_deepspeed(gradual, fake_accelerator(None))
