@@ -544,3 +544,42 @@ def test_clip_run_pushed_and_loaded_back_from_the_hub(tmp_path, online, monkeypa
     backbone_run, _ = make_run(tmp_path / "b")
     with pytest.raises(HubError, match="not a visrep CLIP model.*create_backbone"):
         load_clip_from_hub(backbone_run / "models" / "kd")
+
+
+def test_adaptation_model_exported_for_the_hub_loads_back(tmp_path):
+    """A domain-adaptation export (recipes/adapt.py's layout) goes through export_for_hub and loads back
+    whole with load_adaptation_from_hub; as a backbone it is refused with the loader to use."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from visrep.engine import BackboneConfig
+    from visrep.engine.export import export_model
+    from visrep.launch.hub import load_adaptation_from_hub
+    from visrep.transfer.adapt import AdaptationModel
+    from visrep.zoo import get_data_config
+
+    torch.manual_seed(0)
+    bb = BackboneConfig(name="resnet20", small_input=True, kwargs={"width": 0.25})
+    model = AdaptationModel(create_backbone("resnet20", num_classes=0, small_input=True, width=0.25), 10, 16, 16).eval()
+    run = tmp_path / "run"
+    try:
+        export_model(Accelerator(cpu=True), model, run / "models" / "adapt", bb, 10, get_data_config(model.backbone),
+                     extra={"model_type": "AdaptationModel", "bottleneck_dim": 16, "discriminator_hidden": 16,
+                            "method": "dann"})
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "method": "dann"}))
+    (run / "results.json").write_text(json.dumps({"target_acc": 0.6, "method": "dann"}))
+    (run / "state.json").write_text(json.dumps({"recipe": "adapt", "stages": {"adapt": {"done": True}}}))
+    out = export_for_hub(run, tmp_path / "hub")
+    loaded, cfg = load_adaptation_from_hub(out)
+    assert cfg["model_type"] == "AdaptationModel" and cfg["visrep"]["recipe"] == "adapt"
+    _same_weights(model, loaded)
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
+    with pytest.raises(HubError, match="domain-adaptation model.*load_adaptation_from_hub"):
+        load_backbone_from_hub(out)
+    backbone_run, _ = make_run(tmp_path / "b")
+    with pytest.raises(HubError, match="no domain-adaptation model"):
+        load_adaptation_from_hub(backbone_run / "models" / "kd")

@@ -37,7 +37,8 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 __all__ = ["HubError", "HubAuthError", "HubUnavailableError", "UnsafeWeightsError", "export_for_hub",
-           "push_to_hub", "push_run", "load_backbone_from_hub", "load_clip_from_hub", "resolve_token", "HUB_FILES"]
+           "push_to_hub", "push_run", "load_backbone_from_hub", "load_clip_from_hub", "load_adaptation_from_hub", "resolve_token",
+           "HUB_FILES"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -620,6 +621,25 @@ def load_clip_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str
     return model, config
 
 
+def load_adaptation_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str] = None,
+                             revision: Optional[str] = None, cache_dir=None):
+    """Rebuild a pushed domain-adaptation model (``recipes/adapt.py``: backbone, bottleneck, classifier
+    and discriminator) with ``visrep.transfer.adapt.load_adaptation_model``, weights loaded strictly;
+    returns ``(model, config)``. Same sources and rules as :func:`load_backbone_from_hub`."""
+    from visrep.transfer.adapt import load_adaptation_model
+
+    src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
+    if json.loads((folder / CONFIG_NAME).read_text()).get("model_type") != "AdaptationModel":
+        raise HubError(f"{where} holds no domain-adaptation model (its {CONFIG_NAME} has no model_type "
+                       f"'AdaptationModel'); load backbones with visrep.zoo.create_backbone('hf-hub:{src}').")
+    try:
+        model, config = load_adaptation_model(folder)
+    except RuntimeError as e:
+        raise HubError(f"{where}: the weights do not match the model its {CONFIG_NAME} describes. {e}") from None
+    model.hub_source = src
+    return model, config
+
+
 def load_backbone_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str] = None,
                            revision: Optional[str] = None, cache_dir=None, return_config: bool = False,
                            **overrides: Any):
@@ -641,6 +661,10 @@ def load_backbone_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional
         kind = vis.get("kind", "unknown")
         hint = f" Load it with visrep.launch.hub.load_clip_from_hub('{src}')." if kind == "clip" else ""
         raise HubError(f"{where} holds a '{kind}' model, not a zoo backbone.{hint}")
+    if vis.get("model_type") == "AdaptationModel":
+        raise HubError(f"{where} holds a domain-adaptation model (backbone, bottleneck, classifier, domain "
+                       f"discriminator), not a zoo backbone. Load it with "
+                       f"visrep.launch.hub.load_adaptation_from_hub('{src}').")
 
     overrides = dict(overrides)
     for key in ("pretrained", "checkpoint"):
