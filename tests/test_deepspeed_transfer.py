@@ -11,22 +11,13 @@ import pytest
 from ds_helpers import (assert_same_weights, deepspeed_args, fake_accelerator, load_recipe, without_use_cpu,
                         zero_config_args)
 from helpers import run_recipe, write_preset
+from test_finetune_recipe import TINY as FINETUNE_TINY
 
 pytest.importorskip("deepspeed")
 
-FINETUNE = {
-    "init": {"source": "train", "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
-             "train_epochs": 1},
-    "source": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
-    "target_domain": "digits_m",
-    "data": {"image_size": 16, "hflip": 0.0, "label_fraction": 0.3},
-    "finetune": {"strategy": "lp_ft", "freeze": {"mode": "first_n", "first_n": 1}, "layer_decay": 0.5,
-                 "lp_epochs": 1},
-    "optim": {"lr": 0.02, "weight_decay": 1e-4},
-    "schedule": {"epochs": 2, "warmup_epochs": 0.5},
-    "compare_scratch": True,
-    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
-}
+# the fine-tuning test's preset without L2-SP (refused under ZeRO-3), with weight decay instead
+FINETUNE = dict(FINETUNE_TINY, finetune={k: v for k, v in FINETUNE_TINY["finetune"].items() if not k.startswith("l2sp")},
+                optim=dict(FINETUNE_TINY["optim"], weight_decay=1e-4))
 
 ADAPT = {
     "source": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},

@@ -600,6 +600,22 @@ def _locate(repo_id_or_dir: str | os.PathLike, token: Optional[str], revision: O
     return src, folder, where
 
 
+def _load_whole_model(repo_id_or_dir, token, revision, cache_dir, what: str, wrong_kind, loader):
+    """What the loaders of whole exported models share: locate the folder, refuse it when
+    ``wrong_kind(config, where, src)`` returns a message, rebuild it with ``loader(folder) -> (model,
+    config)`` (strict keys: a mismatch is a ``HubError`` naming ``what``), remember where it came from."""
+    src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
+    problem = wrong_kind(json.loads((folder / CONFIG_NAME).read_text()), where, src)
+    if problem:
+        raise HubError(problem)
+    try:
+        model, config = loader(folder)
+    except RuntimeError as e:  # strict load_state_dict: missing / unexpected keys, wrong shapes
+        raise HubError(f"{where}: the weights do not match the {what} its {CONFIG_NAME} describes. {e}") from None
+    model.hub_source = src
+    return model, config
+
+
 def load_clip_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str] = None,
                        revision: Optional[str] = None, cache_dir=None):
     """Rebuild a pushed visrep CLIP model (both towers, projections, logit scale) with
@@ -608,17 +624,13 @@ def load_clip_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str
     :func:`load_backbone_from_hub` (safetensors only; ``USER/REPO`` or a local folder)."""
     from visrep.clip import load_clip
 
-    src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
-    kind = json.loads((folder / CONFIG_NAME).read_text()).get("kind")
-    if kind != "clip":
-        raise HubError(f"{where} holds a '{kind or 'backbone'}' model, not a visrep CLIP model; "
-                       f"load backbones with visrep.zoo.create_backbone('hf-hub:{src}').")
-    try:
-        model, config = load_clip(folder)
-    except RuntimeError as e:  # strict load_state_dict: missing / unexpected keys, wrong shapes
-        raise HubError(f"{where}: the weights do not match the CLIP model its config.json describes. {e}") from None
-    model.hub_source = src
-    return model, config
+    def wrong_kind(config, where, src):
+        kind = config.get("kind")
+        if kind != "clip":
+            return (f"{where} holds a '{kind or 'backbone'}' model, not a visrep CLIP model; "
+                    f"load backbones with visrep.zoo.create_backbone('hf-hub:{src}').")
+
+    return _load_whole_model(repo_id_or_dir, token, revision, cache_dir, "CLIP model", wrong_kind, load_clip)
 
 
 def load_adaptation_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str] = None,
@@ -628,16 +640,12 @@ def load_adaptation_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Option
     returns ``(model, config)``. Same sources and rules as :func:`load_backbone_from_hub`."""
     from visrep.transfer.adapt import load_adaptation_model
 
-    src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
-    if json.loads((folder / CONFIG_NAME).read_text()).get("model_type") != "AdaptationModel":
-        raise HubError(f"{where} holds no domain-adaptation model (its {CONFIG_NAME} has no model_type "
-                       f"'AdaptationModel'); load backbones with visrep.zoo.create_backbone('hf-hub:{src}').")
-    try:
-        model, config = load_adaptation_model(folder)
-    except RuntimeError as e:
-        raise HubError(f"{where}: the weights do not match the model its {CONFIG_NAME} describes. {e}") from None
-    model.hub_source = src
-    return model, config
+    def wrong_kind(config, where, src):
+        if config.get("model_type") != "AdaptationModel":
+            return (f"{where} holds no domain-adaptation model (its {CONFIG_NAME} has no model_type "
+                    f"'AdaptationModel'); load backbones with visrep.zoo.create_backbone('hf-hub:{src}').")
+
+    return _load_whole_model(repo_id_or_dir, token, revision, cache_dir, "model", wrong_kind, load_adaptation_model)
 
 
 def load_backbone_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str] = None,
