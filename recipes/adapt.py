@@ -38,12 +38,13 @@ from accelerate.utils import set_seed
 from visrep.data import DataConfig, build_classification_data
 from visrep.data.digits_m import load_digits_m_splits
 from visrep.launch import push_run
-from visrep.engine import (RecipeConfig, BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
+from visrep.engine import (ConfigError, RecipeConfig, BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
                            build_optimizer, evaluate_classifier, parse_config)
 from visrep.engine.export import export_model
 from visrep.transfer import (AdaptationModel, BestOnSourceVal, CoralLoss, GRLSchedule, MultiKernelMMDLoss,
                              PairedDataset, domain_adversarial_loss)
 from visrep.zoo import create_backbone, get_data_config
+from visrep.errors import main_entry
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 METHODS = ("source_only", "dann", "mmd", "coral")
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
         tgt_splits = load_digits_m_splits(cfg.target) if cfg.target_domain == "digits_m" else None
         tgt = build_classification_data(cfg.target, dc, cfg.seed + 1, bs, ebs, nw, splits=tgt_splits)
         if tgt.classes != src.classes:
-            raise ValueError(f"source classes {src.classes} and target classes {tgt.classes} differ; closed-set "
+            raise ConfigError(f"source classes {src.classes} and target classes {tgt.classes} differ; closed-set "
                              f"adaptation needs one label space.")
         if cfg.method == "source_only":  # the very source batches the other methods see, no target decoding
             train_loader, epoch_setters = src.train_loader, src.epoch_setters
@@ -251,4 +252,4 @@ def format_summary(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_entry(main)

@@ -39,6 +39,7 @@ from visrep.ssl import (BYOL, BYOLConfig, BatchedBYOLAugment, EMAUpdater, SSLAug
                         SSLOptimConfig, base_transform, batch_seed, build_ssl_optimizer, byol_loss, byol_transforms,
                         evaluate_representation, export_byol, normalized_std)
 from visrep.zoo import create_backbone, get_data_config
+from visrep.errors import main_entry
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -250,4 +251,4 @@ def format_table(r: dict, cfg: BYOLRecipeConfig) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_entry(main)

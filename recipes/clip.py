@@ -32,6 +32,7 @@ from visrep.data.pairs import PairsConfig, build_pair_data
 from visrep.launch import push_run
 from visrep.engine import (RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, parse_config)
+from visrep.errors import main_entry
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -194,4 +195,4 @@ def format_table(r: dict, cfg: ClipRecipeConfig) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_entry(main)

@@ -25,11 +25,12 @@ from accelerate.utils import set_seed
 
 from visrep.data import DataConfig, build_classification_data
 from visrep.distill import DistillationLoss, FrozenTeacher, KDConfig
-from visrep.engine import (RecipeConfig, BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
+from visrep.engine import (ConfigError, RecipeConfig, BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
                            build_optimizer, count_parameters, evaluate_classifier, parse_config)
 from visrep.engine.export import export_model, load_model
 from visrep.launch import push_run
 from visrep.zoo import create_backbone, get_data_config
+from visrep.errors import main_entry
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
                                               small_input=t.model.small_input, **t.model.kwargs)
             teacher_res = {"wall_time": 0.0}
         if getattr(teacher_net, "num_classes", data.num_classes) != data.num_classes:
-            raise ValueError(f"the teacher predicts {teacher_net.num_classes} classes but the data has "
+            raise ConfigError(f"the teacher predicts {teacher_net.num_classes} classes but the data has "
                              f"{data.num_classes}; distillation needs the same label space.")
         teacher_dc = get_data_config(teacher_net)
         teacher = FrozenTeacher(teacher_net, student_dc["mean"], student_dc["std"], teacher_dc["mean"],
@@ -195,4 +196,4 @@ def format_table(r: dict, cfg: DistillRecipeConfig) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_entry(main)

@@ -43,6 +43,7 @@ from visrep.transfer import (L2SP, BestOnSourceVal, FreezeConfig, GradualUnfreez
 from visrep.transfer.finetune import num_stages
 from visrep.transfer.loading import InitConfig, build_start_model
 from visrep.zoo import create_backbone, get_data_config
+from visrep.errors import main_entry
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -282,4 +283,4 @@ def format_summary(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_entry(main)

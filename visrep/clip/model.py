@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from visrep.clip.loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
+from visrep.errors import UserError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class PretrainedUnavailableError(RuntimeError):
+class PretrainedUnavailableError(UserError, RuntimeError):
     """Pretrained CLIP weights could not be obtained (no network, unknown tag); says what to do."""
 
 

@@ -15,13 +15,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from visrep.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(UserError, RuntimeError):
     """An image could not be decoded; the message names the file (or row) and what to do."""
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from visrep.data.images import EpochSampler, build_transforms, decode_image, drop_unreadable, sample_seed
+from visrep.errors import DataError, MissingFileError, MissingKeyError
 
 DIGIT_NAMES = [["zero", "0"], ["one", "1"], ["two", "2"], ["three", "3"], ["four", "4"], ["five", "5"],
                ["six", "6"], ["seven", "7"], ["eight", "8"], ["nine", "9"]]
@@ -138,7 +139,7 @@ def _standardize(ds, cfg: PairsConfig, names_out: list):
     cols = ds.column_names
     for col in (cfg.image_column, cfg.caption_column) + ((cfg.label_column,) if cfg.label_column else ()):
         if col not in cols:
-            raise KeyError(f"dataset column '{col}' not found; available columns: {cols}. Set data.image_column / "
+            raise MissingKeyError(f"dataset column '{col}' not found; available columns: {cols}. Set data.image_column / "
                            f"data.caption_column / data.label_column.")
     keep = [cfg.image_column, cfg.caption_column] + ([cfg.label_column] if cfg.label_column else [])
     ds = ds.select_columns(keep)
@@ -167,7 +168,7 @@ def _held_out(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarra
 
 def _derive_splits(d: dict, cfg: PairsConfig) -> dict:
     if cfg.train_split not in d:
-        raise KeyError(f"split '{cfg.train_split}' not found; available splits: {sorted(d)}. Set data.train_split.")
+        raise MissingKeyError(f"split '{cfg.train_split}' not found; available splits: {sorted(d)}. Set data.train_split.")
     train = d[cfg.train_split]
     if cfg.test_split and cfg.test_split in d:
         test = d[cfg.test_split]
@@ -203,7 +204,7 @@ def read_captions_file(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i + 1} is not valid JSON: {e}") from None
+                raise DataError(f"{path}:{i + 1} is not valid JSON: {e}") from None
         return rows
     if path.suffix == ".csv":
         with open(path, newline="") as f:
@@ -212,7 +213,7 @@ def read_captions_file(path: Path) -> list[dict]:
             if isinstance(r.get("captions"), str):
                 r["captions"] = [c.strip() for c in r["captions"].split("|") if c.strip()]
         return rows
-    raise ValueError(f"captions file '{path}' must be .jsonl or .csv")
+    raise DataError(f"captions file '{path}' must be .jsonl or .csv")
 
 
 def _folder(cfg: PairsConfig) -> PairSplits:
@@ -220,28 +221,28 @@ def _folder(cfg: PairsConfig) -> PairSplits:
 
     root = Path(cfg.data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"data.data_dir '{root}' is not a directory.")
+        raise MissingFileError(f"data.data_dir '{root}' is not a directory.")
     if cfg.captions_file:
         cap = root / cfg.captions_file
     else:
         found = [root / n for n in ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
                  if (root / n).is_file()]
         if not found:
-            raise FileNotFoundError(f"no captions file in '{root}': expected captions.jsonl or captions.csv (rows: "
+            raise MissingFileError(f"no captions file in '{root}': expected captions.jsonl or captions.csv (rows: "
                                     f"file, caption[, label, split]) or set data.captions_file.")
         cap = found[0]
     if not cap.is_file():
-        raise FileNotFoundError(f"captions file '{cap}' does not exist.")
+        raise MissingFileError(f"captions file '{cap}' does not exist.")
     rows = read_captions_file(cap)
     if not rows:
-        raise ValueError(f"captions file '{cap}' has no rows.")
+        raise DataError(f"captions file '{cap}' has no rows.")
     by_split: dict[str, dict[str, list]] = {}
     missing = []
     for i, r in enumerate(rows):
         file = r.get("file") or r.get("file_name") or r.get("image")
         caps = _as_captions(r.get("captions") if r.get("captions") not in (None, "") else r.get("caption"))
         if not file or not caps:
-            raise ValueError(f"row {i + 1} of '{cap}' needs 'file' and 'caption' (or 'captions'); got keys {sorted(r)}")
+            raise DataError(f"row {i + 1} of '{cap}' needs 'file' and 'caption' (or 'captions'); got keys {sorted(r)}")
         p = root / file
         if not p.is_file():
             missing.append(str(p))
@@ -252,7 +253,7 @@ def _folder(cfg: PairsConfig) -> PairSplits:
         col["captions"].append(caps)
         col["label"].append(label if label not in (None, "") and cfg.label_column else -1)
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) listed in '{cap}' do not exist, e.g. {missing[:3]}")
+        raise MissingFileError(f"{len(missing)} image(s) listed in '{cap}' do not exist, e.g. {missing[:3]}")
     d = {}
     for split, cols in by_split.items():
         ds = datasets.Dataset.from_dict({"image": cols["image"], "captions": cols["captions"],
@@ -389,7 +390,7 @@ def build_pair_data(cfg: PairsConfig, data_config: dict, tokenizer: Callable, se
     val = PairDataset(ps.splits["val"], eval_tf, split="val", templates=ps.eval_templates, **kw)
     test = PairDataset(ps.splits["test"], eval_tf, split="test", templates=ps.eval_templates, **kw)
     if len(train) < batch_size:
-        raise ValueError(f"the training split has {len(train)} pairs, fewer than one batch of {batch_size}; "
+        raise DataError(f"the training split has {len(train)} pairs, fewer than one batch of {batch_size}; "
                          f"lower run.batch_size (or run.grad_accum).")
     sampler = EpochSampler(len(train), seed)
     lk = dict(num_workers=num_workers, collate_fn=collate_pairs, persistent_workers=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+from visrep.errors import MissingFileError, MissingKeyError
 
 
 @dataclasses.dataclass
@@ -104,7 +105,7 @@ def _standardize(d, cfg: DataConfig):
     first = next(iter(d.values()))
     for col in (cfg.image_column, cfg.label_column):
         if col not in first.column_names:
-            raise KeyError(f"dataset column '{col}' not found; available columns: {first.column_names}. "
+            raise MissingKeyError(f"dataset column '{col}' not found; available columns: {first.column_names}. "
                            f"Set data.image_column / data.label_column.")
     out = {}
     for split, ds in d.items():
@@ -121,7 +122,7 @@ def _standardize(d, cfg: DataConfig):
             out[split] = out[split].map(lambda r: {"label": str(r["label"])}).cast_column(
                 "label", datasets.ClassLabel(names=names))
     if cfg.train_split not in out:
-        raise KeyError(f"split '{cfg.train_split}' not found; available splits: {sorted(out)}. Set data.train_split.")
+        raise MissingKeyError(f"split '{cfg.train_split}' not found; available splits: {sorted(out)}. Set data.train_split.")
     train = out[cfg.train_split]
     labels = np.asarray(train["label"])
     if cfg.test_split in out:
@@ -153,7 +154,7 @@ def load_splits(cfg: DataConfig):
     elif cfg.source == "imagefolder":
         root = Path(cfg.data_dir)
         if not root.is_dir():
-            raise FileNotFoundError(f"data.data_dir '{root}' is not a directory. Point it at a class-per-folder "
+            raise MissingFileError(f"data.data_dir '{root}' is not a directory. Point it at a class-per-folder "
                                     f"image tree (root/CLASS/*.png, optionally root/train/CLASS/...).")
         d = datasets.load_dataset("imagefolder", data_dir=str(root))
         d = _standardize(d, dataclasses.replace(cfg, image_column="image", label_column="label"))

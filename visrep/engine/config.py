@@ -18,11 +18,15 @@ from typing import Any, Literal, Optional, Sequence, TypeVar, Union
 
 import yaml
 
+from visrep.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value is wrong; the message names it and says what is allowed."""
+
+    same_on_every_rank = True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch import nn
 
 from visrep.engine.config import BackboneConfig, to_dict
 from visrep.engine.io import atomic_write_json, is_writer
+from visrep.errors import MissingFileError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -81,7 +82,7 @@ def read_model_config(path: str | Path) -> dict:
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"'{path}' is not an exported visrep model: '{cfg_file}' is missing. Expected a "
+        raise MissingFileError(f"'{path}' is not an exported visrep model: '{cfg_file}' is missing. Expected a "
                                 f"directory with {WEIGHTS_NAME} and {CONFIG_NAME} (e.g. RUN_DIR/models/STAGE).")
     return json.loads(cfg_file.read_text())
 
@@ -94,7 +95,7 @@ def load_model(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict]:
     cfg = read_model_config(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"'{weights}' is missing; the export in '{path}' is incomplete.")
+        raise MissingFileError(f"'{weights}' is missing; the export in '{path}' is incomplete.")
     kwargs = dict(cfg.get("kwargs") or {})
     kwargs.update(overrides)
     model = create_backbone(cfg["architecture"], num_classes=cfg["num_classes"], small_input=cfg.get("small_input", False),

@@ -30,16 +30,21 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
 
+from visrep.engine.checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, newest_intact, verify,
+                                     write_dir_atomically)
 from visrep.engine.config import RunConfig, diff_configs, save_yaml, to_dict
-from visrep.engine.io import atomic_write_json, is_writer, replace_dir
+from visrep.engine.io import atomic_write_json, is_writer
+from visrep.engine.preempt import StopRequest
+from visrep.errors import CheckpointError, Preempted, UserError
 
-CHECKPOINT_PREFIX = "step_"
 # Keys that may differ between the run that was interrupted and the one that resumes it.
 RESUME_FREE_KEYS = ("resume", "run.stop_after_steps", "run.progress", "run.trackers", "config", "push_to_hub")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the run stops and the last good checkpoint stays as it was."""
+
+    same_on_every_rank = True  # the check is all-reduced: every rank raises it at the same step
 
 
 class StopRun(Exception):
@@ -150,14 +155,6 @@ def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerato
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-def list_checkpoints(stage_dir: Path) -> list[Path]:
-    if not stage_dir.is_dir():
-        return []
-    found = [p for p in stage_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
 class Run:
     """Owns the accelerator and the run directory. Use as a context manager around the recipe body."""
 
@@ -170,10 +167,10 @@ class Run:
         self.run_dir = Path(output_dir)
         if resume not in (None, "", "latest"):
             self.resume_ckpt = Path(resume)
-            if not (self.resume_ckpt / "trainer_state.json").is_file():
-                raise FileNotFoundError(
-                    f"--resume {resume}: '{self.resume_ckpt}' is not a checkpoint directory (it has no "
-                    f"trainer_state.json). Pass a directory RUN_DIR/checkpoints/STAGE/step_N or 'latest'.")
+            if not self.resume_ckpt.is_dir() or not self.resume_ckpt.name.startswith(CHECKPOINT_PREFIX):
+                raise CheckpointError(
+                    f"--resume {resume}: '{self.resume_ckpt}' is not a checkpoint directory. Pass a directory "
+                    f"RUN_DIR/checkpoints/STAGE/{CHECKPOINT_PREFIX}N or 'latest'.")
             self.run_dir = self.resume_ckpt.parent.parent.parent
         self.resuming = resume is not None and resume != ""
         self.accelerator = build_accelerator(run_cfg, self.run_dir, **(accelerator_kwargs or {}))
@@ -188,18 +185,19 @@ class Run:
         self.accelerator.wait_for_everyone()
         self.accelerator.init_trackers(recipe, config=_flat_hparams(to_dict(cfg)))
         set_seed(seed)
+        self.stop_request = StopRequest().install()  # SIGTERM / SIGUSR1: checkpoint after this step, exit 75
 
     # -- set-up ---------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
         cfg_path = self.run_dir / "config.yaml"
         if not self.resuming:
             if self.state_path.exists() or (self.run_dir / "checkpoints").exists():
-                raise FileExistsError(
+                raise UserError(
                     f"output dir '{self.run_dir}' already holds a run. Pass --resume latest to continue it, "
                     f"or choose another --output-dir.")
             return
         if not self.state_path.exists() and not (self.run_dir / "checkpoints").exists():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"--resume: nothing to resume in '{self.run_dir}' (no state.json, no checkpoints/). "
                 f"Start the run without --resume, or point --output-dir at the run to continue.")
         if cfg_path.exists():
@@ -263,6 +261,7 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self.stop_request.restore()
         self.accelerator.end_training()
         if exc_type is StopRun:
             self.print(f"[visrep] {exc} Continue with: --resume latest --output-dir {self.run_dir}")
@@ -331,16 +330,20 @@ class Stage:
         self._window: dict[str, list[float]] = {}
         self._pbar = None
         self._last_saved_step = -1
+        self._last_saved_path: Optional[Path] = None
         record = run.state["stages"].get(name, {})
         self.done = bool(record.get("done"))
         if self.done:
-            self._load_final_weights()
+            self.done = self._load_final_weights()
             self.wall_time = float(record.get("wall_time", 0.0))
-        elif run.resuming:
-            ckpt = run.resume_ckpt if (run.resume_ckpt is not None and run.resume_ckpt.parent.name == name) else None
-            if ckpt is None and run.resume_ckpt is None:
-                found = list_checkpoints(self.ckpt_dir)
-                ckpt = found[-1] if found else None
+        if not self.done and run.resuming:
+            explicit = run.resume_ckpt if (run.resume_ckpt is not None and run.resume_ckpt.parent.name == name) else None
+            if explicit is not None:
+                ckpt = self._checked(explicit)
+            elif run.resume_ckpt is None or record.get("done"):
+                ckpt = self._newest_intact_checkpoint(required=bool(record.get("done")))
+            else:
+                ckpt = None
             if ckpt is not None:
                 self._load_checkpoint(ckpt)
 
@@ -381,7 +384,7 @@ class Stage:
             self._window.setdefault(k, []).append(v.item() if isinstance(v, torch.Tensor) else float(v))
         if not self.accelerator.sync_gradients:
             return
-        self._check_finite(vals["loss"])
+        stop = self._agree(vals["loss"])
         self.step += 1
         self.run.global_step += 1
         if self._pbar is not None:
@@ -393,25 +396,44 @@ class Stage:
         every = self.run.run_cfg.checkpoint_every
         if every and self.step % every == 0:
             self.save()
-        stop = self.run.run_cfg.stop_after_steps
-        if stop is not None and self.run.global_step >= stop:
+        if stop:
+            self._stop_for_requeue()
+        limit = self.run.run_cfg.stop_after_steps
+        if limit is not None and self.run.global_step >= limit:
             if self._last_saved_step != self.step:
                 self.save()
             self._close_pbar()
             raise StopRun(f"stopped after {self.run.global_step} optimizer steps (run.stop_after_steps).")
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = (~torch.isfinite(loss)).float().reshape(1).to(self.accelerator.device)
+    def _agree(self, loss: Optional[torch.Tensor] = None) -> bool:
+        """One collective per optimizer step for what every rank must agree on: a non-finite loss on
+        any rank stops the run (:class:`NonFiniteLossError`); a stop signal on any rank (SIGTERM,
+        SIGUSR1) is returned as True, so that all ranks stop after this same step."""
+        device = self.accelerator.device
+        flags = torch.tensor([0.0, float(self.run.stop_request.requested)], device=device)
+        if loss is not None:
+            flags[0] = (~torch.isfinite(loss.detach())).any().float()
         if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if bad.item() > 0:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        bad, stop = flags.tolist()
+        if bad > 0:
             found = list_checkpoints(self.ckpt_dir)
             last = f"the last good checkpoint is '{found[-1]}'" if found else "no checkpoint was written yet"
             self._close_pbar()
+            value = loss.item() if loss is not None else float("nan")
             raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) in stage '{self.name}' at optimizer step {self.step + 1} "
+                f"non-finite loss ({value}) in stage '{self.name}' at optimizer step {self.step + 1} "
                 f"(epoch {self.epoch}, batch {self.batch_in_epoch}); {last}. Lower optim.lr, set "
                 f"optim.grad_clip, or check the data.")
+        return stop > 0
+
+    def _stop_for_requeue(self) -> None:
+        """A stop signal reached some rank: checkpoint this step (all ranks) and leave with "requeue me"."""
+        path = self.save() if self._last_saved_step != self.step else self._last_saved_path
+        self._close_pbar()
+        why = self.run.stop_request.name or "a stop signal on another rank"
+        raise Preempted(f"stopped by {why} after optimizer step {self.step} of stage '{self.name}'; "
+                        f"checkpoint '{path}' written. Continue with: --resume latest --output-dir {self.run.run_dir}")
 
     def _flush_window(self) -> None:
         if not self._window:
@@ -437,6 +459,8 @@ class Stage:
             self._pbar.write(line) if self._pbar is not None else self.run.print(line)
         if self.run.run_cfg.checkpoint_every == 0 or self.epoch == self.num_epochs:
             self.save()
+        if self._agree():  # a signal during evaluation: stop now rather than after another epoch's first step
+            self._stop_for_requeue()
 
     # -- checkpoints ----------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -446,51 +470,90 @@ class Stage:
                 "num_processes": self.accelerator.num_processes}
 
     def save(self) -> Path:
-        """Write a checkpoint atomically: everything goes to a temporary directory, which is renamed
-        into place only once complete; then all but the last ``run.keep_last`` are removed."""
+        """Write a checkpoint as a whole (:func:`visrep.engine.checkpoint.write_dir_atomically`: a
+        temporary directory, a manifest of sizes and checksums written last, then a rename), then
+        remove all but the last ``run.keep_last``. A full disk raises a ``DiskWriteError`` naming the
+        directory; the previous checkpoints stay intact."""
         acc = self.accelerator
         final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:08d}"
-        tmp = self.ckpt_dir / f".tmp-{final.name}"
-        if self.run.is_writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        try:
+
+        def write(tmp: Path) -> None:
             acc.save_state(str(tmp))
-            acc.wait_for_everyone()  # every rank has written its part (RNG states, shards) before the rename
+            acc.wait_for_everyone()
             if self.run.is_writer:
                 for key, obj in self.extra_state.items():
                     torch.save(obj.state_dict(), tmp / f"extra_{key}.pt")
                 atomic_write_json(tmp / "trainer_state.json", self.trainer_state())
                 save_yaml(self.run.cfg, tmp / "config.yaml")
-                replace_dir(tmp, final)
-        except BaseException:
-            if self.run.is_writer:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        prev = list_checkpoints(self.ckpt_dir)
+        keep = f"'{prev[-1]}' is intact" if prev else "no earlier checkpoint exists"
+        write_dir_atomically(final, write, writer=self.run.is_writer, barrier=acc.wait_for_everyone,
+                             what=f"checkpoint of stage '{self.name}' at step {self.step}",
+                             hint=f"The previous checkpoint {keep}. Free space (or choose another --output-dir), "
+                                  f"then continue with --resume latest.")
         if self.run.is_writer:
             for old in list_checkpoints(self.ckpt_dir)[:-self.run.run_cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self._last_saved_step = self.step
+        self._last_saved_path = final
         self.run.save_run_state()
         acc.wait_for_everyone()
         return final
 
+    # -- resume ---------------------------------------------------------------------------------
+    def _checked(self, path: Path) -> Path:
+        """``path`` if it verifies against its manifest, else a ``CheckpointError`` saying why."""
+        reason = self._on_main(lambda: verify(path))
+        if reason is not None:
+            raise CheckpointError(f"checkpoint '{path}' is damaged: {reason}. Resume from an intact one "
+                                  f"(--resume latest picks the newest intact checkpoint).")
+        return path
+
+    def _newest_intact_checkpoint(self, required: bool) -> Optional[Path]:
+        """The newest checkpoint of this stage that verifies (the main process checks, all ranks
+        follow). Damaged newer ones are reported by path. None when the stage has none yet; a
+        ``CheckpointError`` when it has checkpoints (or ``required``) but none is intact."""
+        found = list_checkpoints(self.ckpt_dir)
+        choice, problems = None, []
+        if found:
+            def pick():
+                return newest_intact(found, lambda m: print(f"[visrep] warning: {m}", file=sys.stderr, flush=True))
+            choice, problems = self._on_main(pick)
+        if choice is None and (found or required):
+            listed = "; ".join(problems) or f"none in '{self.ckpt_dir}'"
+            raise CheckpointError(
+                f"no intact checkpoint of stage '{self.name}' to resume from ({listed}). Delete "
+                f"'{self.ckpt_dir}' to run the stage again from its start, or start a new run.")
+        return choice
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the main process only (reading and hashing files once per job) and give its
+        result to every rank."""
+        from accelerate.utils import broadcast_object_list
+
+        box = [fn() if self.run.is_main else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(box, from_process=0)
+        return box[0]
+
     def _load_checkpoint(self, path: Path) -> None:
         ts = json.loads((path / "trainer_state.json").read_text())
         if ts.get("stage") != self.name:
-            raise ValueError(f"checkpoint '{path}' belongs to stage '{ts.get('stage')}', not '{self.name}'.")
+            raise CheckpointError(f"checkpoint '{path}' belongs to stage '{ts.get('stage')}', not '{self.name}'.")
         self.accelerator.load_state(str(path))
         for key, obj in self.extra_state.items():
             f = path / f"extra_{key}.pt"
             if not f.is_file():
-                raise FileNotFoundError(f"checkpoint '{path}' has no '{f.name}' for state '{key}'.")
+                raise CheckpointError(f"checkpoint '{path}' has no '{f.name}' for state '{key}' (written by "
+                                      f"a recipe with other state); resume it with the recipe that wrote it.")
             obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
         self.epoch, self.batch_in_epoch = int(ts["epoch"]), int(ts["batch_in_epoch"])
         self.step = int(ts["step"])
         self.run.global_step = int(ts["global_step"])
         self.wall_time = float(ts.get("wall_time", 0.0))
         self._last_saved_step = self.step
+        self._last_saved_path = path
         if self.run.is_main:
             truncate_metrics(self.run.run_dir / "metrics.jsonl", self.name, self.step)
             for tracker in self.accelerator.trackers:
@@ -499,17 +562,23 @@ class Stage:
         self.run.print(f"[visrep] resumed stage '{self.name}' from '{path}' (epoch {self.epoch}, "
                        f"batch {self.batch_in_epoch}, step {self.step}/{self.total_steps})")
 
-    def _load_final_weights(self) -> None:
+    def _load_final_weights(self) -> bool:
+        """Load a finished stage's export. If the export is damaged (checked against its manifest),
+        report it and return False: the stage then resumes from its last intact checkpoint (the one
+        written at its end) and is exported again."""
         from safetensors.torch import load_file
 
-        f = self.model_dir / "model.safetensors"
-        if not f.is_file():
-            raise FileNotFoundError(f"stage '{self.name}' is marked done in '{self.run.state_path}' but "
-                                    f"'{f}' is missing; delete the stage entry from state.json to retrain it.")
         from visrep.engine.export import load_full_state_dict
 
+        reason = self._on_main(lambda: verify(self.model_dir))
+        if reason is not None:
+            self.run.print(f"[visrep] warning: stage '{self.name}' is finished but its export '{self.model_dir}' "
+                           f"is damaged ({reason}); restoring it from the stage's last checkpoint")
+            return False
+        f = self.model_dir / "model.safetensors"
         load_full_state_dict(self.accelerator, self.model, load_file(str(f)))
         self.run.print(f"[visrep] stage '{self.name}' already finished; loaded '{f}'")
+        return True
 
     def finish(self, results: Optional[dict] = None) -> dict:
         """Mark the stage done: export its weights, record results and wall time, release the
@@ -520,14 +589,10 @@ class Stage:
             self._close_pbar()
             self.wall_time += time.perf_counter() - self._t0
             if self.export_fn is not None:
-                tmp = self.model_dir.with_name(f".tmp-{self.name}")
-                if self.run.is_writer:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    tmp.mkdir(parents=True)
-                acc.wait_for_everyone()
-                self.export_fn(tmp)
-                if self.run.is_writer:
-                    replace_dir(tmp, self.model_dir)
+                write_dir_atomically(self.model_dir, self.export_fn, writer=self.run.is_writer,
+                                     barrier=acc.wait_for_everyone, what=f"export of stage '{self.name}'",
+                                     hint="Free space (or choose another --output-dir), then continue with "
+                                          "--resume latest.")
             record = {"done": True, "wall_time": self.wall_time, "steps": self.step,
                       "results": results or {}}
             self.run.state["stages"][self.name] = record

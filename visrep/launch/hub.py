@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+from visrep.errors import MissingFileError, UserError
+
 __all__ = ["HubError", "HubAuthError", "HubUnavailableError", "UnsafeWeightsError", "export_for_hub",
            "push_to_hub", "push_run", "load_backbone_from_hub", "load_clip_from_hub", "load_adaptation_from_hub", "resolve_token",
            "HUB_FILES"]
@@ -51,7 +53,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _SECRET_KEY = re.compile(r"(^|_)(token|hf_token|hub_token|api_key|apikey|password|passwd|secret)$", re.I)
 
 
-class HubError(RuntimeError):
+class HubError(UserError, RuntimeError):
     """Publishing to or loading from the Hugging Face Hub failed; the message says why and what to do."""
 
 
@@ -130,7 +132,7 @@ def _resolve_source(src: str | os.PathLike, stage: Optional[str]) -> tuple[Path,
     """(model dir, run dir or None, stage name or None) for a run dir or an exported model dir."""
     src = Path(src)
     if not src.exists():
-        raise FileNotFoundError(f"'{src}' does not exist; pass a run directory (RUN_DIR with models/) or an "
+        raise MissingFileError(f"'{src}' does not exist; pass a run directory (RUN_DIR with models/) or an "
                                 f"exported model directory ({WEIGHTS_NAME} + {CONFIG_NAME}).")
     if (src / "models").is_dir():
         models = src / "models"
@@ -138,7 +140,7 @@ def _resolve_source(src: str | os.PathLike, stage: Optional[str]) -> tuple[Path,
             found = _stage_dir(models, stage)
             if found is None:
                 have = sorted(p.name for p in models.iterdir() if p.is_dir() and _stage_dir(models, p.name))
-                raise FileNotFoundError(f"run '{src}' has no exported stage '{stage}' (in {models}); "
+                raise MissingFileError(f"run '{src}' has no exported stage '{stage}' (in {models}); "
                                         f"exported stages: {', '.join(have) or 'none'}.")
             return found, src, stage
         order: list[str] = []
@@ -152,7 +154,7 @@ def _resolve_source(src: str | os.PathLike, stage: Optional[str]) -> tuple[Path,
             found = _stage_dir(models, name)
             if found is not None:
                 return found, src, name
-        raise FileNotFoundError(f"run '{src}' has no exported model under {models} (a finished stage writes "
+        raise MissingFileError(f"run '{src}' has no exported model under {models} (a finished stage writes "
                                 f"models/STAGE/{WEIGHTS_NAME}); finish the run or pass an exported model directory.")
     if _is_model_dir(src):
         run_dir = _find_run_dir(src)
@@ -161,7 +163,7 @@ def _resolve_source(src: str | os.PathLike, stage: Optional[str]) -> tuple[Path,
             rel = src.relative_to(run_dir / "models").parts
             name = rel[0] if rel else None
         return src, run_dir, stage or name
-    raise FileNotFoundError(f"'{src}' is neither a run directory (no models/) nor an exported model "
+    raise MissingFileError(f"'{src}' is neither a run directory (no models/) nor an exported model "
                             f"(needs {WEIGHTS_NAME} and {CONFIG_NAME}).")
 
 
@@ -590,11 +592,11 @@ def _locate(repo_id_or_dir: str | os.PathLike, token: Optional[str], revision: O
         folder, where = local, f"local folder '{local}'"
         if not (folder / WEIGHTS_NAME).is_file():
             _refuse_pickles([p.name for p in folder.iterdir()], where)
-            raise FileNotFoundError(f"{where} has no {WEIGHTS_NAME}")
+            raise MissingFileError(f"{where} has no {WEIGHTS_NAME}")
         if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{where} has no {CONFIG_NAME}")
+            raise MissingFileError(f"{where} has no {CONFIG_NAME}")
     elif not _REPO_ID.match(src):
-        raise FileNotFoundError(f"'{src}' is neither a local folder nor a Hub repo id (USER/REPO)")
+        raise MissingFileError(f"'{src}' is neither a local folder nor a Hub repo id (USER/REPO)")
     else:
         folder, where = _fetch(src, token, revision, cache_dir), f"Hub repo '{src}'"
     return src, folder, where

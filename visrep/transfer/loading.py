@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from visrep.engine.config import BackboneConfig
+from visrep.errors import DataError, MissingFileError
 
 HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "online.backbone.", "online_network.backbone.",
@@ -44,7 +45,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weights '{path}' not found (expected a .safetensors file)")
+        raise MissingFileError(f"backbone weights '{path}' not found (expected a .safetensors file)")
     sd = load_file(str(path))
     for pre in WRAPPER_PREFIXES:
         if sd and all(k.startswith(pre) for k in sd):
@@ -57,7 +58,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> dict:
     shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
               if v.shape != own[k].shape]
     if missing or shapes:
-        raise ValueError(f"'{path}' does not fit {getattr(model, 'zoo_name', type(model).__name__)}: "
+        raise DataError(f"'{path}' does not fit {getattr(model, 'zoo_name', type(model).__name__)}: "
                          f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}; shape mismatches {shapes[:8]}"
                          f"; keys ignored: {dropped[:8]}")
     model.load_state_dict(sd, strict=False)

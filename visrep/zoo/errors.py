@@ -8,6 +8,19 @@ class PretrainedWeightsUnavailable(RuntimeError):
     ``create_backbone(name, checkpoint="weights.safetensors")`` instead.
     """
 
+    user_error = True  # reported without a traceback (visrep.errors; the zoo imports nothing of ours)
+
 
 class CheckpointMismatchError(RuntimeError):
     """A ``checkpoint=`` file does not match the model's state dict key for key."""
+
+    user_error = True
+
+
+class UnknownBackboneError(KeyError):
+    """A backbone name that is not registered; the message lists close matches."""
+
+    user_error = True
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import torch.nn as nn
 
-from .errors import CheckpointMismatchError, PretrainedWeightsUnavailable
+from .errors import CheckpointMismatchError, PretrainedWeightsUnavailable, UnknownBackboneError
 from .features import FeatureExtractor
 
 __all__ = ["BackboneEntry", "register_backbone", "create_backbone", "list_backbones", "get_backbone_entry",
@@ -88,7 +88,7 @@ def get_backbone_entry(name: str) -> BackboneEntry:
     if plain not in _REGISTRY:
         close = difflib.get_close_matches(plain, list(_REGISTRY), n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown backbone {name!r}.{hint} See list_backbones() / `visrep zoo list`, "
+        raise UnknownBackboneError(f"unknown backbone {name!r}.{hint} See list_backbones() / `visrep zoo list`, "
                        "or use a 'timm:NAME', 'tv:NAME' or 'hf-hub:USER/REPO' name.")
     return _REGISTRY[plain]
 
