@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# a fresh run directory each time, so `make demo` can be run again (same seed: same table)
 demo: install
-	$(VENV)/bin/accelerate launch recipes/distill.py
+	$(VENV)/bin/accelerate launch recipes/distill.py --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PY) -m pytest -q

@@ -30,24 +30,36 @@ def weights(run_dir, stage):
     return load_file(str(run_dir / "models" / stage / "model.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    """One uninterrupted 1-process run, the reference of every interrupted one in this module."""
+    a = tmp_path_factory.mktemp("straight") / "a"
+    p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(a)])
+    return a, p
+
+
+def assert_same_run(a, b):
+    for stage in ("teacher", "scratch", "kd"):
+        wa, wb = weights(a, stage), weights(b, stage)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wb[k], wa[k]), (stage, k)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    for k in ("teacher_acc", "student_scratch_acc", "student_kd_acc", "teacher_params", "student_params"):
+        assert ra[k] == rb[k], k
+
+
 @pytest.mark.slow
-def test_resume_mid_stage_equals_straight_run(tiny, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(a)])
+def test_resume_mid_stage_equals_straight_run(tiny, straight, tmp_path):
+    a, b = straight[0], tmp_path / "b"
     # 9 train batches of 32 per epoch -> 18 steps per stage: stop in the middle of the scratch student
     p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(b), "--run.stop-after-steps", "23"])
     assert "stopped after 23 optimizer steps" in p.stdout + p.stderr
     assert not (b / "results.json").exists()
     assert json.loads((b / "state.json").read_text())["stages"]["teacher"]["done"]
     run_recipe("distill", ["--config", str(tiny), "--output-dir", str(b), "--resume", "latest"])
-    for stage in ("teacher", "scratch", "kd"):
-        wa, wb = weights(a, stage), weights(b, stage)
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
-    for k in ("teacher_acc", "student_scratch_acc", "student_kd_acc", "teacher_params", "student_params"):
-        assert ra[k] == rb[k], k
+    assert_same_run(a, b)
+    ra = json.loads((a / "results.json").read_text())
     assert 0.0 <= ra["student_kd_acc"] <= 1.0 and ra["teacher_params"] > ra["student_params"]
     cfg = (a / "config.yaml").read_text()
     assert "temperature: 4.0" in cfg
@@ -55,10 +67,17 @@ def test_resume_mid_stage_equals_straight_run(tiny, tmp_path):
     assert (ckpt / "config.yaml").is_file() and (ckpt / "trainer_state.json").is_file()
 
 
-@pytest.mark.slow
-def test_two_processes_shard_data_and_write_one_checkpoint(tiny, tmp_path):
-    out = tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def two_processes(tiny, tmp_path_factory):
+    """One uninterrupted 2-process run."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp"
     run_recipe("distill", ["--config", str(tiny), "--output-dir", str(out)], processes=2)
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_shard_data_and_write_one_checkpoint(tiny, two_processes, tmp_path):
+    out = two_processes
     res = json.loads((out / "results.json").read_text())
     assert res["num_processes"] == 2
     state = json.loads((out / "state.json").read_text())
@@ -157,3 +176,134 @@ def test_teacher_frozen_through_a_full_kd_training_step(tmp_path):
     assert len(seen) >= len(student_inputs) > 0
     for s, t in zip(student_inputs, seen):
         assert torch.equal(s, t), "the teacher must see the student's augmented batch"
+
+
+# ---------------------------------------------------------------- faults: preemption, determinism
+
+
+def wait_for_step(run_dir, stage, step, proc, timeout=300):
+    """Block until the run has logged ``step`` of ``stage`` (or the process ended)."""
+    import time
+
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("stage") == stage and (rec.get("stage_step") or 0) >= step:
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach {stage} step {step}: {proc.poll()}")
+
+
+FAKE_SLURM = {
+    # one srun task, in its own process group as slurmstepd runs a step
+    "srun": 'while [ $# -gt 0 ] && [ "$1" != bash ]; do shift; done\nexport SLURM_NODEID=0\n'
+            'setsid "$@" &\necho $! > "$FAKE_SLURM_DIR/step.pgid"\nwait $!\n',
+    # scancel --signal=TERM JOB: signal every process of the job's steps (not the batch script)
+    "scancel": '[ "$1" = --signal=TERM ] || exit 2\nkill -TERM -- -"$(cat "$FAKE_SLURM_DIR/step.pgid")"\n',
+    "scontrol": 'case "$1" in show) echo 127.0.0.1 ;; requeue) echo "requeue $2" >> "$FAKE_SLURM_DIR/requeue.log" ;;'
+                ' *) exit 2 ;; esac\n',
+}
+
+
+@pytest.mark.slow
+def test_slurm_time_limit_checkpoints_requeues_and_resumes_equal(tiny, straight, tmp_path):
+    """The generated sbatch script, run under stand-ins for srun/scancel/scontrol: SLURM's warning
+    signal (USR1 to the batch script) -> SIGTERM to every process of the step -> the recipe finishes its
+    step, writes a checkpoint and exits 75 -> the script requeues the job; the requeued job resumes with
+    --resume latest and ends with the weights of the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+
+    from helpers import VENV_BIN, env
+    from visrep.launch.accelerate_config import LaunchSpec, write_launch_files
+
+    fake = tmp_path / "fake_slurm"
+    fake.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (fake / name).write_text("#!/bin/bash\n" + body)
+        (fake / name).chmod(0o755)
+    out = tmp_path / "job"
+    files = write_launch_files(LaunchSpec("distill", ["--config", str(tiny), "--output-dir", str(out)], slurm=True,
+                                          requeue_before=60))
+    e = env()
+    e.update(PATH=f"{fake}{os.pathsep}{VENV_BIN}{os.pathsep}{e['PATH']}", FAKE_SLURM_DIR=str(fake),
+             SLURM_JOB_ID="42", SLURM_JOB_NODELIST="node1")
+
+    def job():
+        return subprocess.Popen(["bash", str(files["sbatch"])], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    first = job()
+    wait_for_step(out, "scratch", 3, first)
+    first.send_signal(signal.SIGUSR1)  # SLURM: --signal=B:USR1@60
+    log = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, log[-4000:]
+    assert (fake / "requeue.log").read_text() == "requeue 42\n", log[-4000:]
+    assert "stopped by SIGTERM after optimizer step" in log and "requeueing job 42" in log, log[-4000:]
+    assert not (out / "results.json").exists()
+    assert not json.loads((out / "state.json").read_text())["stages"].get("kd", {}).get("done")
+
+    second = job()  # the requeued job: state.json is there, so it runs with --resume latest
+    log = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, log[-4000:]
+    assert "resumed stage" in log and (fake / "requeue.log").read_text() == "requeue 42\n"
+    assert_same_run(straight[0], out)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_ranks_stops_both_after_the_same_step(tiny, two_processes, tmp_path):
+    """2 processes: SIGTERM reaches rank 1 only; the flag travels with the per-step all-reduce, both
+    ranks stop after the same step, one checkpoint is written; resumed, the run equals an
+    uninterrupted 2-process run."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    from helpers import VENV_BIN, env
+
+    out = tmp_path / "pre"
+    port = str(29400 + __import__("os").getpid() % 90)
+    cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", port, str(ROOT / "recipes" / "distill.py"),
+           "--config", str(tiny), "--output-dir", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(out, "teacher", 2, p)
+    ranks = {int(c.environ().get("RANK", -1)): c for c in psutil.Process(p.pid).children(recursive=True)
+             if "distill.py" in " ".join(c.cmdline()) and c.environ().get("RANK") is not None}
+    assert sorted(ranks) == [0, 1], ranks
+    ranks[1].send_signal(signal.SIGTERM)
+    log = p.communicate(timeout=300)[0]
+    assert p.returncode != 0
+    assert log.count("visrep: stopped by") == 1, log[-4000:]  # rank 0 reports it, once
+    from visrep.engine import list_checkpoints
+    from visrep.engine.checkpoint import verify
+
+    ckpts = list_checkpoints(out / "checkpoints" / "teacher")
+    assert len(ckpts) == 1 and verify(ckpts[0]) is None, "one checkpoint, written after the agreed step"
+    step = int(ckpts[0].name.split("_")[1])
+    assert f"stopped by a signal to another rank after optimizer step {step} of stage 'teacher'" in log, log[-4000:]
+    assert sorted(p.name for p in ckpts[0].glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                            "random_states_1.pkl"]
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(out), "--resume", "latest"], processes=2)
+    assert_same_run(two_processes, out)
+
+
+@pytest.mark.slow
+def test_same_seed_same_table(tiny, straight, tmp_path):
+    """Two runs with the same seed on the same machine print the same table and end with the same weights."""
+    again = tmp_path / "again"
+    p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(again)])
+
+    def table(stdout):
+        return stdout[stdout.index("\nmodel"):stdout.index("training time:")]
+
+    assert table(p.stdout) == table(straight[1].stdout)
+    assert_same_run(straight[0], again)

@@ -237,3 +237,15 @@ def test_signal_checkpoints_after_the_step_and_resume_ends_equal(tmp_path, sig, 
     with Run(ToyConfig(), "toy", str(tmp_path / "b"), 0, cfg, resume="latest") as run:
         resumed = train(run)
     assert_same(resumed, straight)
+
+
+def test_deterministic_run_switches_deterministic_kernels_on(tmp_path):
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        with Run(ToyConfig(), "toy", str(tmp_path / "d"), 0, RunConfig(progress=False, deterministic=True)):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.backends.cudnn.deterministic = False

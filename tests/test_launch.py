@@ -25,7 +25,18 @@ def test_slurm_dry_run_one_and_four_nodes(tmp_path, capsys):
         assert 'export HEAD_NODE_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
         srun = [l for l in lines if l.startswith("srun ")]
         assert len(srun) == 1 and srun[0].startswith("srun --kill-on-bad-exit=1 bash -c '")
-        assert srun[0].endswith("'") and srun[0].count("'") == 2, "per-node variables stay inside single quotes"
+        assert srun[0].endswith("' &") and srun[0].count("'") == 2, "per-node variables stay inside single quotes"
+        # the time limit: warned 180 s ahead, the launcher waits for its ranks, the job requeues and resumes
+        assert "#SBATCH --signal=B:USR1@180" in lines and "#SBATCH --requeue" in lines
+        assert "#SBATCH --open-mode=append" in lines
+        assert srun[0].startswith("srun --kill-on-bad-exit=1 bash -c 'trap \"\" TERM; accelerate launch")
+        assert srun[0].endswith(" $RESUME_ARGS' &")
+        assert f'RESUME_ARGS=""; if [ -e {out}/state.json ]; then RESUME_ARGS="--resume latest"; fi' in lines
+        assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=180  # torchrun waits this long for ranks to checkpoint" in lines
+        assert "trap on_time_limit USR1" in lines and '  scancel --signal=TERM "$SLURM_JOB_ID"' in script
+        assert 'if [ "$REQUEUE" = 1 ] || [ "$STATUS" = 75 ]; then' in lines
+        assert '  scontrol requeue "$SLURM_JOB_ID"' in lines
+        assert subprocess.run(["bash", "-n", str(out / "launch" / "job.sbatch")]).returncode == 0
         body = srun[0]
         assert f"--num_machines {nodes} --num_processes {8 * nodes} " in body, "num_processes is the TOTAL"
         assert "--machine_rank $SLURM_NODEID --main_process_ip $HEAD_NODE_IP" in body
@@ -37,6 +48,16 @@ def test_slurm_dry_run_one_and_four_nodes(tmp_path, capsys):
         assert acc["num_processes"] == 8 * nodes and "mixed_precision" not in acc
         ds = json.loads((out / "launch" / "deepspeed.json").read_text())
         assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == "auto"
+
+
+def test_slurm_without_requeue(tmp_path):
+    files = write_launch_files(LaunchSpec("distill", ["--output-dir", str(tmp_path)], slurm=True, requeue_before=0))
+    script = files["sbatch"].read_text()
+    assert "--signal" not in script and "scontrol requeue" not in script and "--requeue" not in script
+    assert "trap" not in script
+    assert "$RESUME_ARGS' &" in script
+    with pytest.raises(ValueError, match="--requeue-before"):
+        write_launch_files(LaunchSpec("distill", ["--output-dir", str(tmp_path)], slurm=True, requeue_before=-1))
 
 
 def test_deepspeed_json_and_option_checks(tmp_path):

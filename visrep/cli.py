@@ -69,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run a command; a user error ends in one ``visrep: error: ...`` line and exit status 2
+    (``VISREP_DEBUG=1`` shows its traceback), see ``visrep.errors``."""
+    from visrep.errors import run_cli
+
+    return run_cli(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     if argv and argv[0] in PASSTHROUGH_COMMANDS and _module_exists(PASSTHROUGH_COMMANDS[argv[0]][0]):
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -100,8 +100,7 @@ def message_of(exc: BaseException) -> str:
     if "\nOriginal Traceback" in text:
         tail = [l for l in text.splitlines() if l.strip()]
         last = tail[-1] if tail else text
-        prefix = f"{type(exc).__name__}: "
-        text = last[len(prefix):] if last.startswith(prefix) else last
+        text = re.sub(rf"^([\w.]+\.)?{re.escape(type(exc).__name__)}: ", "", last)
     return text or type(exc).__name__
 
 

@@ -101,6 +101,10 @@ class RunConfig:
     """Stop (after a checkpoint) once the run has taken this many optimizer steps in total; continue
     later with --resume latest. For interrupted jobs and tests."""
     num_workers: int = 0
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, cuDNN autotuning off, a fixed cuBLAS
+    workspace): same seed, same results on GPUs too, at some speed. CPU runs with the same seed, thread
+    count and process count are already reproducible."""
     save_on_each_node: bool = False
     """Write checkpoints and exports on every node (node-local disks) instead of once (shared filesystem)."""
 

@@ -125,6 +125,15 @@ def resolve_mixed_precision(name: str) -> str:
     return "no"
 
 
+def set_deterministic() -> None:
+    """Deterministic kernels for ``run.deterministic``: an op without a deterministic implementation
+    raises instead of silently differing between runs."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
 def deepspeed_on_cpu() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available()
 
@@ -184,6 +193,8 @@ class Run:
             save_yaml(cfg, self.run_dir / "config.yaml")
         self.accelerator.wait_for_everyone()
         self.accelerator.init_trackers(recipe, config=_flat_hparams(to_dict(cfg)))
+        if run_cfg.deterministic:
+            set_deterministic()
         set_seed(seed)
         self.stop_request = StopRequest().install()  # SIGTERM / SIGUSR1: checkpoint after this step, exit 75
 
@@ -431,7 +442,7 @@ class Stage:
         """A stop signal reached some rank: checkpoint this step (all ranks) and leave with "requeue me"."""
         path = self.save() if self._last_saved_step != self.step else self._last_saved_path
         self._close_pbar()
-        why = self.run.stop_request.name or "a stop signal on another rank"
+        why = self.run.stop_request.name or "a signal to another rank"
         raise Preempted(f"stopped by {why} after optimizer step {self.step} of stage '{self.name}'; "
                         f"checkpoint '{path}' written. Continue with: --resume latest --output-dir {self.run.run_dir}")
 

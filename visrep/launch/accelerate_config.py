@@ -20,6 +20,13 @@ SLURM pitfalls this script handles (and users hit by hand):
    SLURM start one task per GPU as well would start G x G processes.
 5. ``--rdzv_backend c10d`` lets the nodes meet through the head node's rendezvous, so nodes that
    start a little later still join.
+6. The time limit: SLURM is asked (``--signal=B:USR1@N``) to warn the batch script N seconds before it;
+   the script then sends SIGTERM to the job's processes (``scancel --signal=TERM``), every rank finishes
+   its step and writes a checkpoint, and the script requeues the job (``scontrol requeue``, with
+   ``--requeue`` and ``--open-mode=append``). The requeued job finds ``state.json`` in the run
+   directory and continues with ``--resume latest``. ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` gives the ranks
+   those N seconds before torchrun would kill them, and the launcher itself ignores SIGTERM (its
+   ranks handle it), so it waits for them instead of dying first.
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
+
+from visrep.errors import EXIT_REQUEUE
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -54,6 +63,8 @@ class LaunchSpec:
     job_name: Optional[str] = None
     partition: Optional[str] = None
     time: Optional[str] = None
+    requeue_before: int = 180
+    """SLURM: seconds before the time limit at which the job checkpoints and requeues itself (0: never)."""
     dry_run: bool = False
 
     @property
@@ -69,6 +80,8 @@ class LaunchSpec:
             raise ValueError("--offload params needs --deepspeed zero3: only ZeRO-3 partitions parameters.")
         if self.cpu and self.slurm:
             raise ValueError("--slurm is for GPU clusters; drop --cpu.")
+        if self.requeue_before < 0:
+            raise ValueError(f"--requeue-before ({self.requeue_before}) must be >= 0 seconds (0: no requeue).")
 
 
 def recipe_path(recipe: str) -> Path:
@@ -206,6 +219,7 @@ def slurm_script(spec: LaunchSpec, acc_file: Path, script: Path, recipe_args: li
     per_node = ("--machine_rank $SLURM_NODEID --main_process_ip $HEAD_NODE_IP "
                 f"--main_process_port {spec.main_process_port} --rdzv_backend c10d")
     recipe = " ".join(shlex.quote(p) for p in [str(script), *recipe_args])
+    grace = spec.requeue_before
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={name}",
@@ -214,18 +228,55 @@ def slurm_script(spec: LaunchSpec, acc_file: Path, script: Path, recipe_args: li
         f"#SBATCH --gpus-per-node={spec.gpus_per_node}",
         f"#SBATCH --output={run_dir}/launch/slurm-%j.out",
     ]
+    if grace:
+        lines += [f"#SBATCH --signal=B:USR1@{grace}", "#SBATCH --requeue", "#SBATCH --open-mode=append"]
     if spec.partition:
         lines.append(f"#SBATCH --partition={spec.partition}")
     if spec.time:
         lines.append(f"#SBATCH --time={spec.time}")
+    state = shlex.quote(str(run_dir / "state.json"))
+    inner = f"{launch} {per_node} {recipe} $RESUME_ARGS"
+    if grace:
+        # the launcher ignores SIGTERM and waits for its ranks, which handle it (checkpoint, exit 75)
+        inner = f"trap \"\" TERM; {inner}"
     lines += [
-        "set -euo pipefail",
+        "set -uo pipefail",
         "# total processes = nodes x GPUs per node; one srun task per node starts them",
         "export HEAD_NODE_IP=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
-        "# single quotes: $SLURM_NODEID is expanded by the shell srun starts on each node",
-        f"srun --kill-on-bad-exit=1 bash -c '{launch} {per_node} {recipe}'",
-        "",
+        "# a requeued job (or a resubmitted one) continues the run it finds",
+        f"RESUME_ARGS=\"\"; if [ -e {state} ]; then RESUME_ARGS=\"--resume latest\"; fi",
+        "export RESUME_ARGS",
     ]
+    if grace:
+        lines += [
+            f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}  # torchrun waits this long for ranks to checkpoint",
+            "REQUEUE=0",
+            "on_time_limit() {",
+            f"  echo \"[visrep] $(date): {grace} s to the time limit: every rank checkpoints after its step\" >&2",
+            "  REQUEUE=1",
+            "  scancel --signal=TERM \"$SLURM_JOB_ID\"  # the job's steps, not this script",
+            "}",
+            "trap on_time_limit USR1",
+        ]
+    lines += [
+        "# single quotes: $SLURM_NODEID is expanded by the shell srun starts on each node",
+        f"srun --kill-on-bad-exit=1 bash -c '{inner}' &",
+        "SRUN_PID=$!",
+        "STATUS=0",
+        "while :; do  # a trapped signal interrupts wait; wait again until srun has ended",
+        "  wait \"$SRUN_PID\"; STATUS=$?",
+        "  kill -0 \"$SRUN_PID\" 2>/dev/null || break",
+        "done",
+    ]
+    if grace:
+        lines += [
+            f"if [ \"$REQUEUE\" = 1 ] || [ \"$STATUS\" = {EXIT_REQUEUE} ]; then",
+            "  echo \"[visrep] requeueing job $SLURM_JOB_ID; it continues with --resume latest\" >&2",
+            "  scontrol requeue \"$SLURM_JOB_ID\"",
+            "  exit 0",
+            "fi",
+        ]
+    lines += ["exit \"$STATUS\"", ""]
     return "\n".join(lines)
 
 
@@ -244,12 +295,15 @@ def parse_args(argv: list[str]) -> LaunchSpec:
     p.add_argument("--job-name", default=None)
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default=None)
+    p.add_argument("--requeue-before", type=int, default=180, metavar="SECONDS",
+                   help="SLURM: checkpoint and requeue this long before the time limit (0: never; default 180)")
     p.add_argument("--dry-run", action="store_true", help="write and print, run nothing")
     known, rest = p.parse_known_args(argv)
     spec = LaunchSpec(recipe=known.recipe, recipe_args=rest, nodes=known.nodes, gpus_per_node=known.gpus_per_node,
                       deepspeed=known.deepspeed, offload=known.offload, mixed_precision=known.mixed_precision,
                       main_process_port=known.main_process_port, cpu=known.cpu, slurm=known.slurm,
-                      job_name=known.job_name, partition=known.partition, time=known.time, dry_run=known.dry_run)
+                      job_name=known.job_name, partition=known.partition, time=known.time,
+                      requeue_before=known.requeue_before, dry_run=known.dry_run)
     return spec
 
 
