@@ -54,7 +54,7 @@ def test_slurm_without_requeue(tmp_path):
     files = write_launch_files(LaunchSpec("distill", ["--output-dir", str(tmp_path)], slurm=True, requeue_before=0))
     script = files["sbatch"].read_text()
     assert "--signal" not in script and "scontrol requeue" not in script and "--requeue" not in script
-    assert "trap" not in script
+    assert "trap on_time_limit" not in script and 'trap "" TERM' not in script
     assert "$RESUME_ARGS' &" in script
     with pytest.raises(ValueError, match="--requeue-before"):
         write_launch_files(LaunchSpec("distill", ["--output-dir", str(tmp_path)], slurm=True, requeue_before=-1))
