@@ -307,3 +307,48 @@ def test_same_seed_same_table(tiny, straight, tmp_path):
 
     assert table(p.stdout) == table(straight[1].stdout)
     assert_same_run(straight[0], again)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (a real file system that fills up); skipped where mounting is not permitted --
+    tests/test_faults.py injects the same failure everywhere."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.mark.slow
+def test_full_disk_stops_cleanly_and_the_run_continues_once_space_is_freed(tiny, straight, small_disk):
+    import os
+
+    from visrep.engine import list_checkpoints
+    from visrep.engine.checkpoint import verify
+
+    out = small_disk / "run"
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(out), "--run.stop-after-steps", "4"])
+    before = list_checkpoints(out / "checkpoints" / "teacher")
+    assert [c.name for c in before] == ["step_00000004"]
+    filler = small_disk / "filler"
+    st = os.statvfs(small_disk)
+    with open(filler, "wb") as f:  # leave 64 KiB: metrics lines fit, a checkpoint does not
+        while (left := os.statvfs(small_disk).f_bavail * st.f_frsize - 64 * 1024) > 0:
+            f.write(b"\0" * min(left, 1 << 20))
+            f.flush()
+    p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(out), "--resume", "latest"], check=False)
+    line = [l for l in p.stderr.splitlines() if l.startswith("visrep: error")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(line) == 1, p.stderr[-3000:]
+    assert f"in '{out}/checkpoints/teacher'" in line[0] and "step_00000004' is intact" in line[0], line[0]
+    assert sorted(c.name for c in (out / "checkpoints" / "teacher").iterdir()) == ["step_00000004"], "no tmp dir"
+    assert verify(before[0]) is None
+    filler.unlink()
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(out), "--resume", "latest"])
+    assert_same_run(straight[0], out)

@@ -84,7 +84,10 @@ class JSONLTracker(GeneralTracker):
             if isinstance(v, torch.Tensor):
                 v = v.item()
             record[k] = v
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the file
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def finish(self):
         if self._file is not None:
