@@ -249,3 +249,18 @@ def test_deterministic_run_switches_deterministic_kernels_on(tmp_path):
     finally:
         torch.use_deterministic_algorithms(before)
         torch.backends.cudnn.deterministic = False
+
+
+def test_damaged_export_without_any_checkpoint_is_a_clear_error(tmp_path):
+    cfg = RunConfig(checkpoint_every=0, progress=False)
+    with Run(ToyConfig(), "toy", str(tmp_path / "a"), 0, cfg) as run:
+        train(run)
+    reset()
+    import shutil
+
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "s")
+    (tmp_path / "a" / "models" / "s" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"stage 's' is finished but its export .* is damaged and no intact "
+                                              r"checkpoint of it remains .*state.json"):
+        with Run(ToyConfig(), "toy", str(tmp_path / "a"), 0, cfg, resume="latest") as run:
+            train(run)

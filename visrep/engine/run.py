@@ -347,8 +347,8 @@ class Stage:
         self._last_saved_path: Optional[Path] = None
         record = run.state["stages"].get(name, {})
         self.done = bool(record.get("done"))
-        if self.done:
-            self.done = self._load_final_weights()
+        if self.done:  # a stage without an export is restored from its last checkpoint
+            self.done = export is not None and self._load_final_weights()
             self.wall_time = float(record.get("wall_time", 0.0))
         if not self.done and run.resuming:
             explicit = run.resume_ckpt if (run.resume_ckpt is not None and run.resume_ckpt.parent.name == name) else None
@@ -536,6 +536,11 @@ class Stage:
             choice, problems = self._on_main(pick)
         if choice is None and (found or required):
             listed = "; ".join(problems) or f"none in '{self.ckpt_dir}'"
+            if required:  # a finished stage whose export is damaged, with nothing to rebuild it from
+                raise CheckpointError(
+                    f"stage '{self.name}' is finished but its export '{self.model_dir}' is damaged and no intact "
+                    f"checkpoint of it remains ({listed}). Remove the stage's entry from '{self.run.state_path}' "
+                    f"to train it again, or start a new run.")
             raise CheckpointError(
                 f"no intact checkpoint of stage '{self.name}' to resume from ({listed}). Delete "
                 f"'{self.ckpt_dir}' to run the stage again from its start, or start a new run.")
