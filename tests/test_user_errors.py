@@ -47,43 +47,62 @@ def _corrupt_folder(root):
 
 
 @pytest.mark.slow
-def test_recipe_user_errors_are_one_line_without_traceback(tiny, tmp_path):
+def test_recipe_user_errors_as_a_user_sees_them(tiny, tmp_path):
+    """The real entry point, in a subprocess: a config error before anything starts, and a diverging
+    run that fails mid-training (the rest are checked in process below, through the same run_cli)."""
     out = ["--output-dir", str(tmp_path / "run")]
     p = run_recipe("distill", ["--config", str(tiny), "--kd.temperature", "-1", *out], check=False)
     assert_one_clear_line(p, "kd.temperature", "-1.0")
-
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("kd: {temperature: 2\nrun: [")
-    p = run_recipe("distill", ["--config", str(broken), *out], check=False)
-    assert_one_clear_line(p, str(broken), "not valid YAML")
-
-    folder = _corrupt_folder(tmp_path / "imgs")
-    p = run_recipe("distill", ["--config", str(tiny), "--data.source", "imagefolder", "--data.data-dir", str(folder),
-                               "--data.label-fraction", "1.0", *out], check=False)
-    assert_one_clear_line(p, "broken.png", "data.on_corrupt=skip")
-
     p = run_recipe("distill", ["--config", str(tiny), "--teacher.optim.lr", "1e8", *out], check=False)
-    line = assert_one_clear_line(p, "non-finite loss", "stage 'teacher'", "optim.lr")
-    assert "optimizer step" in line
+    assert_one_clear_line(p, "non-finite loss", "stage 'teacher'", "optimizer step", "optim.lr")
 
-    p = run_recipe("distill", ["--config", str(tiny), "--teacher.source", "pretrained", "--teacher.model.name",
-                               "resnet18", "--output-dir", str(tmp_path / "pre")], check=False)
-    assert_one_clear_line(p, "resnet18", "checkpoint=")
 
-    p = run_recipe("distill", ["--config", str(tiny), "--resume", "latest", "--output-dir", str(tmp_path / "none")],
-                   check=False)
-    assert_one_clear_line(p, "nothing to resume", str(tmp_path / "none"))
-    p = run_recipe("distill", ["--config", str(tiny), "--resume", str(tmp_path / "gone" / "step_00000004")],
-                   check=False)
-    assert_one_clear_line(p, "not a checkpoint directory", "step_00000004")
+def _in_process(recipe, argv, capsys):
+    """``recipes/RECIPE.py ARGV`` as its ``__main__`` runs it (``run_cli(main, argv)``), in this process:
+    (exit status, stderr)."""
+    from accelerate.state import AcceleratorState, GradientState
 
-    p = run_recipe("distill", ["--config", str(tiny), "--student.name", "resnet2O", *out], check=False)
-    assert_one_clear_line(p, "unknown backbone 'resnet2O'", "resnet20")
+    from ds_helpers import load_recipe
 
-    # VISREP_DEBUG=1: the same user error with its traceback
-    p = run_recipe("distill", ["--config", str(tiny), "--kd.temperature", "-1", *out], check=False,
-                   extra_env={"VISREP_DEBUG": "1"})
-    assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError" in p.stderr
+    mod = load_recipe(recipe)
+    capsys.readouterr()
+    try:
+        code = run_cli(mod.main, argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return subprocess.CompletedProcess(argv, code, "", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("case", ["yaml", "corrupt_image", "pretrained", "nothing_to_resume", "not_a_checkpoint",
+                                  "unknown_backbone", "output_dir_taken"])
+def test_recipe_user_errors_are_one_line_without_traceback(tiny, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.delenv("VISREP_DEBUG", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = ["--output-dir", str(tmp_path / "run")]
+    if case == "yaml":
+        broken = tmp_path / "broken.yaml"
+        broken.write_text("kd: {temperature: 2\nrun: [")
+        args, needles = ["--config", str(broken), *out], (str(broken), "not valid YAML")
+    elif case == "corrupt_image":
+        folder = _corrupt_folder(tmp_path / "imgs")
+        args = ["--config", str(tiny), "--data.source", "imagefolder", "--data.data-dir", str(folder),
+                "--data.label-fraction", "1.0", *out]
+        needles = ("broken.png", "data.on_corrupt=skip")
+    elif case == "pretrained":
+        args = ["--config", str(tiny), "--teacher.source", "pretrained", "--teacher.model.name", "resnet18", *out]
+        needles = ("resnet18", "checkpoint=")
+    elif case == "nothing_to_resume":
+        args, needles = ["--config", str(tiny), "--resume", "latest", *out], ("nothing to resume", str(tmp_path / "run"))
+    elif case == "not_a_checkpoint":
+        args = ["--config", str(tiny), "--resume", str(tmp_path / "gone" / "step_00000004")]
+        needles = ("not a checkpoint directory", "step_00000004")
+    elif case == "unknown_backbone":
+        args, needles = ["--config", str(tiny), "--student.name", "resnet2O", *out], ("unknown backbone 'resnet2O'", "resnet20")
+    else:
+        (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+        args, needles = ["--config", str(tiny), *out], ("already holds a run", "--resume latest")
+    assert_one_clear_line(_in_process("distill", args, capsys), *needles)
 
 
 def test_cli_user_error_and_programming_error():
