@@ -26,7 +26,6 @@ that no unsupervised user could select, printed as one.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional

@@ -18,7 +18,6 @@ One stage, checkpointed and resumable:
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 

@@ -15,7 +15,6 @@ Three stages, each checkpointed and resumable:
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 

@@ -23,7 +23,6 @@ score the result.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 

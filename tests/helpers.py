@@ -25,6 +25,38 @@ def env() -> dict:
     return _base_env()
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a launch's rendezvous): tests that run side by side
+    (pytest -n 2) must not share one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_process(recipe: str, argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """``recipes/RECIPE.py ARGV`` as its ``__main__`` runs it (``visrep.errors.run_cli(main, argv)``) but in
+    this process, for the checks that end before or soon after training starts (no interpreter start-up):
+    (exit status, captured stdout, stderr). tyro's own usage errors exit with status 2 as they would."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from ds_helpers import load_recipe
+    from visrep.errors import run_cli
+
+    mod = load_recipe(recipe)
+    capsys.readouterr()
+    try:
+        code = run_cli(mod.main, list(argv))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 2
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+
 def write_preset(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
@@ -40,7 +72,7 @@ def run_recipe(recipe: str, args: list[str], processes: int = 1, timeout: int = 
         cmd = [accelerate, "launch", *(launcher_args or ["--multi_gpu", "--num_processes", str(processes),
                                                           "--num_machines", "1", "--mixed_precision", "no",
                                                           "--dynamo_backend", "no", "--main_process_port",
-                                                          str(29500 + os.getpid() % 1000)]), script, *args]
+                                                          str(free_port())]), script, *args]
     p = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
                        timeout=timeout)
     if check and p.returncode != 0:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, run_recipe, write_preset
+from helpers import free_port, ROOT, run_recipe, write_preset
 
 TINY = {
     "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
@@ -156,7 +156,7 @@ def test_ema_under_two_processes_equals_one_process(tmp_path):
     accelerate = shutil.which("accelerate", path=str(VENV_BIN)) or "accelerate"
     p = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                        str(29700 + os.getpid() % 1000), str(script), str(two)],
+                        str(free_port()), str(script), str(two)],
                        env=env(), cwd=ROOT, timeout=300, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-4000:]
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)

@@ -106,11 +106,11 @@ def worker(out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_grads(tmp_path_factory):
-    from helpers import ROOT, VENV_BIN, env
+    from helpers import ROOT, VENV_BIN, env, free_port
 
     out = tmp_path_factory.mktemp("dist")
     torchrun = shutil.which("torchrun", path=str(VENV_BIN)) or "torchrun"
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 1000),
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(Path(__file__).resolve()), str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"

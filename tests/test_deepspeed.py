@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_recipe, write_preset
+from helpers import free_port, run_recipe, write_preset
 
 pytest.importorskip("deepspeed")
 
@@ -46,7 +46,7 @@ def test_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
     monkeypatch.setattr("helpers.env", lambda: {k: v for k, v in __import__("helpers")._base_env().items()
                                                 if k != "ACCELERATE_USE_CPU"})
     z2 = tmp_path / "zero2"
-    run_recipe("distill", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, 29631))
+    run_recipe("distill", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, free_port()))
     ckpt = sorted((z2 / "checkpoints" / "kd").iterdir())[-1]
     assert (ckpt / "pytorch_model").is_dir(), "a DeepSpeed checkpoint (sharded engine state) was expected"
     assert json.loads((z2 / "results.json").read_text())["num_processes"] == 2
@@ -54,9 +54,9 @@ def test_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
 
     z3 = tmp_path / "zero3"
     args = ["--config", str(preset), "--output-dir", str(z3)]
-    run_recipe("distill", args + ["--run.stop-after-steps", "6"], launcher_args=deepspeed_args(3, 29632))
+    run_recipe("distill", args + ["--run.stop-after-steps", "6"], launcher_args=deepspeed_args(3, free_port()))
     assert not (z3 / "results.json").exists()
-    run_recipe("distill", args + ["--resume", "latest"], launcher_args=deepspeed_args(3, 29633))
+    run_recipe("distill", args + ["--resume", "latest"], launcher_args=deepspeed_args(3, free_port()))
     res = json.loads((z3 / "results.json").read_text())
     assert res["student_params"] == json.loads((ddp / "results.json").read_text())["student_params"] > 0
     same_weights(ddp, z3)
@@ -83,14 +83,14 @@ def test_clip_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
     run_recipe("clip", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
     without_use_cpu(monkeypatch)
     z2 = tmp_path / "zero2"
-    run_recipe("clip", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, 29635))
+    run_recipe("clip", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, free_port()))
     weights = "models/clip/model.safetensors"
     ref = assert_same_weights(ddp / weights, z2 / weights, label="zero2")
     assert float(ref["logit_scale"].max()) <= 4.605170185988092 + 1e-6
 
     z3 = tmp_path / "zero3"
     args = ["--config", str(preset), "--output-dir", str(z3)]
-    launch = zero_config_args("clip", args, 3, 29636, stage3_param_persistence_threshold=0,
+    launch = zero_config_args("clip", args, 3, free_port(), stage3_param_persistence_threshold=0,
                               memory_efficient_linear=False)
     run_recipe("clip", args, launcher_args=launch)
     assert_same_weights(ddp / weights, z3 / weights, label="zero3")
@@ -107,7 +107,7 @@ def test_logit_scale_clamp_reaches_deepspeed_master_weights(stage, monkeypatch):
     import subprocess
 
     e = {k: v for k, v in helpers._base_env().items() if k != "ACCELERATE_USE_CPU"}
-    cmd = [shutil.which("accelerate", path=str(VENV_BIN)), "launch", *deepspeed_args(stage, 29650 + stage),
+    cmd = [shutil.which("accelerate", path=str(VENV_BIN)), "launch", *deepspeed_args(stage, free_port()),
            str(ROOT / "tests" / "ds_clamp_script.py")]
     p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
     line = [l for l in p.stdout.splitlines() if l.startswith("FINAL")]

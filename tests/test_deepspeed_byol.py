@@ -1,7 +1,7 @@
-"""BYOL under DeepSpeed ZeRO-2 and ZeRO-3 (CPU, gloo): the EMA target is updated correctly while the online and
+"""BYOL under DeepSpeed ZeRO-3 (CPU, gloo): the EMA target is updated correctly while the online and
 target networks are sharded -- both for partitioned parameters (shard-local update of ``ds_tensor``)
 and for ZeRO-3's small "persistent" parameters (kept whole in ``.data``) -- across a stop and resume,
-so the weights equal those of the same run under DDP; so do those of a ZeRO-2 run.
+so the weights equal those of the same run under DDP.
 LARS is refused under ZeRO."""
 import json
 
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import helpers
 from ds_helpers import fake_accelerator, load_recipe
-from helpers import run_recipe, write_preset
+from helpers import free_port, run_recipe, write_preset
 from visrep.launch.accelerate_config import LaunchSpec, write_launch_files
 
 pytest.importorskip("deepspeed")
@@ -44,7 +44,7 @@ def test_zero2_and_zero3_byol_equal_ddp_with_a_zero3_resume(tmp_path, monkeypatc
     z3 = tmp_path / "zero3"
     args = ["--config", str(preset), "--output-dir", str(z3)]
     files = write_launch_files(LaunchSpec("byol", list(args), gpus_per_node=2, deepspeed="zero3", cpu=True,
-                                          main_process_port=29741))
+                                          main_process_port=free_port()))
     ds = json.loads(files["deepspeed"].read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     files["deepspeed"].write_text(json.dumps(ds))
@@ -55,15 +55,12 @@ def test_zero2_and_zero3_byol_equal_ddp_with_a_zero3_resume(tmp_path, monkeypatc
     z3p = tmp_path / "zero3_persistent"
     run_recipe("byol", ["--config", str(preset), "--output-dir", str(z3p)],
                launcher_args=["--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
-                              "--mixed_precision", "no", "--main_process_port", "29742"])
-    # ZeRO-2 (optimizer state and gradients partitioned, parameters whole)
-    z2 = tmp_path / "zero2"
-    run_recipe("byol", ["--config", str(preset), "--output-dir", str(z2)],
-               launcher_args=["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2", "--mixed_precision", "no",
-                              "--main_process_port", "29744"])
+                              "--mixed_precision", "no", "--main_process_port", str(free_port())])
+    # (ZeRO-2 keeps parameters whole, so the EMA takes the same path as for the persistent parameters above
+    # and under DDP; ZeRO-2 itself is compared with DDP in the distillation, CLIP and fine-tuning recipes.)
     ref = weights(ddp)
     assert any(k.startswith("target_backbone.") for k in ref)
-    for run_dir in (z3, z3p, z2):
+    for run_dir in (z3, z3p):
         got = weights(run_dir)
         assert got.keys() == ref.keys()
         for k in ref:

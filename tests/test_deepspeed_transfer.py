@@ -10,7 +10,7 @@ import pytest
 
 from ds_helpers import (assert_same_weights, deepspeed_args, fake_accelerator, load_recipe, without_use_cpu,
                         zero_config_args)
-from helpers import run_recipe, write_preset
+from helpers import free_port, run_recipe, write_preset
 from test_finetune_recipe import TINY as FINETUNE_TINY
 
 pytest.importorskip("deepspeed")
@@ -41,10 +41,10 @@ def test_finetune_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
     run_recipe("finetune", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
     without_use_cpu(monkeypatch)
     z2 = tmp_path / "zero2"
-    run_recipe("finetune", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, 29746))
+    run_recipe("finetune", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, free_port()))
     z3 = tmp_path / "zero3"
     args = ["--config", str(preset), "--output-dir", str(z3)]
-    run_recipe("finetune", args, launcher_args=zero_config_args("finetune", args, 3, 29747,
+    run_recipe("finetune", args, launcher_args=zero_config_args("finetune", args, 3, free_port(),
                                                                 stage3_param_persistence_threshold=0))
     ref = results(ddp)
     for run_dir in (z2, z3):
@@ -67,7 +67,7 @@ def test_dann_zero3_with_resume_matches_ddp(tmp_path, monkeypatch):
     without_use_cpu(monkeypatch)
     z3 = tmp_path / "zero3"
     args = base + ["--output-dir", str(z3)]
-    launch = zero_config_args("adapt", args, 3, 29749, stage3_param_persistence_threshold=0)
+    launch = zero_config_args("adapt", args, 3, free_port(), stage3_param_persistence_threshold=0)
     run_recipe("adapt", args + ["--run.stop-after-steps", "6"], launcher_args=launch)  # 4 steps per epoch
     assert not (z3 / "results.json").exists()
     run_recipe("adapt", args + ["--resume", "latest"], launcher_args=launch)

@@ -119,7 +119,7 @@ def test_two_processes_shard_data_and_write_one_checkpoint(tiny, two_processes, 
 
 
 @pytest.mark.slow
-def test_teacher_sources_and_bad_input(tiny, tmp_path):
+def test_teacher_sources(tiny, tmp_path):
     from test_hub import FAKE_TOKEN, HUB_FILES, FakeHub
 
     first = tmp_path / "first"
@@ -136,18 +136,7 @@ def test_teacher_sources_and_bad_input(tiny, tmp_path):
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (first, again))
     assert r1["teacher_acc"] == r2["teacher_acc"] and r2["teacher_wall_s"] == 0.0
     assert not (again / "checkpoints" / "teacher").exists()
-    p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(tmp_path / "pre"),
-                               "--teacher.source", "pretrained", "--teacher.model.name", "resnet18"], check=False)
-    assert p.returncode != 0 and "checkpoint" in p.stderr
-    p = run_recipe("distill", ["--config", str(tiny), "--kd.temperature", "-1"], check=False)
-    assert p.returncode != 0 and "kd.temperature" in p.stderr
-    p = run_recipe("distill", ["--config", str(tiny), "--kd.targets", "medium"], check=False)
-    assert p.returncode != 0 and "--kd.targets" in p.stderr and "hard" in p.stderr
-    bad = write_preset(tmp_path / "bad.yaml", {"kd": {"temprature": 2.0}})
-    p = run_recipe("distill", ["--config", str(bad)], check=False)
-    assert p.returncode != 0 and "kd.temprature" in p.stderr and str(bad) in p.stderr
-    p = run_recipe("distill", ["--config", str(tiny), "--output-dir", str(first)], check=False)
-    assert p.returncode != 0 and "--resume latest" in p.stderr
+    # bad input (a pretrained teacher offline, bad values, keys, YAML, an occupied run dir): tests/test_user_errors.py
 
 
 def _load_recipe():
@@ -287,7 +276,9 @@ def test_sigterm_to_one_of_two_ranks_stops_both_after_the_same_step(tiny, two_pr
     from helpers import VENV_BIN, env
 
     out = tmp_path / "pre"
-    port = str(29400 + __import__("os").getpid() % 90)
+    from helpers import free_port
+
+    port = str(free_port())
     cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", port, str(ROOT / "recipes" / "distill.py"),
            "--config", str(tiny), "--output-dir", str(out)]

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import yaml
 
-from helpers import ROOT, VENV_BIN, env, write_preset
+from helpers import free_port, ROOT, VENV_BIN, env, write_preset
 from visrep.launch.accelerate_config import LaunchSpec, deepspeed_json, main, write_launch_files
 
 
@@ -86,7 +86,7 @@ def test_two_nodes_on_one_machine_write_one_checkpoint(tmp_path):
         "schedule": {"epochs": 1}, "run": {"batch_size": 32, "progress": False}})
     out = tmp_path / "run"
     files = write_launch_files(LaunchSpec("distill", ["--config", str(preset), "--output-dir", str(out)], nodes=2,
-                                          gpus_per_node=1, cpu=True, main_process_port=29677))
+                                          gpus_per_node=1, cpu=True, main_process_port=free_port()))
     procs = []
     for rank in (0, 1):
         e = env()

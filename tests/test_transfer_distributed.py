@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, VENV_BIN, env
+from helpers import ROOT, VENV_BIN, env, free_port
 
 SCRIPT = r'''
 import json, os, sys, torch
@@ -54,7 +54,7 @@ def test_gathered_mmd_and_coral_equal_single_process_loss_and_gradient(tmp_path)
     accelerate = shutil.which("accelerate", path=str(VENV_BIN)) or "accelerate"
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(29700 + os.getpid() % 500), str(script), str(tmp_path)]
+           str(free_port()), str(script), str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ROOT, env, run_recipe, write_preset
+from helpers import ROOT, env, run_in_process, run_recipe, write_preset
 from visrep.data import CorruptImageError
 from visrep.errors import EXIT_USER_ERROR, DiskWriteError, UserError, message_of, run_cli
 
@@ -57,25 +57,8 @@ def test_recipe_user_errors_as_a_user_sees_them(tiny, tmp_path):
     assert_one_clear_line(p, "non-finite loss", "stage 'teacher'", "optimizer step", "optim.lr")
 
 
-def _in_process(recipe, argv, capsys):
-    """``recipes/RECIPE.py ARGV`` as its ``__main__`` runs it (``run_cli(main, argv)``), in this process:
-    (exit status, stderr)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from ds_helpers import load_recipe
-
-    mod = load_recipe(recipe)
-    capsys.readouterr()
-    try:
-        code = run_cli(mod.main, argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    return subprocess.CompletedProcess(argv, code, "", capsys.readouterr().err)
-
-
-@pytest.mark.parametrize("case", ["yaml", "corrupt_image", "pretrained", "nothing_to_resume", "not_a_checkpoint",
-                                  "unknown_backbone", "output_dir_taken"])
+@pytest.mark.parametrize("case", ["yaml", "unknown_key", "bad_choice", "corrupt_image", "pretrained",
+                                  "nothing_to_resume", "not_a_checkpoint", "unknown_backbone", "output_dir_taken"])
 def test_recipe_user_errors_are_one_line_without_traceback(tiny, tmp_path, capsys, monkeypatch, case):
     monkeypatch.delenv("VISREP_DEBUG", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -84,6 +67,14 @@ def test_recipe_user_errors_are_one_line_without_traceback(tiny, tmp_path, capsy
         broken = tmp_path / "broken.yaml"
         broken.write_text("kd: {temperature: 2\nrun: [")
         args, needles = ["--config", str(broken), *out], (str(broken), "not valid YAML")
+    elif case == "unknown_key":
+        bad = write_preset(tmp_path / "bad.yaml", {"kd": {"temprature": 2.0}})
+        args, needles = ["--config", str(bad), *out], ("kd.temprature", str(bad), "temperature")
+    elif case == "bad_choice":  # tyro's own usage error: its message, status 2, no traceback
+        p = run_in_process("distill", ["--config", str(tiny), "--kd.targets", "medium", *out], capsys)
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert "--kd.targets" in p.stderr and "hard" in p.stderr and "medium" in p.stderr
+        return
     elif case == "corrupt_image":
         folder = _corrupt_folder(tmp_path / "imgs")
         args = ["--config", str(tiny), "--data.source", "imagefolder", "--data.data-dir", str(folder),
@@ -102,7 +93,7 @@ def test_recipe_user_errors_are_one_line_without_traceback(tiny, tmp_path, capsy
     else:
         (tmp_path / "run" / "checkpoints").mkdir(parents=True)
         args, needles = ["--config", str(tiny), *out], ("already holds a run", "--resume latest")
-    assert_one_clear_line(_in_process("distill", args, capsys), *needles)
+    assert_one_clear_line(run_in_process("distill", args, capsys), *needles)
 
 
 def test_cli_user_error_and_programming_error():
