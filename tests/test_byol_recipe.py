@@ -150,7 +150,6 @@ def test_ema_under_two_processes_equals_one_process(tmp_path):
     script.write_text(EMA_SCRIPT)
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, str(script), str(one)], check=True, env=env(), cwd=ROOT, timeout=300)
-    import os
     import shutil
 
     accelerate = shutil.which("accelerate", path=str(VENV_BIN)) or "accelerate"

@@ -1,7 +1,6 @@
 """Batch-summed alignment losses across 2 processes: with sync='gather' the loss and the DDP-averaged
 gradient equal the single-process loss and gradient on the concatenated global batch."""
 import json
-import os
 import shutil
 import subprocess
 import sys
