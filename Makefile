@@ -18,11 +18,15 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/accelerate launch recipes/distill.py --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# two workers: most recipe runs are one process on one core, start-up included (tests/conftest.py
+# keeps a module's tests, and all DeepSpeed tests, on one worker)
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
+
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -7,6 +7,33 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# arrays derived from packaged data (visrep.data.cache): one fresh cache per test session (and xdist
+# worker), shared with the recipe subprocesses through the environment
+if "VISREP_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["VISREP_CACHE"] = tempfile.mkdtemp(prefix="visrep-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["VISREP_CACHE"], True)
+
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+CHEAP_MODULE_FIXTURES = {"tiny"}  # a preset file: made again on another worker at no cost
+
+
+def pytest_collection_modifyitems(config, items):
+    """For ``pytest -n 2 --dist loadgroup`` (``make test``): tests that share an expensive module-scoped
+    fixture (a reference run) stay on one worker, so the run is made once; every other test goes
+    wherever a worker is free."""
+    import pytest
+
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        shared = sorted(name for name, fds in (defs.name2fixturedefs.items() if defs else ())
+                        if name not in CHEAP_MODULE_FIXTURES and any(fd.scope == "module" for fd in fds))
+        group = f"{item.module.__name__}::{shared[0]}" if shared else item.nodeid
+        item.add_marker(pytest.mark.xdist_group(group))

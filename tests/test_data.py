@@ -118,3 +118,38 @@ def test_digits_m_is_a_data_source_for_every_recipe():
     assert from_dict(DataConfig, {"source": "digits_m"}).source == "digits_m"
     with pytest.raises(ConfigError, match="digits_m"):
         from_dict(DataConfig, {"source": "digits-m"})
+
+
+def test_disk_cache_returns_what_compute_returns_and_survives_damage(tmp_path, monkeypatch):
+    from visrep.data.cache import cached_arrays
+    from visrep.data.sources import digits_arrays, stratified_split
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"a": np.arange(5), "b": np.ones((2, 2), np.uint8)}
+
+    monkeypatch.setenv("VISREP_CACHE", str(tmp_path / "c"))
+    first = cached_arrays("t", {"k": 1}, compute)
+    again = cached_arrays("t", {"k": 1}, compute)
+    other = cached_arrays("t", {"k": 2}, compute)
+    assert len(calls) == 2 and all(np.array_equal(first[k], again[k]) for k in first) and other.keys() == first.keys()
+    files = sorted((tmp_path / "c").glob("t-*.npz"))
+    assert len(files) == 2
+    files[0].write_bytes(b"PK\x03\x04 truncated")  # a damaged file is recomputed and replaced
+    cached_arrays("t", {"k": 1}, compute), cached_arrays("t", {"k": 2}, compute)
+    assert len(calls) == 3
+    monkeypatch.setenv("VISREP_CACHE", "off")
+    cached_arrays("t", {"k": 1}, compute)
+    assert len(calls) == 4
+    # cached and computed digits and splits are the same arrays
+    imgs, labels = digits_arrays(16)
+    monkeypatch.setenv("VISREP_CACHE", str(tmp_path / "d"))
+    for _ in range(2):
+        i2, l2 = digits_arrays(16)
+        assert np.array_equal(imgs, i2) and np.array_equal(labels, l2)
+        keep, held = stratified_split(labels, 0.25, 3)
+        assert len(held) == 450 and np.array_equal(np.sort(np.concatenate([keep, held])), np.arange(1797))
+        counts, sizes = np.bincount(labels[held]), np.bincount(labels)
+        assert np.all(np.abs(counts - sizes * 0.25) <= 1)  # stratified: a quarter of every class

@@ -3,7 +3,6 @@ gradient equal the single-process loss and gradient on the concatenated global b
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch

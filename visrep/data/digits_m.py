@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 
 import numpy as np
 
-from visrep.data.sources import DataConfig, digits_arrays
+from visrep.data.cache import cached_arrays
+from visrep.data.sources import DataConfig, digits_arrays, stratified_split
 
 PATCH_SEED = 1409_7495
 TRAIN_REGION = 0.7
@@ -41,15 +43,10 @@ def _photos() -> tuple[np.ndarray, ...]:
 
 def split_indices(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
     """The digit indices of train/val/test: the same stratified split the ``digits`` source makes."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(labels))
-    rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=labels, random_state=cfg.split_seed)
-    rest, test = np.sort(rest), np.sort(test)
+    rest, test = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
-    tr, va = train_test_split(np.arange(len(rest)), test_size=val_share, stratify=labels[rest],
-                              random_state=cfg.split_seed)
-    return {"train": rest[np.sort(tr)], "val": rest[np.sort(va)], "test": test}
+    tr, va = stratified_split(labels[rest], val_share, cfg.split_seed)
+    return {"train": rest[tr], "val": rest[va], "test": test}
 
 
 def blend(digit: np.ndarray, patch: np.ndarray) -> np.ndarray:
@@ -73,16 +70,22 @@ def cut_patch(rng: np.random.Generator, size: int, test: bool) -> np.ndarray:
 
 
 def digits_m_arrays(cfg: DataConfig, patch_seed: int = PATCH_SEED) -> tuple[np.ndarray, np.ndarray, dict]:
-    """All Digits-M images (N, S, S, 3) uint8, labels, and the split indices."""
+    """All Digits-M images (N, S, S, 3) uint8, labels, and the split indices (images cached on disk)."""
     digits, labels = digits_arrays(cfg.image_size, 3)
     splits = split_indices(labels, cfg)
-    test = np.zeros(len(labels), dtype=bool)
-    test[splits["test"]] = True
-    out = np.empty_like(digits)
-    for i in range(len(labels)):
-        rng = np.random.default_rng([patch_seed, i])
-        out[i] = blend(digits[i], cut_patch(rng, cfg.image_size, bool(test[i])))
-    return out, labels, splits
+
+    def compute():
+        test = np.zeros(len(labels), dtype=bool)
+        test[splits["test"]] = True
+        out = np.empty_like(digits)
+        for i in range(len(labels)):
+            rng = np.random.default_rng([patch_seed, i])
+            out[i] = blend(digits[i], cut_patch(rng, cfg.image_size, bool(test[i])))
+        return {"images": out}
+
+    key = {"image_size": cfg.image_size, "patch_seed": patch_seed, "test": hashlib.sha256(splits["test"].tobytes()).hexdigest(),
+           "train_region": TRAIN_REGION}
+    return cached_arrays("digits_m", key, compute)["images"], labels, splits
 
 
 def load_digits_m_splits(cfg: DataConfig, patch_seed: int = PATCH_SEED):
@@ -100,12 +103,8 @@ def load_digits_m_splits(cfg: DataConfig, patch_seed: int = PATCH_SEED):
     d = datasets.DatasetDict({k: ds.select(v) for k, v in idx.items()})
     d = datasets.DatasetDict({k: v.cast_column("image", datasets.Image(decode=False)) for k, v in d.items()})
     if cfg.label_fraction < 1.0:
-        from sklearn.model_selection import train_test_split
-
-        y = np.asarray(d["train"]["label"])
-        _, keep = train_test_split(np.arange(len(y)), test_size=cfg.label_fraction, stratify=y,
-                                   random_state=cfg.split_seed)
-        d["train"] = d["train"].select(np.sort(keep))
+        _, keep = stratified_split(np.asarray(d["train"]["label"]), cfg.label_fraction, cfg.split_seed)
+        d["train"] = d["train"].select(keep)
     return d
 
 

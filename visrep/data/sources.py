@@ -7,10 +7,13 @@ columns ``image`` and ``label`` (a ``ClassLabel``). Images are stored undecoded 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+
+from visrep.data.cache import cached_arrays
 from visrep.errors import MissingFileError, MissingKeyError
 
 
@@ -62,25 +65,41 @@ class DataConfig:
 
 
 def digits_arrays(image_size: int = 32, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """The 1,797 bundled digits as uint8 images (N, H, W[, 3]) resized to ``image_size``, and labels."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    """The 1,797 bundled digits as uint8 images (N, H, W[, 3]) resized to ``image_size``, and labels
+    (cached on disk: ``visrep.data.cache``)."""
 
-    d = load_digits()
-    raw = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    out = []
-    for img in raw:
-        im = Image.fromarray(img, mode="L").resize((image_size, image_size), Image.BILINEAR)
-        out.append(np.asarray(im.convert("RGB") if channels == 3 else im))
-    return np.stack(out), d.target.astype(np.int64)
+    def compute():
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        raw = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        out = []
+        for img in raw:
+            im = Image.fromarray(img, mode="L").resize((image_size, image_size), Image.BILINEAR)
+            out.append(np.asarray(im.convert("RGB") if channels == 3 else im))
+        return {"images": np.stack(out), "labels": d.target.astype(np.int64)}
+
+    r = cached_arrays("digits", {"image_size": image_size, "channels": channels}, compute)
+    return r["images"], r["labels"]
 
 
-def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices (kept, held out) of a stratified split holding out ``fraction`` of ``labels``
+    (scikit-learn's ``train_test_split``; cached on disk)."""
 
-    idx = np.arange(len(labels))
-    keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
-    return np.sort(keep), np.sort(held)
+    def compute():
+        from sklearn.model_selection import train_test_split
+
+        idx = np.arange(len(labels))
+        keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+        return {"keep": np.sort(keep), "held": np.sort(held)}
+
+    labels = np.asarray(labels)
+    key = {"labels": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest(), "fraction": fraction, "seed": seed}
+    r = cached_arrays("split", key, compute)
+    return r["keep"], r["held"]
+
 
 
 def _digits(cfg: DataConfig):
@@ -92,9 +111,9 @@ def _digits(cfg: DataConfig):
                                   "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
     ds = datasets.Dataset.from_dict({"image": [Image.fromarray(im) for im in images], "label": labels.tolist()},
                                     features=features)
-    rest, test = _stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    rest, test = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
-    tr, va = _stratified_split(labels[rest], val_share, cfg.split_seed)
+    tr, va = stratified_split(labels[rest], val_share, cfg.split_seed)
     return datasets.DatasetDict(train=ds.select(rest[tr]), val=ds.select(rest[va]), test=ds.select(test))
 
 
@@ -128,12 +147,12 @@ def _standardize(d, cfg: DataConfig):
     if cfg.test_split in out:
         test = out[cfg.test_split]
     else:
-        keep, held = _stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+        keep, held = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
         train, test, labels = train.select(keep), train.select(held), labels[keep]
     if cfg.val_split and cfg.val_split in out:
         val = out[cfg.val_split]
     else:
-        keep, held = _stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+        keep, held = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
         train, val = train.select(keep), train.select(held)
     return datasets.DatasetDict(train=train, val=val, test=test)
 
@@ -163,7 +182,7 @@ def load_splits(cfg: DataConfig):
     d = datasets.DatasetDict({k: v.cast_column("image", datasets.Image(decode=False)) for k, v in d.items()})
     if cfg.label_fraction < 1.0:
         labels = np.asarray(d["train"]["label"])
-        _, keep = _stratified_split(labels, cfg.label_fraction, cfg.split_seed)
+        _, keep = stratified_split(labels, cfg.label_fraction, cfg.split_seed)
         d["train"] = d["train"].select(keep)
     return d
 
