@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--small-input", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="CIFAR stem for the models without a timm twin")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
