@@ -96,7 +96,7 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
                 if teacher is None:
                     losses = {"loss": F.cross_entropy(logits.float(), y)}
                 else:
-                    with accelerator.autocast():
+                    with run.autocast():  # the fp32 teacher, autocast also under DeepSpeed
                         teacher_logits = teacher(x)  # the very batch the student sees
                     losses = kd_loss(logits, teacher_logits, None if cfg.kd.label_free else y)
                 accelerator.backward(losses["loss"])

@@ -37,7 +37,7 @@ def test_resume_restores_tau_step_and_target_exactly(tiny, tmp_path):
     run_recipe("byol", ["--config", str(tiny), "--output-dir", str(a)])
     p = run_recipe("byol", ["--config", str(tiny), "--output-dir", str(b), "--run.stop-after-steps", "7"])
     assert "stopped after 7 optimizer steps" in p.stdout + p.stderr
-    ema = torch.load(last_ckpt(b) / "extra_ema.pt", weights_only=True)
+    ema = torch.load(last_ckpt(b) / "extra_ema_rank0.pt", weights_only=True)
     assert ema["step"] == 7 and ema["total_steps"] == 2 * STEPS_PER_EPOCH
     run_recipe("byol", ["--config", str(tiny), "--output-dir", str(b), "--resume", "latest"])
 
@@ -45,7 +45,7 @@ def test_resume_restores_tau_step_and_target_exactly(tiny, tmp_path):
     assert wa.keys() == wb.keys() and any(k.startswith("target_backbone.") for k in wa)
     for k in wa:  # online, target (EMA) and probe weights, BN statistics
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
-    ea, eb = (torch.load(last_ckpt(d) / "extra_ema.pt", weights_only=True) for d in (a, b))
+    ea, eb = (torch.load(last_ckpt(d) / "extra_ema_rank0.pt", weights_only=True) for d in (a, b))
     assert ea == eb and ea["step"] == 2 * STEPS_PER_EPOCH and ea["last_tau"] > 0.99
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     for k in ("knn_acc", "linear_acc", "random_init_knn_acc", "random_init_linear_acc", "online_probe_acc", "z_std"):
@@ -83,7 +83,7 @@ def test_two_processes_with_accumulation_and_device_views(tiny, tmp_path):
     assert res["peak_lr"] == pytest.approx(1.0 * 128 / 256)
     state = json.loads((out / "state.json").read_text())
     steps = state["stages"]["byol"]["steps"]
-    ema = torch.load(last_ckpt(out) / "extra_ema.pt", weights_only=True)
+    ema = torch.load(last_ckpt(out) / "extra_ema_rank0.pt", weights_only=True)
     assert ema["step"] == steps == res["steps"] == ema["total_steps"], "one EMA update per optimizer step"
     assert steps == 2 * 2  # 9 batches over 2 ranks: 4 micro-batches per rank per epoch -> 2 optimizer steps
     assert "random init" in p.stdout and "BYOL pre-trained" in p.stdout

@@ -330,3 +330,37 @@ def test_exported_backbone_loads_in_the_zoo_and_timm(tmp_path):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_ema_of_a_bf16_target_moves_by_the_fp32_amount():
+    """A target cast to bf16 (DeepSpeed bf16 casts it with the engine): at tau = 0.996 one step moves a
+    weight by ~4e-3 of the gap, below bf16's resolution near 1, so a bf16 EMA never moves. The updater
+    keeps an fp32 master copy: after 100 steps the bf16 target equals the fp32 EMA to bf16 rounding."""
+    from visrep.ssl import EMAUpdater
+
+    torch.manual_seed(0)
+    online = [torch.full((64,), 1.0) + 0.01 * torch.randn(64), torch.randn(3, 3) * 0.0 + 0.5]
+    start = [torch.ones(64), torch.full((3, 3), 0.25)]
+    ref = [s.clone() for s in start]
+    tgt = [s.clone().to(torch.bfloat16) for s in start]
+    naive = [s.clone().to(torch.bfloat16) for s in start]
+    ema, ema_ref = EMAUpdater(1000, 0.996, 0.996), EMAUpdater(1000, 0.996, 0.996)
+    for _ in range(100):
+        ema.update([o.to(torch.bfloat16) for o in online], tgt)
+        ema_ref.update(online, ref)
+        for n, o in zip(naive, online):  # what a plain bf16 lerp does
+            torch.lerp(n, o.to(torch.bfloat16), 0.004, out=n)
+    moved_ref = (ref[0] - start[0]).abs().max()
+    assert moved_ref > 1e-3
+    assert torch.equal(naive[0], start[0].to(torch.bfloat16)), "a bf16 EMA does not move at all"
+    for t, r in zip(tgt, ref):
+        torch.testing.assert_close(t.float(), r, rtol=0, atol=4e-3)  # bf16 rounding of the fp32 EMA
+    assert (tgt[0].float() - start[0]).abs().max() > 0.5 * moved_ref
+    # the fp32 master copies are saved and restored: a resumed updater continues exactly
+    state = ema.state_dict()
+    again = EMAUpdater(1000, 0.996, 0.996)
+    again.load_state_dict(state)
+    t2 = [t.clone() for t in tgt]
+    ema.update([o.to(torch.bfloat16) for o in online], tgt)
+    again.update([o.to(torch.bfloat16) for o in online], t2)
+    assert all(torch.equal(a, b) for a, b in zip(tgt, t2))

@@ -50,6 +50,23 @@ def is_zero3(accelerator) -> bool:
 def full_state_dict(accelerator, model: nn.Module) -> dict:
     """The whole model's weights on the writing process(es) (empty elsewhere under ZeRO-3). Under DeepSpeed ZeRO-3 the
     shards are gathered (fp32 when training in fp32) -- no 16-bit-save switch needed."""
+    from visrep.engine.precision import engine_dtype
+
+    if engine_dtype(accelerator) is not None:
+        # bf16/fp16 under DeepSpeed: the module holds rounded copies; the weights are the optimizer's
+        # fp32 master copies (gathered from every rank's partition -- a collective, so on every rank)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        unwrapped = accelerator.unwrap_model(model)
+        masters = {}
+        for name, param in unwrapped.named_parameters():
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            masters[name] = full if full is not None else param.detach().float()
+        if not is_writer(accelerator):
+            return {}
+        state = {k: v for k, v in unwrapped.state_dict().items() if k not in masters}  # buffers (whole)
+        state.update(masters)
+        return {k: v.detach().to("cpu").clone() for k, v in state.items()}
     if is_zero3(accelerator):
         import deepspeed
 

@@ -34,6 +34,8 @@ from visrep.engine.checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, newes
                                      write_dir_atomically)
 from visrep.engine.config import RunConfig, diff_configs, save_yaml, to_dict
 from visrep.engine.io import atomic_write_json, is_writer
+from visrep.engine.precision import (cast_inputs_to_engine, engine_dtype, fp32_norm_layers,
+                                    resolve_mixed_precision)
 from visrep.engine.preempt import StopRequest
 from visrep.errors import CheckpointError, Preempted, UserError
 
@@ -117,15 +119,6 @@ def truncate_metrics(path: Path, stage: str, after_step: int) -> None:
     from visrep.engine.io import atomic_write_text
 
     atomic_write_text(path, "".join(l + "\n" for l in keep))
-
-
-def resolve_mixed_precision(name: str) -> str:
-    """``auto``: bf16 on a CUDA device that supports it, else fp32 (``no``)."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
 
 
 def set_deterministic() -> None:
@@ -259,7 +252,21 @@ class Run:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
             plugin.deepspeed_config["gradient_clipping"] = float(grad_clip or 0.0)
-        return self.accelerator.prepare(*objs)
+        out = self.accelerator.prepare(*objs)
+        dtype = engine_dtype(self.accelerator)
+        if dtype is not None:  # DeepSpeed bf16/fp16 casts the weights, not the inputs
+            for obj in (out if isinstance(out, tuple) else (out,)):
+                if isinstance(obj, torch.nn.Module):
+                    cast_inputs_to_engine(getattr(obj, "module", obj), dtype)
+                    fp32_norm_layers(getattr(obj, "module", obj))
+        return out
+
+    def autocast(self):
+        """Autocast at the run's precision, also under DeepSpeed: for fp32 modules kept outside the
+        engine (a frozen teacher). See ``visrep.engine.precision``."""
+        from visrep.engine.precision import autocast
+
+        return autocast(self.accelerator)
 
     def stage(self, name: str, **kwargs) -> "Stage":
         return Stage(self, name, **kwargs)
@@ -481,7 +488,7 @@ class Stage:
         return {"stage": self.name, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "step": self.step, "total_steps": self.total_steps, "global_step": self.run.global_step,
                 "wall_time": self.wall_time + (time.perf_counter() - self._t0),
-                "num_processes": self.accelerator.num_processes}
+                "num_processes": self.accelerator.num_processes, "mixed_precision": self.accelerator.mixed_precision}
 
     def save(self) -> Path:
         """Write a checkpoint as a whole (:func:`visrep.engine.checkpoint.write_dir_atomically`: a
@@ -494,9 +501,13 @@ class Stage:
         def write(tmp: Path) -> None:
             acc.save_state(str(tmp))
             acc.wait_for_everyone()
+            for key, obj in self.extra_state.items():
+                if getattr(obj, "rank_local", False):  # each rank's own part (e.g. its ZeRO-3 shards)
+                    torch.save(obj.state_dict(), tmp / f"extra_{key}_rank{acc.process_index}.pt")
             if self.run.is_writer:
                 for key, obj in self.extra_state.items():
-                    torch.save(obj.state_dict(), tmp / f"extra_{key}.pt")
+                    if not getattr(obj, "rank_local", False):
+                        torch.save(obj.state_dict(), tmp / f"extra_{key}.pt")
                 atomic_write_json(tmp / "trainer_state.json", self.trainer_state())
                 save_yaml(self.run.cfg, tmp / "config.yaml")
 
@@ -562,7 +573,8 @@ class Stage:
             raise CheckpointError(f"checkpoint '{path}' belongs to stage '{ts.get('stage')}', not '{self.name}'.")
         self.accelerator.load_state(str(path))
         for key, obj in self.extra_state.items():
-            f = path / f"extra_{key}.pt"
+            rank_local = getattr(obj, "rank_local", False)
+            f = path / (f"extra_{key}_rank{self.accelerator.process_index}.pt" if rank_local else f"extra_{key}.pt")
             if not f.is_file():
                 raise CheckpointError(f"checkpoint '{path}' has no '{f.name}' for state '{key}' (written by "
                                       f"a recipe with other state); resume it with the recipe that wrote it.")

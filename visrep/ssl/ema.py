@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
 
 def cosine_tau(step: int, total_steps: int, base_tau: float = 0.996, final_tau: float = 1.0) -> float:
     """BYOL's momentum at optimizer step ``k`` of ``K``:
@@ -54,6 +56,7 @@ class EMAUpdater:
         self.final_tau = float(final_tau)
         self.step = 0
         self.last_tau = self.tau
+        self._master: list | None = None  # fp32 copies of low-precision target tensors (this rank's part)
 
     @property
     def tau(self) -> float:
@@ -75,9 +78,23 @@ class EMAUpdater:
                 src.append(po.data)
                 dst.append(pt.data)
         tau = self.tau
+        if self._master is None:
+            # a low-precision target (DeepSpeed bf16/fp16 casts it with the engine) gets an fp32 master
+            # copy: at tau = 0.996 one step moves a weight by less than bf16 can represent
+            self._master = [d.detach().float().clone() if d.dtype in LOW_PRECISION else None for d in dst]
+        elif len(self._master) != len(dst):
+            raise ValueError(f"the EMA holds {len(self._master)} master tensors but the target has {len(dst)}")
+        else:  # restored from a checkpoint: onto the target's device
+            self._master = [m if m is None or m.device == d.device else m.to(d.device) for m, d in zip(self._master, dst)]
         groups: dict[tuple, tuple[list, list]] = {}
-        for s, d in zip(src, dst):
+        low: tuple[list, list, list] = ([], [], [])
+        for s, d, m in zip(src, dst, self._master):
             if d.numel() == 0:
+                continue
+            if m is not None:
+                low[0].append(m)
+                low[1].append(s.to(device=m.device, dtype=torch.float32))
+                low[2].append(d)
                 continue
             s = s if s.dtype == d.dtype and s.device == d.device else s.to(device=d.device, dtype=d.dtype)
             g = groups.setdefault((d.device, d.dtype), ([], []))
@@ -86,17 +103,28 @@ class EMAUpdater:
         for d_list, s_list in groups.values():
             # lerp(d, s, w) = d + w (s - d) = tau d + (1 - tau) s with w = 1 - tau
             torch._foreach_lerp_(d_list, s_list, 1.0 - tau)
+        if low[0]:
+            torch._foreach_lerp_(low[0], low[1], 1.0 - tau)  # in fp32, then rounded into the target
+            torch._foreach_copy_(low[2], low[0])
         self.last_tau = tau
         self.step += 1
         return tau
 
+    # each rank holds the master copy of its own part (under ZeRO-3 its shards): saved per rank
+    rank_local = True
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "total_steps": self.total_steps, "base_tau": self.base_tau,
-                "final_tau": self.final_tau, "last_tau": self.last_tau}
+        out = {"step": self.step, "total_steps": self.total_steps, "base_tau": self.base_tau,
+               "final_tau": self.final_tau, "last_tau": self.last_tau}
+        if self._master is not None:
+            out["master"] = [None if m is None else m.detach().cpu() for m in self._master]
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.last_tau = float(state.get("last_tau", self.tau))
+        master = state.get("master")
+        self._master = None if master is None else [None if m is None else m.float() for m in master]
         for key in ("total_steps", "base_tau", "final_tau"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"EMA state from the checkpoint has {key}={state[key]} but this run has "

@@ -1,0 +1,113 @@
+"""Mixed precision: the launcher's choice, native bf16 only, DeepSpeed's bf16 engine fed bf16 inputs with
+fp32 normalisation layers; every recipe under DeepSpeed ZeRO-2 bf16 on CPU."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import free_port, run_recipe, write_preset
+from visrep.engine.precision import (cast_inputs_to_engine, fp32_norm_layers, norm_layers_count,
+                                     resolve_mixed_precision)
+
+
+def test_auto_defers_to_the_launcher_and_explicit_values_win(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() else "no")
+    for launcher in ("no", "bf16", "fp16"):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+        assert resolve_mixed_precision("auto") == launcher
+        assert resolve_mixed_precision("fp16") == "fp16" and resolve_mixed_precision("no") == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_mixed_precision("auto") == "no", "emulated bf16 (V100, T4) is not chosen"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_mixed_precision("auto") == "bf16"
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 4, 1), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
+                               torch.nn.LayerNorm(4 * 6 * 6), torch.nn.Linear(4 * 6 * 6, 3))
+
+
+def test_bf16_engine_module_takes_fp32_inputs_and_norms_compute_in_fp32():
+    """What DeepSpeed bf16 makes of a module -- bf16 parameters, fp32 buffers -- fails on its first
+    forward; with the input cast and fp32 norm layers it runs, close to the fp32 module, and its
+    norm statistics are the fp32 module's running statistics to bf16 input rounding."""
+    ref, net = _bn_net(), _bn_net()
+    for p in net.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    x = torch.randn(5, 3, 6, 6)
+    with pytest.raises(RuntimeError):
+        net(x)
+    hooks = cast_inputs_to_engine(net, torch.bfloat16)
+    assert len(hooks) == 1 + 6  # the module and each module holding parameters
+    assert fp32_norm_layers(net) == norm_layers_count(net) == 3
+    out = net(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref(x), atol=0.08, rtol=0.05)
+    assert net[1].running_mean.dtype == torch.float32
+    torch.testing.assert_close(net[1].running_mean, ref[1].running_mean, atol=5e-3, rtol=0.02)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in net.parameters())
+    net.eval(), ref.eval()
+    torch.testing.assert_close(net[1](x.new_ones(2, 8, 2, 2)).float(), ref[1](x.new_ones(2, 8, 2, 2)),
+                               atol=0.02, rtol=0.02)
+    net[0](x)  # a submodule called on its own (an encoder in evaluation) also gets its input cast
+
+
+def test_fp32_norm_forward_equals_torch_in_fp32():
+    """The replacement forward is the module's own in fp32: same outputs, same running statistics,
+    same num_batches_tracked, in train and eval, with momentum=None (cumulative average) too."""
+    for momentum in (0.1, None):
+        a = torch.nn.BatchNorm2d(6, momentum=momentum)
+        b = torch.nn.BatchNorm2d(6, momentum=momentum)
+        b.load_state_dict(a.state_dict())
+        fp32_norm_layers(b)
+        for train in (True, True, False):
+            a.train(train), b.train(train)
+            x = torch.randn(4, 6, 3, 3)
+            assert torch.equal(a(x), b(x))
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+
+
+DS_BF16 = ["--use_deepspeed", "--num_processes", "1", "--zero_stage", "2", "--mixed_precision", "bf16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["distill", "byol", "clip", "finetune", "adapt"])
+def test_every_recipe_under_deepspeed_zero2_bf16(recipe, tmp_path, monkeypatch):
+    """Before: 'Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the same' at
+    the first forward of every recipe. Now each trains, evaluates and exports (fp32 weights, from the
+    optimizer's fp32 master copies) in bf16, which the checkpoint records."""
+    pytest.importorskip("deepspeed")
+    from ds_helpers import without_use_cpu
+    from test_adapt_recipe import TINY as ADAPT
+    from test_clip_recipe import TINY as CLIP
+    from test_deepspeed_byol import TINY as BYOL
+    from test_distill_recipe import TINY as DISTILL
+    from test_finetune_recipe import TINY as FINETUNE
+
+    one = {"schedule": {"epochs": 1, "warmup_epochs": 0.5}}
+    preset = {"distill": dict(DISTILL, teacher=dict(DISTILL["teacher"], train_epochs=1), **one),
+              "byol": dict(BYOL, **one), "clip": dict(CLIP, **one),
+              "finetune": dict(FINETUNE, init=dict(FINETUNE["init"], train_epochs=1), compare_scratch=False,
+                               finetune={k: v for k, v in FINETUNE["finetune"].items() if not k.startswith("l2sp")},
+                               **one),
+              "adapt": dict(ADAPT, **one)}[recipe]
+    without_use_cpu(monkeypatch)
+    out = tmp_path / "run"
+    run_recipe(recipe, ["--config", str(write_preset(tmp_path / "p.yaml", preset)), "--output-dir", str(out)],
+               launcher_args=DS_BF16 + ["--main_process_port", str(free_port())])
+    assert json.loads((out / "results.json").read_text())
+    ckpts = sorted((out / "checkpoints").glob("*/step_*"))
+    assert ckpts and all(json.loads((c / "trainer_state.json").read_text())["mixed_precision"] == "bf16"
+                         for c in ckpts)
+    for f in (out / "models").glob("*/model.safetensors"):
+        w = load_file(str(f))
+        floats = [v for v in w.values() if v.is_floating_point()]
+        assert floats and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats), f
