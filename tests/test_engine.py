@@ -180,3 +180,44 @@ def test_resume_mid_epoch_with_shuffled_sampler_and_per_epoch_dataset(tmp_path):
     rest = go(tmp_path / "b", resume="latest")
     assert len(straight) == 36 and first + rest == straight
     assert [e for _, e in straight] == [0.0] * 12 + [1.0] * 12 + [2.0] * 12
+
+
+def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
+    """The loop reads the device only every run.log_every optimizer steps (the non-finite check, the
+    stop-signal agreement and the metric means share those reads): over 20 steps with log_every=10 and
+    a metric tensor per step, 4 reads -- not 2 per step (40) as with a read per metric and step."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if counting[0]:
+                reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counting = [False]
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(200, 5, generator=g), torch.randn(200, 1, generator=g))
+    with Run(ToyConfig(), "toy", str(tmp_path / "r"), 0, RunConfig(progress=False, log_every=10)) as run:
+        model = torch.nn.Linear(5, 1)
+        opt = build_optimizer(model, OptimConfig(lr=0.01, weight_decay=0.0))
+        model, opt, loader = run.accelerator.prepare(model, opt, torch.utils.data.DataLoader(ds, batch_size=8))
+        stage = run.stage("s", model=model, optimizer=opt, train_loader=loader, epochs=1)
+        for _ in stage.epochs():
+            for x, y in stage.batches():
+                out = model(x)
+                loss = ((out - y) ** 2).mean()
+                run.accelerator.backward(loss)
+                opt.step()
+                opt.zero_grad()
+                counting[0] = 1 <= stage.step < 21
+                stage.step_done(loss, out_std=out.std())
+                counting[0] = False
+                if stage.step == 21:
+                    break
+            break
+    assert len(reads) == 4, reads
+    logged = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in logged if "train/loss" in r]
+    assert [r["stage_step"] for r in rows] == [10, 20] and all("train/out_std" in r for r in rows)

@@ -352,6 +352,7 @@ class Stage:
         self._pbar = None
         self._last_saved_step = -1
         self._last_saved_path: Optional[Path] = None
+        self._bad_step: Optional[torch.Tensor] = None
         record = run.state["stages"].get(name, {})
         self.done = bool(record.get("done"))
         if self.done:  # a stage without an export is restored from its last checkpoint
@@ -397,22 +398,30 @@ class Stage:
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def step_done(self, loss: torch.Tensor, **metrics: Any) -> None:
-        """Call after every micro-batch. Counts an optimizer step when gradients were synchronised."""
+        """Call after every micro-batch. Counts an optimizer step when gradients were synchronised.
+
+        Nothing here waits for the device: the loss and metrics stay on it until ``run.log_every``
+        optimizer steps have passed, where one collective settles what every rank must agree on (a
+        non-finite loss, a stop signal) and the window's means are read once. A checkpoint is only
+        written after that check, so it never holds weights trained on a non-finite loss."""
         self.batch_in_epoch += 1
-        vals = {"loss": loss.detach().float()}
-        vals.update(metrics)
-        for k, v in vals.items():
-            self._window.setdefault(k, []).append(v.item() if isinstance(v, torch.Tensor) else float(v))
+        loss = loss.detach()
+        self._note_finite(loss)
+        self._window.setdefault("loss", []).append(loss.float())
+        for k, v in metrics.items():
+            self._window.setdefault(k, []).append(v.detach().float() if isinstance(v, torch.Tensor) else float(v))
         if not self.accelerator.sync_gradients:
             return
-        stop = self._agree(vals["loss"])
         self.step += 1
         self.run.global_step += 1
         if self._pbar is not None:
             self._pbar.update(1)
-            self._pbar.set_postfix(loss=f"{self._window['loss'][-1]:.4f}")
+        stop = False
         if self.step % self.run.run_cfg.log_every == 0:
+            stop = self._agree()
             self._flush_window()
+        elif self.accelerator.num_processes == 1:
+            stop = self.run.stop_request.requested  # one process: nobody to agree with, no collective
         self._apply_lr()
         every = self.run.run_cfg.checkpoint_every
         if every and self.step % every == 0:
@@ -426,26 +435,37 @@ class Stage:
             self._close_pbar()
             raise StopRun(f"stopped after {self.run.global_step} optimizer steps (run.stop_after_steps).")
 
-    def _agree(self, loss: Optional[torch.Tensor] = None) -> bool:
-        """One collective per optimizer step for what every rank must agree on: a non-finite loss on
-        any rank stops the run (:class:`NonFiniteLossError`); a stop signal on any rank (SIGTERM,
-        SIGUSR1) is returned as True, so that all ranks stop after this same step."""
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device, the first optimizer step whose loss was not finite (0: none)."""
+        bad = (~torch.isfinite(loss)).any()
+        if self._bad_step is None:
+            self._bad_step = torch.zeros((), dtype=torch.long, device=loss.device)
+        first = torch.full_like(self._bad_step, self.step + 1)
+        self._bad_step = torch.where((self._bad_step == 0) & bad, first, self._bad_step)
+
+    def _agree(self) -> bool:
+        """One collective (and one read of the device) for what every rank must agree on: a non-finite
+        loss on any rank since the last check stops the run (:class:`NonFiniteLossError`); a stop signal
+        on any rank (SIGTERM, SIGUSR1) is returned as True, so that all ranks stop after this same step."""
         device = self.accelerator.device
-        flags = torch.tensor([0.0, float(self.run.stop_request.requested)], device=device)
-        if loss is not None:
-            flags[0] = (~torch.isfinite(loss.detach())).any().float()
+        bad_step = self._bad_step if self._bad_step is not None else torch.zeros((), dtype=torch.long, device=device)
+        flags = torch.stack([(bad_step > 0).float().to(device), bad_step.float().to(device),
+                             torch.tensor(float(self.run.stop_request.requested), device=device)])
+        local_bad_step = None
         if self.accelerator.num_processes > 1:
+            local = flags.clone()
             flags = self.accelerator.reduce(flags, reduction="sum")
-        bad, stop = flags.tolist()
+            local_bad_step = int(local[1].item()) if flags[0].item() > 0 else None
+        bad, first, stop = flags.tolist()
         if bad > 0:
+            at = int(first) if self.accelerator.num_processes == 1 else (local_bad_step or self.step)
+            where = "" if self.accelerator.num_processes == 1 or local_bad_step else " (on another rank)"
             found = list_checkpoints(self.ckpt_dir)
             last = f"the last good checkpoint is '{found[-1]}'" if found else "no checkpoint was written yet"
             self._close_pbar()
-            value = loss.item() if loss is not None else float("nan")
             raise NonFiniteLossError(
-                f"non-finite loss ({value}) in stage '{self.name}' at optimizer step {self.step + 1} "
-                f"(epoch {self.epoch}, batch {self.batch_in_epoch}); {last}. Lower optim.lr, set "
-                f"optim.grad_clip, or check the data.")
+                f"non-finite loss in stage '{self.name}' at optimizer step {at}{where} (epoch {self.epoch}); "
+                f"{last}. Lower optim.lr, set optim.grad_clip, or check the data.")
         return stop > 0
 
     def _stop_for_requeue(self) -> None:
@@ -457,16 +477,23 @@ class Stage:
                         f"checkpoint '{path}' written. Continue with: --resume latest --output-dir {self.run.run_dir}")
 
     def _flush_window(self) -> None:
+        """Log the means of the window's metrics (one read of the device for all of them)."""
         if not self._window:
             return
-        rec = {f"train/{k}": sum(v) / len(v) for k, v in self._window.items()}
+        keys = list(self._window)
+        means = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.accelerator.device)
+                                          for v in self._window[k]]).mean() for k in keys]).tolist()
+        rec = {f"train/{k}": m for k, m in zip(keys, means)}
         rec.update({"stage": self.name, "stage_step": self.step, "epoch": self.epoch,
                     "lr": self.optimizer.param_groups[0]["lr"]})
         self.run.log(rec)
+        if self._pbar is not None:
+            self._pbar.set_postfix(loss=f"{rec['train/loss']:.4f}")
         self._window = {}
 
     def epoch_done(self, **metrics: Any) -> None:
         """End of an epoch: log (validation) metrics, checkpoint if checkpointing per epoch."""
+        stop = self._agree()  # also before the epoch's checkpoint: a signal during evaluation stops here
         self._flush_window()
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -480,7 +507,7 @@ class Stage:
             self._pbar.write(line) if self._pbar is not None else self.run.print(line)
         if self.run.run_cfg.checkpoint_every == 0 or self.epoch == self.num_epochs:
             self.save()
-        if self._agree():  # a signal during evaluation: stop now rather than after another epoch's first step
+        if stop:
             self._stop_for_requeue()
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -497,6 +524,7 @@ class Stage:
         directory; the previous checkpoints stay intact."""
         acc = self.accelerator
         final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:08d}"
+        self._agree()  # never checkpoint weights trained on a non-finite loss
 
         def write(tmp: Path) -> None:
             acc.save_state(str(tmp))
