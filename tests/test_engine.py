@@ -221,3 +221,15 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
     logged = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in logged if "train/loss" in r]
     assert [r["stage_step"] for r in rows] == [10, 20] and all("train/out_std" in r for r in rows)
+
+
+def test_collective_timeout_reaches_the_process_group(tmp_path):
+    from datetime import timedelta
+
+    with Run(ToyConfig(), "toy", str(tmp_path / "r"), 0, RunConfig(progress=False, dist_timeout_s=77)) as run:
+        assert run.accelerator.init_handler.timeout == timedelta(seconds=77)
+    from visrep.engine import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="dist_timeout_s"):
+        from visrep.engine.config import validate
+        validate(from_dict(RunConfig, {"dist_timeout_s": 0}))

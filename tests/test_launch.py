@@ -40,12 +40,15 @@ def test_slurm_dry_run_one_and_four_nodes(tmp_path, capsys):
         body = srun[0]
         assert f"--num_machines {nodes} --num_processes {8 * nodes} " in body, "num_processes is the TOTAL"
         assert "--machine_rank $SLURM_NODEID --main_process_ip $HEAD_NODE_IP" in body
-        assert "--rdzv_backend c10d" in body
+        assert "--rdzv_backend static" in body, "rank 0 on the head node (c10d ignores --machine_rank)"
+        assert "#SBATCH --cpus-per-task=64" in lines, "8 GPUs x 8 cores: not SLURM's 1 CPU per task"
+        assert f"export PATH={VENV_BIN}:$PATH" in lines, "the same environment on every node"
         assert f"--config_file {out}/launch/accelerate_config.yaml" in body
         assert body.index("--rdzv_backend") < body.index("recipes/distill.py") < body.index("--kd.temperature 2")
         acc = yaml.safe_load((out / "launch" / "accelerate_config.yaml").read_text())
         assert acc["distributed_type"] == "DEEPSPEED" and acc["num_machines"] == nodes
         assert acc["num_processes"] == 8 * nodes and "mixed_precision" not in acc
+        assert "rdzv_backend" not in acc and "same_network" not in acc, "only keys that take effect"
         ds = json.loads((out / "launch" / "deepspeed.json").read_text())
         assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == "auto"
 
@@ -96,6 +99,7 @@ def test_two_nodes_on_one_machine_write_one_checkpoint(tmp_path):
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert sum(log.count("KD gain over scratch") for log in logs) == 1, "the table is printed once per job"
+    assert "KD gain over scratch" in logs[0], "global rank 0 (which writes every file) is on machine rank 0"
     res = json.loads((out / "results.json").read_text())
     assert res["num_processes"] == 2
     for stage in ("teacher", "scratch", "kd"):

@@ -105,6 +105,8 @@ class RunConfig:
     """Deterministic kernels (torch.use_deterministic_algorithms, cuDNN autotuning off, a fixed cuBLAS
     workspace): same seed, same results on GPUs too, at some speed. CPU runs with the same seed, thread
     count and process count are already reproducible."""
+    dist_timeout_s: int = 1800
+    """Seconds a collective may wait for the other ranks before the job fails (NCCL's default is 600)."""
     save_on_each_node: bool = False
     """Write checkpoints and exports on every node (node-local disks) instead of once (shared filesystem)."""
 
@@ -113,6 +115,7 @@ class RunConfig:
             _check(getattr(self, key) >= 1, f"{prefix}{key}", getattr(self, key), "an integer >= 1")
         _check(self.checkpoint_every >= 0, f"{prefix}checkpoint_every", self.checkpoint_every, "an integer >= 0")
         _check(self.num_workers >= 0, f"{prefix}num_workers", self.num_workers, "an integer >= 0")
+        _check(self.dist_timeout_s >= 1, f"{prefix}dist_timeout_s", self.dist_timeout_s, "an integer >= 1 (seconds)")
         _check(self.stop_after_steps is None or self.stop_after_steps >= 1, f"{prefix}stop_after_steps",
                self.stop_after_steps, "null or an integer >= 1")
 

@@ -139,14 +139,18 @@ def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerato
     for name in run_cfg.trackers:
         if name != "jsonl":
             trackers.append(name)
-    if deepspeed_on_cpu():
-        # On a CPU host Accelerate finds no backend and records 1 process while DeepSpeed starts a
-        # group of WORLD_SIZE ranks; naming gloo makes both agree on the world size and ranks.
-        from accelerate.utils import InitProcessGroupKwargs
+    from datetime import timedelta
 
-        handlers = list(kwargs.pop("kwargs_handlers", []))
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        kwargs["kwargs_handlers"] = handlers
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # Every backend gets the run's collective timeout (NCCL's default of 10 minutes is shorter than a
+    # Hub upload or a long evaluation on rank 0 while the others wait at a barrier). On a CPU host
+    # under DeepSpeed, Accelerate finds no backend and records 1 process while DeepSpeed starts a
+    # group of WORLD_SIZE ranks; naming gloo makes both agree on the world size and ranks.
+    handlers = list(kwargs.pop("kwargs_handlers", []))
+    handlers.append(InitProcessGroupKwargs(backend="gloo" if deepspeed_on_cpu() else None,
+                                           timeout=timedelta(seconds=run_cfg.dist_timeout_s)))
+    kwargs["kwargs_handlers"] = handlers
     return Accelerator(
         mixed_precision=resolve_mixed_precision(run_cfg.mixed_precision),
         gradient_accumulation_steps=run_cfg.grad_accum,

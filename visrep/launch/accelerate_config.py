@@ -18,8 +18,13 @@ SLURM pitfalls this script handles (and users hit by hand):
    to ``srun bash -c '...'`` in single quotes, with ``$SLURM_NODEID`` inside them.
 4. One task per node (``--ntasks-per-node=1``): Accelerate starts the GPU processes itself; letting
    SLURM start one task per GPU as well would start G x G processes.
-5. ``--rdzv_backend c10d`` lets the nodes meet through the head node's rendezvous, so nodes that
-   start a little later still join.
+5. Rank 0 -- the process that writes every file -- must be on the head node: the static rendezvous
+   (``--rdzv_backend static``) gives node ``$SLURM_NODEID`` the ranks from ``$SLURM_NODEID x GPUs``
+   (with ``c10d`` the ranks go to whichever node joins first and ``--machine_rank`` is ignored).
+7. One task per node runs all its GPU processes and their loader workers, but SLURM gives a task one
+   CPU unless told otherwise: ``--cpus-per-task`` = ``--cpus-per-gpu`` x GPUs per node.
+8. The environment: the script puts this Python environment's ``bin`` first on ``PATH``; ``srun``
+   hands the batch script's environment to every node, so each finds the same ``accelerate``.
 6. The time limit: SLURM is asked (``--signal=B:USR1@N``) to warn the batch script N seconds before it;
    the script then sends SIGTERM to the job's processes (``scancel --signal=TERM``), every rank finishes
    its step and writes a checkpoint, and the script requeues the job (``scontrol requeue``, with
@@ -63,6 +68,8 @@ class LaunchSpec:
     job_name: Optional[str] = None
     partition: Optional[str] = None
     time: Optional[str] = None
+    cpus_per_gpu: int = 8
+    """SLURM: CPU cores per GPU (the processes and their data-loader workers); --cpus-per-task is this x GPUs."""
     requeue_before: int = 180
     """SLURM: seconds before the time limit at which the job checkpoints and requeues itself (0: never)."""
     dry_run: bool = False
@@ -80,6 +87,8 @@ class LaunchSpec:
             raise ValueError("--offload params needs --deepspeed zero3: only ZeRO-3 partitions parameters.")
         if self.cpu and self.slurm:
             raise ValueError("--slurm is for GPU clusters; drop --cpu.")
+        if self.cpus_per_gpu < 1:
+            raise ValueError(f"--cpus-per-gpu ({self.cpus_per_gpu}) must be >= 1.")
         if self.requeue_before < 0:
             raise ValueError(f"--requeue-before ({self.requeue_before}) must be >= 0 seconds (0: no requeue).")
 
@@ -150,8 +159,6 @@ def accelerate_config(spec: LaunchSpec, deepspeed_file: Optional[Path]) -> dict:
         "machine_rank": 0,
         "main_process_port": spec.main_process_port,
         "mixed_precision": spec.mixed_precision or "no",
-        "rdzv_backend": "c10d" if spec.nodes > 1 else "static",
-        "same_network": True,
         "use_cpu": spec.cpu,
         "dynamo_config": {},
         "debug": False,
@@ -217,7 +224,7 @@ def slurm_script(spec: LaunchSpec, acc_file: Path, script: Path, recipe_args: li
         "accelerate", "launch", "--config_file", str(acc_file),
         "--num_machines", str(spec.nodes), "--num_processes", str(spec.num_processes)])
     per_node = ("--machine_rank $SLURM_NODEID --main_process_ip $HEAD_NODE_IP "
-                f"--main_process_port {spec.main_process_port} --rdzv_backend c10d")
+                f"--main_process_port {spec.main_process_port} --rdzv_backend static")
     recipe = " ".join(shlex.quote(p) for p in [str(script), *recipe_args])
     grace = spec.requeue_before
     lines = [
@@ -226,6 +233,7 @@ def slurm_script(spec: LaunchSpec, acc_file: Path, script: Path, recipe_args: li
         f"#SBATCH --nodes={spec.nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={spec.gpus_per_node}",
+        f"#SBATCH --cpus-per-task={spec.cpus_per_gpu * spec.gpus_per_node}",
         f"#SBATCH --output={run_dir}/launch/slurm-%j.out",
     ]
     if grace:
@@ -241,6 +249,8 @@ def slurm_script(spec: LaunchSpec, acc_file: Path, script: Path, recipe_args: li
         inner = f"trap \"\" TERM; {inner}"
     lines += [
         "set -uo pipefail",
+        "# this Python environment on every node (srun passes the environment on)",
+        f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH",
         "# total processes = nodes x GPUs per node; one srun task per node starts them",
         "export HEAD_NODE_IP=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
         "# a requeued job (or a resubmitted one) continues the run it finds",
@@ -295,6 +305,8 @@ def parse_args(argv: list[str]) -> LaunchSpec:
     p.add_argument("--job-name", default=None)
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default=None)
+    p.add_argument("--cpus-per-gpu", type=int, default=8,
+                   help="SLURM: CPU cores per GPU for its process and loader workers (default 8)")
     p.add_argument("--requeue-before", type=int, default=180, metavar="SECONDS",
                    help="SLURM: checkpoint and requeue this long before the time limit (0: never; default 180)")
     p.add_argument("--dry-run", action="store_true", help="write and print, run nothing")
@@ -303,7 +315,7 @@ def parse_args(argv: list[str]) -> LaunchSpec:
                       deepspeed=known.deepspeed, offload=known.offload, mixed_precision=known.mixed_precision,
                       main_process_port=known.main_process_port, cpu=known.cpu, slurm=known.slurm,
                       job_name=known.job_name, partition=known.partition, time=known.time,
-                      requeue_before=known.requeue_before, dry_run=known.dry_run)
+                      cpus_per_gpu=known.cpus_per_gpu, requeue_before=known.requeue_before, dry_run=known.dry_run)
     return spec
 
 
