@@ -122,12 +122,12 @@ def main(argv=None) -> dict:
         if cfg.method == "source_only":  # the very source batches the other methods see, no target decoding
             train_loader, epoch_setters = src.train_loader, src.epoch_setters
         else:
-            from visrep.data.images import EpochSampler, collate
+            from visrep.data.images import EpochSampler, collate, loader_options
 
             paired = PairedDataset(src.train, tgt.train, cfg.seed)
             sampler = EpochSampler(len(paired), cfg.seed)
             train_loader = torch.utils.data.DataLoader(paired, batch_size=bs, sampler=sampler, drop_last=True,
-                                                       num_workers=nw, collate_fn=collate)
+                                                       **loader_options(nw, collate))
             epoch_setters = (sampler, paired)
 
         # ---- model: backbone -> bottleneck -> classifier (+ domain discriminator for DANN) --------

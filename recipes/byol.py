@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType, set_seed
 
-from visrep.data import DataConfig, ImageDataset, build_classification_data, build_transforms, collate
+from visrep.data import DataConfig, ImageDataset, build_classification_data, build_transforms, collate, loader_options
 from visrep.launch import push_run
 from visrep.engine import (RecipeConfig, BackboneConfig, ConfigError, RunConfig, ScheduleConfig, StepSchedule, count_parameters,
                            evaluate_classifier, parse_config, Run)
@@ -69,8 +69,8 @@ def eval_loaders(cfg: BYOLRecipeConfig, data, data_config: dict):
     dc = dict(data_config, input_size=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
     tf = build_transforms(dc, cfg.data.image_size, train=False)
     bank = ImageDataset(data.train.ds, tf, data.train.mode, "train")
-    return torch.utils.data.DataLoader(bank, batch_size=cfg.run.eval_batch_size, shuffle=False, collate_fn=collate,
-                                       num_workers=cfg.run.num_workers)
+    return torch.utils.data.DataLoader(bank, batch_size=cfg.run.eval_batch_size, shuffle=False,
+                                       **loader_options(cfg.run.num_workers, collate))
 
 
 def refuse_under_deepspeed(cfg: BYOLRecipeConfig, accelerator) -> None:

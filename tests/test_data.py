@@ -1,4 +1,5 @@
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -153,3 +154,19 @@ def test_disk_cache_returns_what_compute_returns_and_survives_damage(tmp_path, m
         assert len(held) == 450 and np.array_equal(np.sort(np.concatenate([keep, held])), np.arange(1797))
         counts, sizes = np.bincount(labels[held]), np.bincount(labels)
         assert np.all(np.abs(counts - sizes * 0.25) <= 1)  # stratified: a quarter of every class
+
+
+def test_loader_options_for_the_host(monkeypatch):
+    from visrep.data import collate, loader_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    o = loader_options(-1, collate)
+    assert o["num_workers"] == 0 and o["pin_memory"] is False and o["persistent_workers"] is False
+    assert loader_options(3, collate)["num_workers"] == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    o = loader_options(-1, collate)
+    assert o["num_workers"] == 7 and o["pin_memory"] is True  # 16 CPUs / 2 local processes, less one each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_options(-1, collate)["num_workers"] == 8  # at most 8

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from visrep.data.images import (CorruptImageError, EpochSampler, ImageDataset, build_transforms, collate,
+from visrep.data.images import (CorruptImageError, EpochSampler, ImageDataset, build_transforms, collate, loader_options,
                                 decode_image, drop_unreadable)
 from visrep.data.sources import DataConfig, class_names, digits_arrays, load_splits
 
@@ -52,7 +52,7 @@ def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, bat
     val = ImageDataset(splits["val"], eval_tf, mode, "val")
     test = ImageDataset(splits["test"], eval_tf, mode, "test")
     sampler = EpochSampler(len(train), seed)
-    kw = dict(num_workers=num_workers, collate_fn=collate, persistent_workers=False)
+    kw = loader_options(num_workers, collate)
     return ClassificationData(
         train=train, val=val, test=test,
         train_loader=torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **kw),
@@ -63,4 +63,4 @@ def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, bat
 
 __all__ = ["DataConfig", "ClassificationData", "CorruptImageError", "EpochSampler", "ImageDataset",
            "build_classification_data", "build_transforms", "class_names", "collate", "decode_image",
-           "digits_arrays", "drop_unreadable", "load_splits"]
+           "digits_arrays", "drop_unreadable", "load_splits", "loader_options"]

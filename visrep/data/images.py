@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -176,6 +177,30 @@ def build_transforms(data_config: dict, image_size: int, train: bool, hflip: flo
         mean, std = mean[:1], std[:1]
     ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     return T.Compose(ops)
+
+
+def auto_workers() -> int:
+    """Loader workers per process when ``run.num_workers`` is -1: on a GPU host this process's share of
+    the CPUs it may use (split among the node's local processes), less one for the process itself, at
+    most 8; on a CPU-only host 0 (workers would compete with the training for the same cores)."""
+    if not torch.cuda.is_available():
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(8, cpus // local - 1))
+
+
+def loader_options(num_workers: int, collate_fn: Callable) -> dict:
+    """``DataLoader`` keyword arguments for the run's host: ``num_workers`` (-1: :func:`auto_workers`),
+    pinned memory where a GPU will take the batches (with the accelerator's non-blocking copies).
+    Workers are not persistent: each epoch's augmentation seeds come from the dataset's epoch
+    (``set_epoch``), which persistent workers would never see."""
+    nw = auto_workers() if num_workers < 0 else num_workers
+    return dict(num_workers=nw, collate_fn=collate_fn, persistent_workers=False,
+                pin_memory=torch.cuda.is_available())
 
 
 def collate(batch: Sequence):

@@ -29,7 +29,8 @@ from typing import Callable, Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from visrep.data.images import EpochSampler, build_transforms, decode_image, drop_unreadable, sample_seed
+from visrep.data.images import (EpochSampler, build_transforms, decode_image, drop_unreadable, loader_options,
+                                sample_seed)
 from visrep.errors import DataError, MissingFileError, MissingKeyError
 
 DIGIT_NAMES = [["zero", "0"], ["one", "1"], ["two", "2"], ["three", "3"], ["four", "4"], ["five", "5"],
@@ -393,7 +394,7 @@ def build_pair_data(cfg: PairsConfig, data_config: dict, tokenizer: Callable, se
         raise DataError(f"the training split has {len(train)} pairs, fewer than one batch of {batch_size}; "
                          f"lower run.batch_size (or run.grad_accum).")
     sampler = EpochSampler(len(train), seed)
-    lk = dict(num_workers=num_workers, collate_fn=collate_pairs, persistent_workers=False)
+    lk = loader_options(num_workers, collate_pairs)
     return PairData(
         train=train, val=val, test=test,
         train_loader=torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **lk),

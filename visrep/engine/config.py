@@ -100,7 +100,9 @@ class RunConfig:
     stop_after_steps: Optional[int] = None
     """Stop (after a checkpoint) once the run has taken this many optimizer steps in total; continue
     later with --resume latest. For interrupted jobs and tests."""
-    num_workers: int = 0
+    num_workers: int = -1
+    """DataLoader workers per process; -1: automatic (a GPU host's CPUs shared among its local processes,
+    at most 8 each; 0 on a CPU-only host, where workers would compete with training for the cores)."""
     deterministic: bool = False
     """Deterministic kernels (torch.use_deterministic_algorithms, cuDNN autotuning off, a fixed cuBLAS
     workspace): same seed, same results on GPUs too, at some speed. CPU runs with the same seed, thread
@@ -114,7 +116,7 @@ class RunConfig:
         for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_last"):
             _check(getattr(self, key) >= 1, f"{prefix}{key}", getattr(self, key), "an integer >= 1")
         _check(self.checkpoint_every >= 0, f"{prefix}checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        _check(self.num_workers >= 0, f"{prefix}num_workers", self.num_workers, "an integer >= 0")
+        _check(self.num_workers >= -1, f"{prefix}num_workers", self.num_workers, "an integer >= 0, or -1 (automatic)")
         _check(self.dist_timeout_s >= 1, f"{prefix}dist_timeout_s", self.dist_timeout_s, "an integer >= 1 (seconds)")
         _check(self.stop_after_steps is None or self.stop_after_steps >= 1, f"{prefix}stop_after_steps",
                self.stop_after_steps, "null or an integer >= 1")

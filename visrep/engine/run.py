@@ -151,8 +151,12 @@ def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerato
     handlers.append(InitProcessGroupKwargs(backend="gloo" if deepspeed_on_cpu() else None,
                                            timeout=timedelta(seconds=run_cfg.dist_timeout_s)))
     kwargs["kwargs_handlers"] = handlers
+    from accelerate.utils import DataLoaderConfiguration
+
     return Accelerator(
         mixed_precision=resolve_mixed_precision(run_cfg.mixed_precision),
+        # host-to-device copies from pinned loader memory overlap the step (visrep.data.loader_options)
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
         gradient_accumulation_steps=run_cfg.grad_accum,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"),
