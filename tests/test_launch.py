@@ -68,7 +68,16 @@ def test_deepspeed_json_and_option_checks(tmp_path):
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_param"]["device"] == "cpu" and z["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False
-    assert all(not isinstance(v, str) for k, v in z.items() if "bucket" in k or "threshold" in k)
+    assert z["reduce_bucket_size"] == z["stage3_prefetch_bucket_size"] == "auto"  # sized from the model at prepare
+    assert z["stage3_param_persistence_threshold"] == 100_000
+    from visrep.engine.run import size_buckets
+
+    assert size_buckets({"stage": 2}, 272_474) == {"stage": 2, "reduce_bucket_size": 2 ** 20,
+                                                    "allgather_bucket_size": 2 ** 20}  # a ResNet-20: 1M, not 5e8
+    assert size_buckets({"stage": 2, "reduce_bucket_size": "auto"}, 25_000_000)["reduce_bucket_size"] == 24 * 2 ** 20  # 25e6 rounded up to 2^20s
+    assert size_buckets({"stage": 3, "reduce_bucket_size": 7}, 7_000_000_000) == {
+        "stage": 3, "reduce_bucket_size": 7, "stage3_prefetch_bucket_size": 50_000_000}  # explicit sizes kept
+    assert size_buckets({"stage": 1}, 7_000_000_000)["allgather_bucket_size"] == 500_000_000
     with pytest.raises(ValueError, match="needs --deepspeed zero3"):
         write_launch_files(LaunchSpec("distill", ["--output-dir", str(tmp_path)], deepspeed="zero2", offload="params"))
     with pytest.raises(FileNotFoundError, match="Known recipes: .*distill"):

@@ -107,6 +107,11 @@ def test_every_recipe_under_deepspeed_zero2_bf16(recipe, tmp_path, monkeypatch):
     ckpts = sorted((out / "checkpoints").glob("*/step_*"))
     assert ckpts and all(json.loads((c / "trainer_state.json").read_text())["mixed_precision"] == "bf16"
                          for c in ckpts)
+    # DeepSpeed's own record of its config: buckets sized from the model, not 5e8 elements
+    states = torch.load(ckpts[-1] / "pytorch_model" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)
+    zero = states["ds_config"]["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] < 50_000_000, zero
     for f in (out / "models").glob("*/model.safetensors"):
         w = load_file(str(f))
         floats = [v for v in w.values() if v.is_floating_point()]

@@ -121,6 +121,24 @@ def truncate_metrics(path: Path, stage: str, after_step: int) -> None:
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
+DEEPSPEED_MAX_BUCKET = 500_000_000  # DeepSpeed's default bucket (elements), sized for billion-parameter models
+
+
+def size_buckets(zero: dict, n_params: int) -> dict:
+    """Fill the ZeRO communication buckets left unset (or ``"auto"``) from the model's size: DeepSpeed's
+    default of 5e8 elements reserves GBs per GPU even for a ResNet-20, while a bucket as large as the
+    model already sends it in one piece. Explicit sizes are kept."""
+    mib = 2 ** 20  # whole multiples of 2^20 elements satisfy every alignment DeepSpeed asserts (NCCL's too)
+    size = int(min(DEEPSPEED_MAX_BUCKET, max(1, -(-n_params // mib)) * mib))
+    keys = {"reduce_bucket_size": size, "allgather_bucket_size": size}
+    if int(zero.get("stage", 0)) == 3:
+        keys = {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": int(min(50_000_000, size))}
+    for key, value in keys.items():
+        if zero.get(key) in (None, "auto"):
+            zero[key] = value
+    return zero
+
+
 def set_deterministic() -> None:
     """Deterministic kernels for ``run.deterministic``: an op without a deterministic implementation
     raises instead of silently differing between runs."""
@@ -260,6 +278,8 @@ class Run:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
             plugin.deepspeed_config["gradient_clipping"] = float(grad_clip or 0.0)
+            n = sum(p.numel() for o in objs if isinstance(o, torch.nn.Module) for p in o.parameters() if p.requires_grad)
+            size_buckets(plugin.deepspeed_config.setdefault("zero_optimization", {}), n)
         out = self.accelerator.prepare(*objs)
         dtype = engine_dtype(self.accelerator)
         if dtype is not None:  # DeepSpeed bf16/fp16 casts the weights, not the inputs

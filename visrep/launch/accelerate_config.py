@@ -119,10 +119,13 @@ def output_dir_of(spec: LaunchSpec) -> tuple[Path, list[str]]:
 def deepspeed_json(spec: LaunchSpec) -> dict:
     stage = int(spec.deepspeed[-1])
     zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    # communication buckets "auto": the run sizes them from its model (visrep.engine.run.size_buckets);
+    # Accelerate alone would fill "auto" from a transformers model.config only
+    zero.update({"reduce_bucket_size": "auto"} if stage == 3 else {"reduce_bucket_size": "auto",
+                                                                   "allgather_bucket_size": "auto"})
     if stage == 3:
-        # integers, not "auto": Accelerate fills "auto" buckets from a transformers model.config only
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "reduce_bucket_size": 500_000_000,
-                     "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000})
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": "auto",
+                     "stage3_param_persistence_threshold": 100_000})
     device = "cpu"
     if spec.offload in ("optimizer", "params"):
         zero["offload_optimizer"] = {"device": device, "pin_memory": not spec.cpu}
