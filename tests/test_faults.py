@@ -16,16 +16,15 @@ from visrep.engine.checkpoint import MANIFEST, verify, write_manifest
 from visrep.errors import CheckpointError, DiskWriteError, Preempted
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def reset():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset()
 
 
 def train(run, epochs=3, on_step=None, export=True):

@@ -23,6 +23,7 @@ import yaml
 
 from visrep.launch import (HubAuthError, HubUnavailableError, UnsafeWeightsError, export_for_hub,
                            load_backbone_from_hub, push_run, push_to_hub)
+from helpers import free_port
 from visrep.launch.hub import HUB_FILES, HubError
 from visrep.zoo import create_backbone
 from visrep.zoo.errors import CheckpointMismatchError
@@ -208,12 +209,6 @@ def no_login(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,13 +460,11 @@ def test_rejected_token_does_not_leak(tmp_path, online, capsys):
 def test_unreachable_and_offline_fail_fast(tmp_path, online, monkeypatch):
     """Refused, timed out, offline: each a clear HubUnavailableError, with a bounded connection
     timeout online and no connection at all offline."""
-    import socket
-
     from test_zoo import _record_connections
 
     run, _ = make_run(tmp_path)
     with pytest.raises(HubUnavailableError, match="cannot reach") as err:  # a real refusal on loopback
-        push_to_hub(run, "me/repo", token=FAKE_TOKEN, endpoint=f"http://127.0.0.1:{_free_port()}")
+        push_to_hub(run, "me/repo", token=FAKE_TOKEN, endpoint=f"http://127.0.0.1:{free_port()}")
     assert FAKE_TOKEN not in str(err.value)
     with monkeypatch.context() as m:
         calls = _record_connections(m, fail=socket.timeout("timed out"))

@@ -82,9 +82,6 @@ def _rank() -> int:
         return 0
 
 
-_ORIGINAL_TB = re.compile(r"\nOriginal Traceback \(most recent call last\):\n.*", re.S)
-
-
 def message_of(exc: BaseException) -> str:
     """The one-line (or few-line) user-facing text of ``exc``."""
     if isinstance(exc, OSError) and not getattr(type(exc), "user_error", False):
