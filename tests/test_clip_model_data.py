@@ -150,6 +150,29 @@ def test_retrieval_recall_exact_pairs_and_keys():
     assert r["i2t_r1"] == 1.0 and r["t2i_r1"] == 1.0
 
 
+def test_retrieval_by_blocks_equals_the_full_matrix():
+    """Blocks of queries with their top-k only give the recall of the full N x N similarity argsort."""
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(203, 16, generator=g), torch.randn(203, 16, generator=g)
+    txt[:100] += 2 * img[:100]  # some real matches
+    keys = torch.randint(0, 60, (203,), generator=g)
+
+    def naive(keys):
+        i, t_ = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+        match = keys[:, None] == keys[None, :]
+        out = {}
+        for name, s in (("i2t", i @ t_.t()), ("t2i", t_ @ i.t())):
+            hits = torch.gather(match, 1, s.argsort(dim=1, descending=True))
+            out.update({f"{name}_r{k}": hits[:, :k].any(dim=1).float().mean().item() for k in (1, 5, 10)})
+        return out
+
+    for k in (None, keys):
+        ref = naive(torch.arange(203) if k is None else k)
+        for block in (1, 7, 64, 1024):
+            assert retrieval_metrics(img, txt, keys=k, block=block) == ref, block
+    assert 0 < ref["i2t_r1"] < ref["i2t_r10"] <= 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Pairs data
 # ----------------------------------------------------------------------------------------------

@@ -47,24 +47,30 @@ def zero_shot_accuracy(image_features: torch.Tensor, labels: torch.Tensor, class
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
-                      keys: Optional[torch.Tensor] = None, ks: tuple = (1, 5, 10)) -> dict:
+                      keys: Optional[torch.Tensor] = None, ks: tuple = (1, 5, 10), block: int = 1024) -> dict:
     """Recall@k in both directions for ``N`` image-text pairs (row ``i`` of each is a pair).
 
     ``i2t_rK``: fraction of images whose own caption is among the ``K`` most similar texts;
     ``t2i_rK``: the same for texts. ``keys`` (optional, ``N`` ints) declares pairs interchangeable:
     text ``j`` counts as a correct match for image ``i`` when ``keys[i] == keys[j]`` (identical
     captions; or, for a class-level caption set such as the templated digits, the same class). Without
-    keys only the exact pair counts, as in open_clip's retrieval evaluation."""
+    keys only the exact pair counts, as in open_clip's retrieval evaluation.
+
+    Queries go ``block`` rows at a time and keep only their top ``max(ks)`` candidates, so memory is
+    ``block x N`` similarities, never the ``N x N`` matrix and its ``N x N`` int64 argsort (80 GB at
+    N = 100k)."""
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
     n = img.shape[0]
     keys = torch.arange(n, device=img.device) if keys is None else keys.to(img.device)
-    match = keys[:, None] == keys[None, :]
-    sim = img @ txt.t()
+    kmax = min(max(ks), n)
     out = {}
-    for name, s in (("i2t", sim), ("t2i", sim.t())):
-        order = s.argsort(dim=1, descending=True)
-        hits = torch.gather(match, 1, order)  # match is symmetric
+    for name, queries, candidates in (("i2t", img, txt), ("t2i", txt, img)):
+        hits = torch.empty(n, kmax, dtype=torch.bool, device=img.device)
+        for start in range(0, n, block):
+            sim = queries[start:start + block] @ candidates.t()
+            top = sim.topk(kmax, dim=1).indices
+            hits[start:start + block] = keys[top] == keys[start:start + block, None]
         for k in ks:
             out[f"{name}_r{k}"] = hits[:, :min(k, n)].any(dim=1).float().mean().item()
     return out
