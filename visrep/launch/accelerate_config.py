@@ -21,10 +21,6 @@ SLURM pitfalls this script handles (and users hit by hand):
 5. Rank 0 -- the process that writes every file -- must be on the head node: the static rendezvous
    (``--rdzv_backend static``) gives node ``$SLURM_NODEID`` the ranks from ``$SLURM_NODEID x GPUs``
    (with ``c10d`` the ranks go to whichever node joins first and ``--machine_rank`` is ignored).
-7. One task per node runs all its GPU processes and their loader workers, but SLURM gives a task one
-   CPU unless told otherwise: ``--cpus-per-task`` = ``--cpus-per-gpu`` x GPUs per node.
-8. The environment: the script puts this Python environment's ``bin`` first on ``PATH``; ``srun``
-   hands the batch script's environment to every node, so each finds the same ``accelerate``.
 6. The time limit: SLURM is asked (``--signal=B:USR1@N``) to warn the batch script N seconds before it;
    the script then sends SIGTERM to the job's processes (``scancel --signal=TERM``), every rank finishes
    its step and writes a checkpoint, and the script requeues the job (``scontrol requeue``, with
@@ -32,6 +28,10 @@ SLURM pitfalls this script handles (and users hit by hand):
    directory and continues with ``--resume latest``. ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` gives the ranks
    those N seconds before torchrun would kill them, and the launcher itself ignores SIGTERM (its
    ranks handle it), so it waits for them instead of dying first.
+7. One task per node runs all its GPU processes and their loader workers, but SLURM gives a task one
+   CPU unless told otherwise: ``--cpus-per-task`` = ``--cpus-per-gpu`` x GPUs per node.
+8. The environment: the script puts this Python environment's ``bin`` first on ``PATH``; ``srun``
+   hands the batch script's environment to every node, so each finds the same ``accelerate``.
 """
 from __future__ import annotations
 
