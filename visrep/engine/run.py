@@ -22,19 +22,21 @@ import os
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
+                              broadcast_object_list, set_seed)
 
 from visrep.engine.checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, newest_intact, verify,
                                      write_dir_atomically)
 from visrep.engine.config import RunConfig, diff_configs, save_yaml, to_dict
 from visrep.engine.io import atomic_write_json, is_writer
-from visrep.engine.precision import (cast_inputs_to_engine, engine_dtype, fp32_norm_layers,
+from visrep.engine.precision import (autocast, cast_inputs_to_engine, engine_dtype, fp32_norm_layers,
                                     resolve_mixed_precision)
 from visrep.engine.preempt import StopRequest
 from visrep.errors import CheckpointError, Preempted, UserError
@@ -157,10 +159,6 @@ def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerato
     for name in run_cfg.trackers:
         if name != "jsonl":
             trackers.append(name)
-    from datetime import timedelta
-
-    from accelerate.utils import InitProcessGroupKwargs
-
     # Every backend gets the run's collective timeout (NCCL's default of 10 minutes is shorter than a
     # Hub upload or a long evaluation on rank 0 while the others wait at a barrier). On a CPU host
     # under DeepSpeed, Accelerate finds no backend and records 1 process while DeepSpeed starts a
@@ -169,8 +167,6 @@ def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerato
     handlers.append(InitProcessGroupKwargs(backend="gloo" if deepspeed_on_cpu() else None,
                                            timeout=timedelta(seconds=run_cfg.dist_timeout_s)))
     kwargs["kwargs_handlers"] = handlers
-    from accelerate.utils import DataLoaderConfiguration
-
     return Accelerator(
         mixed_precision=resolve_mixed_precision(run_cfg.mixed_precision),
         # host-to-device copies from pinned loader memory overlap the step (visrep.data.loader_options)
@@ -292,8 +288,6 @@ class Run:
     def autocast(self):
         """Autocast at the run's precision, also under DeepSpeed: for fp32 modules kept outside the
         engine (a frozen teacher). See ``visrep.engine.precision``."""
-        from visrep.engine.precision import autocast
-
         return autocast(self.accelerator)
 
     def stage(self, name: str, **kwargs) -> "Stage":
@@ -381,6 +375,7 @@ class Stage:
         self._last_saved_step = -1
         self._last_saved_path: Optional[Path] = None
         self._bad_step: Optional[torch.Tensor] = None
+        self._agreed_step = -1  # the optimizer step of the last _agree (a save right after needs none)
         record = run.state["stages"].get(name, {})
         self.done = bool(record.get("done"))
         if self.done:  # a stage without an export is restored from its last checkpoint
@@ -477,23 +472,20 @@ class Stage:
         on any rank (SIGTERM, SIGUSR1) is returned as True, so that all ranks stop after this same step."""
         device = self.accelerator.device
         bad_step = self._bad_step if self._bad_step is not None else torch.zeros((), dtype=torch.long, device=device)
-        flags = torch.stack([(bad_step > 0).float().to(device), bad_step.float().to(device),
-                             torch.tensor(float(self.run.stop_request.requested), device=device)])
-        local_bad_step = None
+        flags = torch.stack([bad_step.float(), torch.tensor(float(self.run.stop_request.requested), device=device)])
         if self.accelerator.num_processes > 1:
-            local = flags.clone()
             flags = self.accelerator.reduce(flags, reduction="sum")
-            local_bad_step = int(local[1].item()) if flags[0].item() > 0 else None
-        bad, first, stop = flags.tolist()
-        if bad > 0:
-            at = int(first) if self.accelerator.num_processes == 1 else (local_bad_step or self.step)
-            where = "" if self.accelerator.num_processes == 1 or local_bad_step else " (on another rank)"
+        any_bad, stop = flags.tolist()
+        self._agreed_step = self.step
+        if any_bad > 0:
+            local = int(bad_step.item())  # read only on this error path
+            where = "" if local else " (on another rank)"
             found = list_checkpoints(self.ckpt_dir)
             last = f"the last good checkpoint is '{found[-1]}'" if found else "no checkpoint was written yet"
             self._close_pbar()
             raise NonFiniteLossError(
-                f"non-finite loss in stage '{self.name}' at optimizer step {at}{where} (epoch {self.epoch}); "
-                f"{last}. Lower optim.lr, set optim.grad_clip, or check the data.")
+                f"non-finite loss in stage '{self.name}' at optimizer step {local or self.step}{where} "
+                f"(epoch {self.epoch}); {last}. Lower optim.lr, set optim.grad_clip, or check the data.")
         return stop > 0
 
     def _stop_for_requeue(self) -> None:
@@ -552,7 +544,8 @@ class Stage:
         directory; the previous checkpoints stay intact."""
         acc = self.accelerator
         final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step:08d}"
-        self._agree()  # never checkpoint weights trained on a non-finite loss
+        if self._agreed_step != self.step:  # never checkpoint weights trained on a non-finite loss
+            self._agree()
 
         def write(tmp: Path) -> None:
             acc.save_state(str(tmp))
@@ -616,8 +609,6 @@ class Stage:
     def _on_main(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the main process only (reading and hashing files once per job) and give its
         result to every rank."""
-        from accelerate.utils import broadcast_object_list
-
         box = [fn() if self.run.is_main else None]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(box, from_process=0)
