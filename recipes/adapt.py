@@ -141,8 +141,8 @@ def main(argv=None) -> dict:
         steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
         grl = GRLSchedule(steps_per_epoch * cfg.schedule.epochs, gamma=a.grl_gamma)
         best = BestOnSourceVal()
-        align = {"mmd": MultiKernelMMDLoss(a.mmd_multipliers, a.mmd_heuristic, a.sync),
-                 "coral": CoralLoss(a.sync)}.get(cfg.method)
+        align = {"mmd": MultiKernelMMDLoss(a.mmd_multipliers, a.mmd_heuristic, a.sync, same_size=True),
+                 "coral": CoralLoss(a.sync, same_size=True)}.get(cfg.method)  # drop_last: equal batches
         weight = {"dann": a.dann_weight, "mmd": a.mmd_weight, "coral": a.coral_weight}.get(cfg.method, 0.0)
         export_extra = {"model_type": "AdaptationModel", "bottleneck_dim": a.bottleneck_dim,
                         "discriminator_hidden": disc_hidden, "method": cfg.method}

@@ -146,8 +146,7 @@ def main(argv=None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:  # once per optimizer step, on the real parameter
                     clamp_logit_scale(accelerator.unwrap_model(model), cfg.model.max_logit_scale)
-                scale = accelerator.unwrap_model(model).logit_scale_value()
-                stage.step_done(losses.pop("loss"), logit_scale=scale, **losses)
+                stage.step_done(losses.pop("loss"), **losses)  # with the logit scale this step used
             val = evaluate(val_loader)
             stage.epoch_done(**{f"val_{k}": v for k, v in val.items() if k != "count"})
 

@@ -1,5 +1,6 @@
 import logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -154,6 +155,37 @@ def test_disk_cache_returns_what_compute_returns_and_survives_damage(tmp_path, m
         assert len(held) == 450 and np.array_equal(np.sort(np.concatenate([keep, held])), np.arange(1797))
         counts, sizes = np.bincount(labels[held]), np.bincount(labels)
         assert np.all(np.abs(counts - sizes * 0.25) <= 1)  # stratified: a quarter of every class
+
+
+def test_persistent_workers_follow_the_epoch():
+    """Persistent workers hold their own copy of the dataset and never see ``set_epoch``; the epoch
+    reaches them with each index, so their batches equal the in-process loader's, epoch by epoch."""
+    from visrep.data import ImageDataset, collate, load_splits, loader_options
+    from visrep.data.images import EpochIndex, build_transforms
+
+    cfg = DataConfig(source="digits", image_size=16)
+    split = load_splits(cfg)["train"].select(range(24))
+    dc = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "input_size": (3, 16, 16), "interpolation": "bilinear",
+          "crop_pct": 1.0}
+    tf = build_transforms(dc, 16, train=True, hflip=0.5, augment="strong")
+
+    def batches(workers):
+        ds, sampler = ImageDataset(split, tf, "RGB", seed=7), EpochSampler(24, 7)
+        opts = loader_options(workers, collate)
+        assert opts["persistent_workers"] is (workers > 0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, **opts)
+        out = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            ds.set_epoch(epoch)
+            out.append(torch.cat([x for x, _ in loader]))
+        return out
+
+    pooled, inline = batches(1), batches(0)
+    for a, b in zip(pooled, inline):
+        assert torch.equal(a, b)
+    assert not torch.equal(inline[0], inline[1])
+    assert pickle.loads(pickle.dumps(EpochIndex(5, 2))).epoch == 2
 
 
 def test_loader_options_for_the_host(monkeypatch):

@@ -265,6 +265,11 @@ def test_batched_views_are_random_per_image():
                                                 jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0),
                                                 solarize_prob=(0.0, 0.0)), 32, (0.0,) * 3, (1.0,) * 3)
     torch.testing.assert_close(ident(batch, seed=0)[0], batch, atol=1e-5, rtol=0)
+    # the loader ships uint8 (a quarter of the bytes); the views are those of the float input
+    u8 = T.ToImage()(_digit_image()).expand(16, -1, -1, -1).contiguous()
+    assert u8.dtype == torch.uint8 and torch.equal(u8.float().mul_(1 / 255), batch)
+    w1, w2 = aug(u8, seed=5)
+    assert torch.equal(w1, v1) and torch.equal(w2, v2)
 
 
 # ---------------------------------------------------------------------------- evaluation

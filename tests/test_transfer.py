@@ -256,6 +256,12 @@ def test_paired_dataset_is_a_function_of_seed_and_epoch_and_hides_target_labels(
     q = PairedDataset(_Items(7, 0), _Items(3, 1000), seed=0)
     q.set_epoch(1)
     assert second == [q[i][0][1].item() for i in range(7)]
+    # an index that carries its epoch (a persistent loader worker never sees set_epoch)
+    from visrep.data.images import EpochIndex
+
+    r = PairedDataset(_Items(7, 0), _Items(3, 1000), seed=0)
+    assert [r[EpochIndex(i, 1)][0][1].item() for i in range(7)] == second
+    assert [r[EpochIndex(i, 0)][0][1].item() for i in range(7)] == first
 
 
 # ---------------------------------------------------------------------------------------------- Digits-M

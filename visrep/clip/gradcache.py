@@ -51,7 +51,8 @@ def contrastive_step(accelerator, model, loss_fn: Callable, images: torch.Tensor
                      chunks: int = 1, teacher: Optional[Callable] = None) -> dict:
     """Forward and backward of one optimizer step's batch (this rank's ``images``, ``tokens``).
     ``loss_fn(out, teacher_out) -> {"loss", ...}``; ``teacher(images, tokens)`` gives the frozen
-    teacher's outputs (distillation) or is None. Returns the detached loss terms."""
+    teacher's outputs (distillation) or is None. Returns the detached loss terms and ``logit_scale``, the
+    scale this step's forward used."""
     def run_teacher():
         if teacher is None:
             return None
@@ -66,7 +67,7 @@ def contrastive_step(accelerator, model, loss_fn: Callable, images: torch.Tensor
             out = model(images, tokens)
         losses = loss_fn(out, run_teacher())
         accelerator.backward(losses["loss"])
-        return {k: v.detach() for k, v in losses.items()}
+        return _detached(losses, out)
 
     if images.shape[0] % chunks:
         raise ValueError(f"the batch of {images.shape[0]} does not split into {chunks} equal micro-batches")
@@ -114,4 +115,12 @@ def contrastive_step(accelerator, model, loss_fn: Callable, images: torch.Tensor
             if last:
                 grads += g_scale
             torch.autograd.backward(_outputs(o, last), grads)
-    return {k: v.detach() for k, v in losses.items()}
+    return _detached(losses, o)
+
+
+def _detached(losses: dict, out: dict) -> dict:
+    """The loss terms and the logit scale this step's forward used, detached and on the device (logging
+    them reads nothing on the host and, under ZeRO-3, gathers no parameter)."""
+    res = {k: v.detach() for k, v in losses.items()}
+    res["logit_scale"] = out["logit_scale"].detach().reshape(())
+    return res

@@ -26,76 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from visrep.engine.distributed import all_gather_no_grad, all_gather_with_grad, dist_info, gather_rows, reduce_scatter_rows
+
 MAX_LOGIT_SCALE = math.log(100.0)
 INIT_LOGIT_SCALE = math.log(1.0 / 0.07)
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd-aware all-gather
-# ----------------------------------------------------------------------------------------------
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
-    """``cat`` of ``x`` from all ranks along dim 0, in rank order (no gradient)."""
-    if world == 1:
-        return x
-    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous())
-    return out
-
-
-def _reduce_scatter_rows(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Sum over ranks of ``x`` (``W B x D``, same shape everywhere), this rank's ``B`` rows. NCCL has a
-    native reduce-scatter; on gloo an all-to-all moving each slice to its owner, then a local sum,
-    sends half the bytes of an all-reduce (and is several times faster on CPU)."""
-    if world == 1:
-        return x
-    n = x.shape[0] // world
-    if dist.get_backend() == "nccl":
-        out = x.new_empty((n, *x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x.contiguous())
-        return out
-    parts = torch.empty_like(x)
-    dist.all_to_all_single(parts, x.contiguous())
-    return parts.view(world, n, *x.shape[1:]).sum(0)
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """``cat([x_0, ..., x_{W-1}])`` forward; backward: the sum over ranks of the gradient w.r.t.
-    this rank's slice (a reduce-scatter, :func:`_reduce_scatter_rows`)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = dist_info()
-        ctx.rank, ctx.world, ctx.n = rank, world, x.shape[0]
-        return _gather_rows(x, world)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_rows(grad, ctx.world)
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, rank order, with a
-    gradient that flows back to every rank's input. Identity without a process group."""
-    _, world = dist_info()
-    if world == 1:
-        return x
-    return _AllGatherWithGrad.apply(x)
-
-
-@torch.no_grad()
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """As :func:`all_gather_with_grad`, for constants (a frozen teacher's features)."""
-    _, world = dist_info()
-    if world == 1:
-        return x
-    return _gather_rows(x, world)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +57,7 @@ class _InfoNCERowBlock(torch.autograd.Function):
     def forward(ctx, img, txt, scale, gather: bool = True):
         rank, world = dist_info() if gather else (0, 1)
         b = img.shape[0]
-        all_txt = _gather_rows(txt, world)
+        all_txt = gather_rows(txt) if world > 1 else txt
         logits = torch.mm(img, all_txt.t()).mul_(scale)  # B x N
         lse_r = torch.logsumexp(logits, dim=1)
         col_max = logits.amax(dim=0)
@@ -155,7 +89,8 @@ class _InfoNCERowBlock(torch.autograd.Function):
         img, all_txt, grad, dscale, scale = ctx.saved_tensors
         coef = g / (2 * img.shape[0])
         gm = grad * (coef * scale)
-        g_txt = _reduce_scatter_rows(torch.mm(gm.t(), img), ctx.world)
+        g_txt = torch.mm(gm.t(), img)
+        g_txt = reduce_scatter_rows(g_txt) if ctx.world > 1 else g_txt
         return torch.mm(gm, all_txt), g_txt, coef * dscale, None
 
 
@@ -198,7 +133,7 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     """
     img, txt = image_features.float(), text_features.float()
     rank, world = dist_info()
-    all_txt = all_gather_with_grad(txt) if gather and world > 1 else txt
+    all_txt = all_gather_with_grad(txt, same_size=True) if gather and world > 1 else txt
     b = img.shape[0]
     logits = torch.mm(img, all_txt.t()) * logit_scale.float() + logit_bias.float()
     sign = torch.full_like(logits, -1.0)
@@ -216,7 +151,7 @@ def gathered_logits(image_features: torch.Tensor, text_features: torch.Tensor, l
     img, txt = image_features.float(), text_features.float()
     if gather and world > 1:
         g = all_gather_with_grad if grad else all_gather_no_grad
-        all_img, all_txt = g(img), g(txt)
+        all_img, all_txt = g(img, same_size=True), g(txt, same_size=True)
     else:
         all_img, all_txt = img, txt
     s = torch.as_tensor(logit_scale, device=img.device).float()

@@ -69,7 +69,27 @@ def drop_unreadable(ds, mode: str, split: str):
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint32)[0])
+    return int(np.random.SeedSequence([seed, epoch, int(index)]).generate_state(1, dtype=np.uint32)[0])
+
+
+class EpochIndex(int):
+    """A sample index that carries the epoch it was drawn for. :class:`EpochSampler` yields these, so a
+    dataset reads the epoch from the index (:func:`epoch_of`) instead of from its own ``set_epoch`` --
+    which a *persistent* loader worker, holding its own copy of the dataset, would never see. Anywhere
+    else it is the plain integer."""
+
+    def __new__(cls, index: int, epoch: int):
+        obj = super().__new__(cls, index)
+        obj.epoch = epoch
+        return obj
+
+    def __reduce__(self):
+        return EpochIndex, (int(self), self.epoch)
+
+
+def epoch_of(index, default: int) -> int:
+    """The epoch an index was drawn for (:class:`EpochIndex`), else ``default`` (the dataset's own)."""
+    return getattr(index, "epoch", default)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -114,14 +134,15 @@ class ImageDataset(torch.utils.data.Dataset):
             x = self.transform(img)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                torch.manual_seed(sample_seed(self.seed, epoch_of(index, self.epoch), index))
                 x = self.transform(img)
         return x, int(self.labels[index])
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
     """A permutation of ``range(n)`` that is a function of (seed, epoch): shuffled, reproducible,
-    and the same on every rank (Accelerate shards the resulting batches)."""
+    and the same on every rank (Accelerate shards the resulting batches). The indices are
+    :class:`EpochIndex` values, so the datasets' per-epoch randomness also works in persistent workers."""
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
         self.n, self.seed, self.shuffle = n, seed, shuffle
@@ -134,10 +155,11 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
         if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0xFFFFFFFF))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+            return (EpochIndex(i, epoch) for i in range(self.n))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, 0xFFFFFFFF))
+        return (EpochIndex(i, epoch) for i in torch.randperm(self.n, generator=g).tolist())
 
 
 def build_transforms(data_config: dict, image_size: int, train: bool, hflip: float = 0.5,
@@ -195,11 +217,11 @@ def auto_workers() -> int:
 
 def loader_options(num_workers: int, collate_fn: Callable) -> dict:
     """``DataLoader`` keyword arguments for the run's host: ``num_workers`` (-1: :func:`auto_workers`),
-    pinned memory where a GPU will take the batches (with the accelerator's non-blocking copies).
-    Workers are not persistent: each epoch's augmentation seeds come from the dataset's epoch
-    (``set_epoch``), which persistent workers would never see."""
+    pinned memory where a GPU will take the batches (with the accelerator's non-blocking copies), and
+    persistent workers (no start-up per epoch): the epoch reaches them with each index
+    (:class:`EpochIndex`)."""
     nw = auto_workers() if num_workers < 0 else num_workers
-    return dict(num_workers=nw, collate_fn=collate_fn, persistent_workers=False,
+    return dict(num_workers=nw, collate_fn=collate_fn, persistent_workers=nw > 0,
                 pin_memory=torch.cuda.is_available())
 
 

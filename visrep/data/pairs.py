@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from visrep.data.images import (EpochSampler, build_transforms, decode_image, drop_unreadable, loader_options,
-                                sample_seed)
+                                epoch_of, sample_seed)
 from visrep.errors import DataError, MissingFileError, MissingKeyError
 
 DIGIT_NAMES = [["zero", "0"], ["one", "1"], ["two", "2"], ["three", "3"], ["four", "4"], ["five", "5"],
@@ -343,7 +343,7 @@ class PairDataset(torch.utils.data.Dataset):
         img = self._cache[index] if self._cache is not None else decode_image(self._images[index], self.mode,
                                                                                 self.split, index)
         if self.train:
-            s = sample_seed(self.seed, self.epoch, index)
+            s = sample_seed(self.seed, epoch_of(index, self.epoch), index)
             text = self.caption(index, np.random.default_rng(s))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s)

@@ -17,9 +17,7 @@ def evaluate_classifier(model: torch.nn.Module, loader, accelerator: Accelerator
     was_training = model.training
     model.eval()
     forward = forward or model
-    correct1 = correct5 = 0
-    total = 0
-    loss_sum = 0.0
+    sums = None  # top-1 hits, top-5 hits, summed cross-entropy, count: on the device until the end
     for x, y in loader:
         with accelerator.autocast():
             logits = forward(x)
@@ -29,13 +27,13 @@ def evaluate_classifier(model: torch.nn.Module, loader, accelerator: Accelerator
         nll = F.cross_entropy(logits, y, reduction="none")
         topk, y, nll = accelerator.gather_for_metrics((topk, y, nll))
         hit = topk == y[:, None]
-        correct1 += hit[:, 0].sum().item()
-        correct5 += hit.any(dim=1).sum().item()
-        loss_sum += nll.sum().item()
-        total += y.numel()
+        batch = torch.stack([hit[:, 0].sum().double(), hit.any(dim=1).sum().double(), nll.double().sum(),
+                             torch.tensor(y.numel(), dtype=torch.float64, device=nll.device)])
+        sums = batch if sums is None else sums + batch
     model.train(was_training)
     release_zero3_parameters(model)
-    total = max(total, 1)
+    correct1, correct5, loss_sum, total = sums.tolist() if sums is not None else (0.0, 0.0, 0.0, 0.0)
+    total = max(int(total), 1)
     return {"top1": correct1 / total, "top5": correct5 / total, "loss": loss_sum / total, "count": total}
 
 

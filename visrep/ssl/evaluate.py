@@ -33,53 +33,98 @@ class SSLEvalConfig:
 
 
 @torch.no_grad()
-def extract_features(encoder: Callable[[torch.Tensor], torch.Tensor], loader, accelerator,
-                     module: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features and labels of a whole split, in eval mode (``module``, default ``encoder``),
-    gathered from every rank (``gather_for_metrics`` drops the samples Accelerate repeated to even
-    out the last batch). Every rank returns the full split, in loader order, as float32."""
+def _extract(encoder, loader, accelerator, module, whole: bool, shard: bool):
+    """(whole split, this rank's shard), each ``(features, labels)`` or ``None`` when not asked for."""
     module = module if module is not None else encoder
+    world, rank = accelerator.num_processes, accelerator.process_index
     was_training = module.training
     module.eval()
-    feats, labels = [], []
+    whole_parts, shard_parts = [], []
     try:
         for x, y in loader:
             with accelerator.autocast():
                 f = encoder(x)
             f, y = accelerator.gather_for_metrics((f.float().contiguous(), y))
-            feats.append(f)
-            labels.append(y)
+            if whole:
+                whole_parts.append((f, y))
+            if shard:
+                shard_parts.append((f.tensor_split(world)[rank], y.tensor_split(world)[rank]))
     finally:
         module.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+
+    def cat(parts):
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])) if parts else None
+
+    return cat(whole_parts), cat(shard_parts)
+
+
+def extract_features(encoder: Callable[[torch.Tensor], torch.Tensor], loader, accelerator,
+                     module: Optional[torch.nn.Module] = None, keep: str = "all"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features and labels of a whole split, in eval mode (``module``, default ``encoder``), as
+    float32. Each batch is gathered from every rank (``gather_for_metrics`` drops the samples Accelerate
+    repeated to even out the last batch); ``keep`` says what this rank holds on to: ``"all"`` the whole
+    split in loader order, ``"shard"`` its ``1/W`` share of every gathered batch (the shards of all
+    ranks together are the split, each sample once)."""
+    if keep not in ("all", "shard"):
+        raise ValueError(f"keep must be 'all' or 'shard', got {keep!r}")
+    whole, shard = _extract(encoder, loader, accelerator, module, keep == "all", keep == "shard")
+    return whole if keep == "all" else shard
+
+
+def _local_topk(bank: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities and bank indices of each query's ``k`` nearest bank rows (``-inf`` and index 0
+    where the bank holds fewer than ``k`` rows)."""
+    sim, idx = (queries @ bank.T).topk(min(k, bank.shape[0]), dim=1)
+    if sim.shape[1] < k:
+        pad = k - sim.shape[1]
+        sim = torch.cat([sim, sim.new_full((sim.shape[0], pad), float("-inf"))], dim=1)
+        idx = torch.cat([idx, idx.new_zeros((idx.shape[0], pad))], dim=1)
+    return sim, idx
 
 
 @torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor,
-                num_classes: int, k: int = 20, t: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+                num_classes: int, k: int = 20, t: float = 0.07, chunk: int = 1024,
+                sharded: bool = False) -> torch.Tensor:
     """Weighted k-nearest-neighbour vote on cosine similarity.
 
     For a query ``q``, the ``k`` training features ``x_j`` most similar to it (cosine ``s_j``) vote for
     their class with weight ``exp(s_j / T)``; the class with the largest summed weight wins.
 
+    With ``sharded`` every rank holds a disjoint shard of the bank (``extract_features(keep="shard")``)
+    and all the queries: each rank finds the ``k`` nearest neighbours in its shard, the candidates of all
+    ranks (``W k`` per query, similarities and labels) are all-gathered and the best ``k`` of them vote --
+    the vote of the whole bank, with ``1/W`` of it in memory per rank.
+
     Paper: Wu, Xiong, Yu, Lin, "Unsupervised Feature Learning via Non-Parametric Instance
     Discrimination", 2018, arXiv:1805.01978, Sec. 3.4 (the protocol of DINO and solo-learn).
     """
+    from visrep.engine.distributed import gather_rows, is_distributed
+
+    sharded = sharded and is_distributed()
     bank = F.normalize(train_features.float(), dim=1)
-    labels = train_labels.long()
-    k = min(k, bank.shape[0])
+    labels = train_labels.long().to(bank.device)
+    if not sharded:
+        k = min(k, bank.shape[0])
     preds = []
     for q in F.normalize(features.float(), dim=1).split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)
+        sim, idx = _local_topk(bank, q, k)
+        lab = labels[idx]
+        if sharded:  # (W k) candidates per query, rank-major, then the best k of them
+            sim_all = gather_rows(sim.T.contiguous()).view(-1, k, q.shape[0]).permute(2, 0, 1).flatten(1)
+            lab_all = gather_rows(lab.T.contiguous()).view(-1, k, q.shape[0]).permute(2, 0, 1).flatten(1)
+            sim, pick = sim_all.topk(k, dim=1)
+            lab = lab_all.gather(1, pick)
         votes = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=torch.float32)
-        votes.scatter_add_(1, labels[idx], (sim / t).exp())
+        votes.scatter_add_(1, lab, (sim / t).exp())
         preds.append(votes.argmax(1))
     return torch.cat(preds)
 
 
 def knn_accuracy(train_features, train_labels, features, labels, num_classes: int, k: int = 20,
-                 t: float = 0.07) -> float:
-    pred = knn_predict(train_features, train_labels, features, num_classes, k, t)
+                 t: float = 0.07, sharded: bool = False) -> float:
+    pred = knn_predict(train_features, train_labels, features, num_classes, k, t, sharded=sharded)
     return (pred == labels.to(pred.device)).float().mean().item()
 
 
@@ -127,17 +172,31 @@ def evaluate_representation(encoder, bank_loader, test_loader, accelerator, num_
                             linear: bool = True) -> dict:
     """kNN (and, with ``linear``, linear-evaluation) accuracy of ``encoder`` on ``test_loader``, with
     ``bank_loader`` (the training split under the evaluation transform) as the labelled set. Under
-    DeepSpeed every rank first takes rank 0's buffers (BatchNorm statistics), as DDP does."""
+    DeepSpeed every rank first takes rank 0's buffers (BatchNorm statistics), as DDP does.
+
+    Across ranks the kNN bank is sharded (each rank holds ``1/W`` of it, :func:`knn_predict`) and the
+    linear probe is trained once, on the main process, which holds the whole bank and broadcasts the
+    figures; every rank returns the same dict, equal to the single-process one."""
     from visrep.engine.evaluate import broadcast_buffers_under_deepspeed, release_zero3_parameters
 
     broadcast_buffers_under_deepspeed(module if module is not None else encoder, accelerator)
-    ftr, ytr = extract_features(encoder, bank_loader, accelerator, module)
+    distributed = accelerator.num_processes > 1
+    whole = not distributed or (linear and accelerator.is_main_process)
+    bank, bank_shard = _extract(encoder, bank_loader, accelerator, module, whole, distributed)
     fte, yte = extract_features(encoder, test_loader, accelerator, module)
     if module is not None:
         release_zero3_parameters(module)
-    out = {"knn_acc": knn_accuracy(ftr, ytr, fte, yte, num_classes, cfg.knn_k, cfg.knn_t)}
+    bank_f, bank_y = bank_shard if distributed else bank
+    out = {"knn_acc": knn_accuracy(bank_f, bank_y, fte, yte, num_classes, cfg.knn_k, cfg.knn_t,
+                                   sharded=distributed)}
     if linear:
-        lin = linear_eval(ftr, ytr, fte, yte, num_classes, cfg.linear_epochs, cfg.linear_lr,
-                          cfg.linear_batch_size, cfg.linear_weight_decay, seed)
-        out.update(linear_acc=lin["acc"], linear_train_acc=lin["train_acc"])
+        figures = torch.zeros(2, dtype=torch.float64, device=fte.device)
+        if accelerator.is_main_process:
+            lin = linear_eval(*bank, fte, yte, num_classes, cfg.linear_epochs, cfg.linear_lr,
+                              cfg.linear_batch_size, cfg.linear_weight_decay, seed)
+            figures = figures.new_tensor([lin["acc"], lin["train_acc"]])
+        if distributed:
+            torch.distributed.broadcast(figures, src=0)
+        acc, train_acc = figures.tolist()
+        out.update(linear_acc=acc, linear_train_acc=train_acc)
     return out

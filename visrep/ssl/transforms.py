@@ -129,11 +129,12 @@ def byol_transforms(cfg: SSLAugmentConfig, image_size: int, mean, std, channels:
 
 
 def base_transform(image_size: int):
-    """Loader side of ``device='accelerator'``: decode and resize to a float tensor in [0, 1]."""
+    """Loader side of ``device='accelerator'``: decode and resize to a uint8 tensor. The loader, the
+    pinned buffers and the host-to-device copy move a quarter of the bytes of float32; the scaling to
+    [0, 1] happens on the device (:class:`BatchedBYOLAugment`)."""
     from torchvision.transforms import v2 as T
 
-    return T.Compose([T.ToImage(), T.Resize((image_size, image_size), antialias=True),
-                      T.ToDtype(torch.float32, scale=True)])
+    return T.Compose([T.ToImage(), T.Resize((image_size, image_size), antialias=True)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,8 +179,8 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 class BatchedBYOLAugment(torch.nn.Module):
-    """Both BYOL views of a batch on its own device: ``(N, C, H, W)`` floats in [0, 1] ->
-    (view 1, view 2), normalised. Every image draws its own crop, flip, jitter factors, grayscale,
+    """Both BYOL views of a batch on its own device: ``(N, C, H, W)`` uint8 images (or floats in [0, 1])
+    -> (view 1, view 2), normalised. Every image draws its own crop, flip, jitter factors, grayscale,
     blur sigma and solarize coin, as in the per-image pipeline; the parameters are drawn on the CPU
     from a generator seeded by ``batch_seed`` and applied with batched ops (one ``grid_sample`` for all
     crops and flips, a grouped convolution for the per-image blurs).
@@ -209,7 +210,7 @@ class BatchedBYOLAugment(torch.nn.Module):
     @torch.no_grad()
     def view(self, x: torch.Tensor, view: int, g: torch.Generator) -> torch.Tensor:
         cfg, n, dev = self.cfg, x.shape[0], x.device
-        x = x.float()
+        x = x.float().mul_(1.0 / 255) if x.dtype == torch.uint8 else x.float()  # as ToDtype(scale=True)
         # random resized crop + flip: one affine grid per image
         area = self._rand(g, n, *cfg.crop_scale)
         log_r = self._rand(g, n, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))

@@ -64,7 +64,7 @@ class PairedDataset(torch.utils.data.Dataset):
     def __init__(self, source, target, seed: int):
         self.source, self.target, self.seed = source, target, seed
         self.epoch = 0
-        self._perm = self._permutation(0)
+        self._perm, self._perm_epoch = self._permutation(0), 0
 
     def _permutation(self, epoch: int) -> np.ndarray:
         from visrep.data.images import sample_seed
@@ -75,7 +75,6 @@ class PairedDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self._perm = self._permutation(epoch)
         for ds in (self.source, self.target):
             if hasattr(ds, "set_epoch"):
                 ds.set_epoch(epoch)
@@ -84,8 +83,13 @@ class PairedDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
+        from visrep.data.images import EpochIndex, epoch_of
+
+        epoch = epoch_of(i, self.epoch)  # the index's own epoch in a persistent worker
+        if epoch != self._perm_epoch:
+            self._perm, self._perm_epoch = self._permutation(epoch), epoch
         xs, ys = self.source[i]
-        xt, _ = self.target[int(self._perm[i])]
+        xt, _ = self.target[EpochIndex(int(self._perm[i]), epoch)]
         return (xs, xt), ys
 
 

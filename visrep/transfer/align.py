@@ -3,7 +3,8 @@
 Across ranks. MMD and CORAL are statistics of the whole batch, so a per-rank value is a different
 (noisier) estimator than the single-process one. With ``sync="gather"`` (the default when torch
 distributed is initialised) each rank all-gathers the source and the target features with an
-autograd-aware gather (``all_gather_with_grad``: all-gather forward, all-reduce-sum and slice backward),
+autograd-aware gather (``visrep.engine.distributed.all_gather_with_grad``: all-gather forward,
+reduce-scatter backward),
 computes the loss on the global batch -- the same value on every rank -- and DDP's gradient average
 then yields exactly the gradient of the single-process loss on the concatenated global batch (each
 rank's local features receive the sum over ranks of the identical per-rank gradients, i.e. ``world``
@@ -18,54 +19,16 @@ import math
 from typing import Literal, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-# ----------------------------------------------------------------------------------------------
-# Cross-rank gather
-# ----------------------------------------------------------------------------------------------
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-        sizes = [torch.zeros_like(n) for _ in range(world)]
-        dist.all_gather(sizes, n)
-        sizes = [int(s.item()) for s in sizes]
-        rows = max(sizes)
-        padded = torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))]).contiguous()
-        bufs = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(bufs, padded)
-        ctx.sizes, ctx.rank = sizes, rank
-        return torch.cat([b[:s] for b, s in zip(bufs, sizes)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]]
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank in rank order (ranks may hold different numbers of rows).
-    Backward: the incoming gradient is summed over ranks and each rank keeps its own rows. The
-    identity when torch distributed is not initialised."""
-    if not _distributed():
-        return x
-    return _AllGatherWithGrad.apply(x)
+from visrep.engine.distributed import all_gather_with_grad, is_distributed
 
 
 def _resolve_sync(sync: str) -> bool:
     if sync not in ("gather", "local"):
         raise ValueError(f"sync must be 'gather' or 'local', got {sync!r}")
-    return sync == "gather" and _distributed()
+    return sync == "gather" and is_distributed()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,16 +171,21 @@ def mk_mmd(source: torch.Tensor, target: torch.Tensor, multipliers: Sequence[flo
 
 class MultiKernelMMDLoss(nn.Module):
     """``mk_mmd`` as a module; ``sync='gather'`` computes it on the batch gathered from all ranks
-    (see the module docstring), ``'local'`` per rank."""
+    (see the module docstring), ``'local'`` per rank. ``same_size``: every rank holds as many source
+    (and as many target) rows -- loaders that drop the last incomplete batch -- so no row count is
+    exchanged and nothing is read on the host; otherwise the counts are exchanged per call."""
 
     def __init__(self, multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
-                 heuristic: Literal["median", "mean"] = "median", sync: Literal["gather", "local"] = "gather"):
+                 heuristic: Literal["median", "mean"] = "median", sync: Literal["gather", "local"] = "gather",
+                 same_size: bool = False):
         super().__init__()
         self.multipliers, self.heuristic, self.sync = tuple(multipliers), heuristic, sync
+        self.same_size = same_size
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if _resolve_sync(self.sync):
-            source, target = all_gather_with_grad(source), all_gather_with_grad(target)
+            source = all_gather_with_grad(source, self.same_size)
+            target = all_gather_with_grad(target, self.same_size)
         return mk_mmd(source, target, self.multipliers, self.heuristic)
 
 
@@ -246,11 +214,12 @@ def coral(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class CoralLoss(nn.Module):
     """``coral`` as a module; ``sync`` as for ``MultiKernelMMDLoss``."""
 
-    def __init__(self, sync: Literal["gather", "local"] = "gather"):
+    def __init__(self, sync: Literal["gather", "local"] = "gather", same_size: bool = False):
         super().__init__()
-        self.sync = sync
+        self.sync, self.same_size = sync, same_size
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if _resolve_sync(self.sync):
-            source, target = all_gather_with_grad(source), all_gather_with_grad(target)
+            source = all_gather_with_grad(source, self.same_size)
+            target = all_gather_with_grad(target, self.same_size)
         return coral(source, target)
