@@ -44,6 +44,7 @@ from visrep.transfer import (AdaptationModel, BestOnSourceVal, CoralLoss, GRLSch
                              PairedDataset, domain_adversarial_loss)
 from visrep.zoo import create_backbone, get_data_config
 from visrep.errors import main_entry
+from visrep.checks import check
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 METHODS = ("source_only", "dann", "mmd", "coral")
@@ -68,13 +69,11 @@ class AdaptConfig:
     """Across ranks, MMD/CORAL on the batch gathered from all ranks (exact) or per rank (averaged)."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
         for k in ("dann_weight", "mmd_weight", "coral_weight"):
-            _check(getattr(self, k) >= 0, prefix + k, getattr(self, k), "a number >= 0")
-        _check(self.bottleneck_dim >= 0, f"{prefix}bottleneck_dim", self.bottleneck_dim, "an integer >= 0")
-        _check(len(self.mmd_multipliers) > 0 and all(m > 0 for m in self.mmd_multipliers),
-               f"{prefix}mmd_multipliers", self.mmd_multipliers, "a non-empty list of positive numbers")
+            check(getattr(self, k) >= 0, prefix + k, getattr(self, k), "a number >= 0")
+        check(self.bottleneck_dim >= 0, f"{prefix}bottleneck_dim", self.bottleneck_dim, "an integer >= 0")
+        check(len(self.mmd_multipliers) > 0 and all(m > 0 for m in self.mmd_multipliers),
+              f"{prefix}mmd_multipliers", self.mmd_multipliers, "a non-empty list of positive numbers")
 
 
 @dataclasses.dataclass
@@ -93,12 +92,10 @@ class AdaptRecipeConfig(RecipeConfig):
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.source.image_size == self.target.image_size, f"{prefix}target.image_size",
-               self.target.image_size, f"the source's image_size ({self.source.image_size})")
-        _check(self.target.label_fraction == 1.0, f"{prefix}target.label_fraction", self.target.label_fraction,
-               "1.0 (target labels are never trained on; the target train split is used unlabelled)")
+        check(self.source.image_size == self.target.image_size, f"{prefix}target.image_size",
+              self.target.image_size, f"the source's image_size ({self.source.image_size})")
+        check(self.target.label_fraction == 1.0, f"{prefix}target.label_fraction", self.target.label_fraction,
+              "1.0 (target labels are never trained on; the target train split is used unlabelled)")
 
 
 def main(argv=None) -> dict:

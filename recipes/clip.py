@@ -32,6 +32,7 @@ from visrep.launch import push_run
 from visrep.engine import (RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, parse_config)
 from visrep.errors import main_entry
+from visrep.checks import check
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -61,14 +62,12 @@ class ClipTeacherConfig:
     temperature: float = 1.0
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(0.0 <= self.kd_weight <= 1.0, f"{prefix}kd_weight", self.kd_weight, "a number in [0, 1]")
-        _check(self.temperature > 0, f"{prefix}temperature", self.temperature, "a positive number")
-        _check(self.source != "checkpoint" or bool(self.checkpoint), f"{prefix}checkpoint", self.checkpoint,
-               "an exported CLIP model directory when teacher.source is 'checkpoint'")
-        _check(self.source != "open_clip" or bool(self.name), f"{prefix}name", self.name,
-               "an open_clip model config name when teacher.source is 'open_clip'")
+        check(0.0 <= self.kd_weight <= 1.0, f"{prefix}kd_weight", self.kd_weight, "a number in [0, 1]")
+        check(self.temperature > 0, f"{prefix}temperature", self.temperature, "a positive number")
+        check(self.source != "checkpoint" or bool(self.checkpoint), f"{prefix}checkpoint", self.checkpoint,
+              "an exported CLIP model directory when teacher.source is 'checkpoint'")
+        check(self.source != "open_clip" or bool(self.name), f"{prefix}name", self.name,
+              "an open_clip model config name when teacher.source is 'open_clip'")
 
 
 @dataclasses.dataclass
@@ -84,10 +83,8 @@ class ClipRecipeConfig(RecipeConfig):
     """run.batch_size: micro-batch per device; run.grad_accum micro-batches form one step's batch."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.clip.loss != "sigmoid" or self.model.init_logit_bias is not None, "model.init_logit_bias",
-               self.model.init_logit_bias, "a number (SigLIP: -10) when clip.loss is 'sigmoid'")
+        check(self.clip.loss != "sigmoid" or self.model.init_logit_bias is not None, "model.init_logit_bias",
+              self.model.init_logit_bias, "a number (SigLIP: -10) when clip.loss is 'sigmoid'")
 
 
 def build_teacher(cfg: ClipRecipeConfig, student_dc: dict, device) -> Optional[FrozenClipTeacher]:

@@ -30,6 +30,7 @@ from visrep.engine.export import export_model, load_model
 from visrep.launch import push_run
 from visrep.zoo import create_backbone, get_data_config
 from visrep.errors import main_entry
+from visrep.checks import check
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -45,12 +46,10 @@ class TeacherConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.source != "train" or self.train_epochs > 0, f"{prefix}train_epochs", self.train_epochs,
-               "an integer > 0 when teacher.source is 'train'")
-        _check(self.source != "checkpoint" or bool(self.checkpoint), f"{prefix}checkpoint", self.checkpoint,
-               "the directory of an exported model (RUN_DIR/models/STAGE) when teacher.source is 'checkpoint'")
+        check(self.source != "train" or self.train_epochs > 0, f"{prefix}train_epochs", self.train_epochs,
+              "an integer > 0 when teacher.source is 'train'")
+        check(self.source != "checkpoint" or bool(self.checkpoint), f"{prefix}checkpoint", self.checkpoint,
+              "the directory of an exported model (RUN_DIR/models/STAGE) when teacher.source is 'checkpoint'")
 
 
 @dataclasses.dataclass

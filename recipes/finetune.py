@@ -43,6 +43,7 @@ from visrep.transfer.finetune import num_stages
 from visrep.transfer.loading import InitConfig, build_start_model
 from visrep.zoo import create_backbone, get_data_config
 from visrep.errors import main_entry
+from visrep.checks import check
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -66,14 +67,12 @@ class FinetuneConfig:
     """L2 weight on the new head under L2-SP."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(0 < self.layer_decay <= 1, f"{prefix}layer_decay", self.layer_decay, "a number in (0, 1]")
-        _check(self.lp_epochs >= 1 or self.strategy not in ("lp_ft", "linear_probe"), f"{prefix}lp_epochs",
-               self.lp_epochs, "an integer >= 1 for lp_ft / linear_probe")
-        _check(self.unfreeze_every >= 1, f"{prefix}unfreeze_every", self.unfreeze_every, "an integer >= 1")
-        _check(self.l2sp_alpha >= 0 and self.l2sp_beta >= 0, f"{prefix}l2sp_alpha", self.l2sp_alpha,
-               "numbers >= 0 (l2sp_alpha, l2sp_beta)")
+        check(0 < self.layer_decay <= 1, f"{prefix}layer_decay", self.layer_decay, "a number in (0, 1]")
+        check(self.lp_epochs >= 1 or self.strategy not in ("lp_ft", "linear_probe"), f"{prefix}lp_epochs",
+              self.lp_epochs, "an integer >= 1 for lp_ft / linear_probe")
+        check(self.unfreeze_every >= 1, f"{prefix}unfreeze_every", self.unfreeze_every, "an integer >= 1")
+        check(self.l2sp_alpha >= 0 and self.l2sp_beta >= 0, f"{prefix}l2sp_alpha", self.l2sp_alpha,
+              "numbers >= 0 (l2sp_alpha, l2sp_beta)")
 
 
 @dataclasses.dataclass

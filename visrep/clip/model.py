@@ -21,6 +21,7 @@ from torch import nn
 
 from visrep.clip.loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
 from visrep.errors import UserError
+from visrep.checks import check
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -76,17 +77,15 @@ class ClipModelConfig:
     max_logit_scale: float = MAX_LOGIT_SCALE
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.embed_dim >= 1, f"{prefix}embed_dim", self.embed_dim, "an integer >= 1")
-        _check(0 <= self.init_logit_scale <= self.max_logit_scale, f"{prefix}init_logit_scale",
-               self.init_logit_scale, f"a number in [0, max_logit_scale={self.max_logit_scale:.4f}]")
-        _check(self.text.source != "open_clip" or bool(self.text.name), f"{prefix}text.name", self.text.name,
-               "an open_clip model config name when text.source is 'open_clip'")
-        _check(self.text.context_length >= 3, f"{prefix}text.context_length", self.text.context_length,
-               "an integer >= 3")
-        _check(self.text.width % max(1, self.text.heads) == 0, f"{prefix}text.heads", self.text.heads,
-               f"a divisor of text.width ({self.text.width})")
+        check(self.embed_dim >= 1, f"{prefix}embed_dim", self.embed_dim, "an integer >= 1")
+        check(0 <= self.init_logit_scale <= self.max_logit_scale, f"{prefix}init_logit_scale",
+              self.init_logit_scale, f"a number in [0, max_logit_scale={self.max_logit_scale:.4f}]")
+        check(self.text.source != "open_clip" or bool(self.text.name), f"{prefix}text.name", self.text.name,
+              "an open_clip model config name when text.source is 'open_clip'")
+        check(self.text.context_length >= 3, f"{prefix}text.context_length", self.text.context_length,
+              "an integer >= 3")
+        check(self.text.width % max(1, self.text.heads) == 0, f"{prefix}text.heads", self.text.heads,
+              f"a divisor of text.width ({self.text.width})")
 
 
 # ----------------------------------------------------------------------------------------------

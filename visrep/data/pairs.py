@@ -32,6 +32,7 @@ import torch
 from visrep.data.images import (EpochSampler, build_transforms, decode_image, drop_unreadable, loader_options,
                                 epoch_of, sample_seed)
 from visrep.errors import DataError, MissingFileError, MissingKeyError
+from visrep.checks import check
 
 DIGIT_NAMES = [["zero", "0"], ["one", "1"], ["two", "2"], ["three", "3"], ["four", "4"], ["five", "5"],
                ["six", "6"], ["seven", "7"], ["eight", "8"], ["nine", "9"]]
@@ -80,22 +81,20 @@ class PairsConfig:
     """digits: held-out caption templates for val/test captions; empty: DIGIT_EVAL_TEMPLATES."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.image_size >= 8, f"{prefix}image_size", self.image_size, "an integer >= 8")
-        _check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
-               f"{prefix}val_fraction", (self.val_fraction, self.test_fraction),
-               "val_fraction and test_fraction in (0, 1), summing to less than 1")
-        _check(self.source != "hf" or bool(self.name), f"{prefix}name", self.name,
-               "a Hugging Face dataset name when data.source is 'hf'")
-        _check(self.source != "folder" or bool(self.data_dir), f"{prefix}data_dir", self.data_dir,
-               "a directory with images and a captions file when data.source is 'folder'")
+        check(self.image_size >= 8, f"{prefix}image_size", self.image_size, "an integer >= 8")
+        check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
+              f"{prefix}val_fraction", (self.val_fraction, self.test_fraction),
+              "val_fraction and test_fraction in (0, 1), summing to less than 1")
+        check(self.source != "hf" or bool(self.name), f"{prefix}name", self.name,
+              "a Hugging Face dataset name when data.source is 'hf'")
+        check(self.source != "folder" or bool(self.data_dir), f"{prefix}data_dir", self.data_dir,
+              "a directory with images and a captions file when data.source is 'folder'")
         for key in ("zero_shot_templates", "train_templates", "eval_templates"):
             for t in getattr(self, key):
-                _check(t.count("{}") == 1, f"{prefix}{key}", t, "templates with exactly one {} for the class name")
+                check(t.count("{}") == 1, f"{prefix}{key}", t, "templates with exactly one {} for the class name")
         overlap = set(self.train_templates or DIGIT_TRAIN_TEMPLATES) & set(self.eval_templates or DIGIT_EVAL_TEMPLATES)
-        _check(self.source != "digits" or not overlap, f"{prefix}eval_templates", sorted(overlap),
-               "templates disjoint from the training templates (they are held out for evaluation)")
+        check(self.source != "digits" or not overlap, f"{prefix}eval_templates", sorted(overlap),
+              "templates disjoint from the training templates (they are held out for evaluation)")
 
 
 @dataclasses.dataclass

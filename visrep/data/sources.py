@@ -15,6 +15,7 @@ import numpy as np
 
 from visrep.data.cache import cached_arrays
 from visrep.errors import MissingFileError, MissingKeyError
+from visrep.checks import check
 
 
 @dataclasses.dataclass
@@ -51,17 +52,15 @@ class DataConfig:
     """Keep this fraction of the training labels (stratified, seeded): the label budget."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.image_size >= 8, f"{prefix}image_size", self.image_size, "an integer >= 8")
-        _check(0 < self.val_fraction < 1, f"{prefix}val_fraction", self.val_fraction, "a number in (0, 1)")
-        _check(0 < self.test_fraction < 1, f"{prefix}test_fraction", self.test_fraction, "a number in (0, 1)")
-        _check(0 <= self.hflip <= 1, f"{prefix}hflip", self.hflip, "a probability in [0, 1]")
-        _check(0 < self.label_fraction <= 1, f"{prefix}label_fraction", self.label_fraction, "a number in (0, 1]")
-        _check(self.source != "hf" or bool(self.name), f"{prefix}name", self.name,
-               "a Hugging Face dataset name when data.source is 'hf'")
-        _check(self.source != "imagefolder" or bool(self.data_dir), f"{prefix}data_dir", self.data_dir,
-               "a directory when data.source is 'imagefolder'")
+        check(self.image_size >= 8, f"{prefix}image_size", self.image_size, "an integer >= 8")
+        check(0 < self.val_fraction < 1, f"{prefix}val_fraction", self.val_fraction, "a number in (0, 1)")
+        check(0 < self.test_fraction < 1, f"{prefix}test_fraction", self.test_fraction, "a number in (0, 1)")
+        check(0 <= self.hflip <= 1, f"{prefix}hflip", self.hflip, "a probability in [0, 1]")
+        check(0 < self.label_fraction <= 1, f"{prefix}label_fraction", self.label_fraction, "a number in (0, 1]")
+        check(self.source != "hf" or bool(self.name), f"{prefix}name", self.name,
+              "a Hugging Face dataset name when data.source is 'hf'")
+        check(self.source != "imagefolder" or bool(self.data_dir), f"{prefix}data_dir", self.data_dir,
+              "a directory when data.source is 'imagefolder'")
 
 
 def digits_arrays(image_size: int = 32, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from visrep.checks import check
 
 
 def soft_target_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -47,10 +48,8 @@ class KDConfig:
     label_free: bool = False
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.temperature > 0, f"{prefix}temperature", self.temperature, "a positive number")
-        _check(0.0 <= self.kd_weight <= 1.0, f"{prefix}kd_weight", self.kd_weight, "a number in [0, 1]")
+        check(self.temperature > 0, f"{prefix}temperature", self.temperature, "a positive number")
+        check(0.0 <= self.kd_weight <= 1.0, f"{prefix}kd_weight", self.kd_weight, "a number in [0, 1]")
 
 
 class DistillationLoss(nn.Module):

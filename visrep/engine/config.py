@@ -18,15 +18,9 @@ from typing import Any, Literal, Optional, Sequence, TypeVar, Union
 
 import yaml
 
-from visrep.errors import UserError
+from visrep.checks import ConfigError, check
 
 T = TypeVar("T")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration key or value is wrong; the message names it and says what is allowed."""
-
-    same_on_every_rank = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,10 +51,10 @@ class OptimConfig:
     grad_clip: Optional[float] = None
 
     def validate(self, prefix: str) -> None:
-        _check(self.lr > 0, f"{prefix}lr", self.lr, "a positive number")
-        _check(self.weight_decay >= 0, f"{prefix}weight_decay", self.weight_decay, "a number >= 0")
-        _check(self.grad_clip is None or self.grad_clip > 0, f"{prefix}grad_clip", self.grad_clip,
-               "null or a positive number")
+        check(self.lr > 0, f"{prefix}lr", self.lr, "a positive number")
+        check(self.weight_decay >= 0, f"{prefix}weight_decay", self.weight_decay, "a number >= 0")
+        check(self.grad_clip is None or self.grad_clip > 0, f"{prefix}grad_clip", self.grad_clip,
+              "null or a positive number")
 
 
 @dataclasses.dataclass
@@ -73,9 +67,9 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
 
     def validate(self, prefix: str) -> None:
-        _check(self.epochs >= 0, f"{prefix}epochs", self.epochs, "an integer >= 0")
-        _check(self.warmup_epochs >= 0, f"{prefix}warmup_epochs", self.warmup_epochs, "a number >= 0")
-        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        check(self.epochs >= 0, f"{prefix}epochs", self.epochs, "an integer >= 0")
+        check(self.warmup_epochs >= 0, f"{prefix}warmup_epochs", self.warmup_epochs, "a number >= 0")
+        check(0 <= self.min_lr_ratio <= 1, f"{prefix}min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
 
 
 @dataclasses.dataclass
@@ -114,12 +108,12 @@ class RunConfig:
 
     def validate(self, prefix: str) -> None:
         for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_last"):
-            _check(getattr(self, key) >= 1, f"{prefix}{key}", getattr(self, key), "an integer >= 1")
-        _check(self.checkpoint_every >= 0, f"{prefix}checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        _check(self.num_workers >= -1, f"{prefix}num_workers", self.num_workers, "an integer >= 0, or -1 (automatic)")
-        _check(self.dist_timeout_s >= 1, f"{prefix}dist_timeout_s", self.dist_timeout_s, "an integer >= 1 (seconds)")
-        _check(self.stop_after_steps is None or self.stop_after_steps >= 1, f"{prefix}stop_after_steps",
-               self.stop_after_steps, "null or an integer >= 1")
+            check(getattr(self, key) >= 1, f"{prefix}{key}", getattr(self, key), "an integer >= 1")
+        check(self.checkpoint_every >= 0, f"{prefix}checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        check(self.num_workers >= -1, f"{prefix}num_workers", self.num_workers, "an integer >= 0, or -1 (automatic)")
+        check(self.dist_timeout_s >= 1, f"{prefix}dist_timeout_s", self.dist_timeout_s, "an integer >= 1 (seconds)")
+        check(self.stop_after_steps is None or self.stop_after_steps >= 1, f"{prefix}stop_after_steps",
+              self.stop_after_steps, "null or an integer >= 1")
 
 
 @dataclasses.dataclass
@@ -136,11 +130,6 @@ class RecipeConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     push_to_hub: Optional[str] = None
     """USER/REPO: push the final model (weights, config.json, model card) to the Hugging Face Hub at the end."""
-
-
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}' has value {value!r}; expected {expected}.")
 
 
 # ----------------------------------------------------------------------------------------------

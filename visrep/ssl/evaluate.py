@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from visrep.checks import check
 
 
 @dataclasses.dataclass
@@ -23,13 +24,11 @@ class SSLEvalConfig:
     """Epochs between validation kNN evaluations during pre-training (0: only at the end)."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.knn_k >= 1, f"{prefix}knn_k", self.knn_k, "an integer >= 1")
-        _check(self.knn_t > 0, f"{prefix}knn_t", self.knn_t, "a positive number")
-        _check(self.linear_epochs >= 1, f"{prefix}linear_epochs", self.linear_epochs, "an integer >= 1")
-        _check(self.linear_lr > 0, f"{prefix}linear_lr", self.linear_lr, "a positive number")
-        _check(self.every_epochs >= 0, f"{prefix}every_epochs", self.every_epochs, "an integer >= 0")
+        check(self.knn_k >= 1, f"{prefix}knn_k", self.knn_k, "an integer >= 1")
+        check(self.knn_t > 0, f"{prefix}knn_t", self.knn_t, "a positive number")
+        check(self.linear_epochs >= 1, f"{prefix}linear_epochs", self.linear_epochs, "an integer >= 1")
+        check(self.linear_lr > 0, f"{prefix}linear_lr", self.linear_lr, "a positive number")
+        check(self.every_epochs >= 0, f"{prefix}every_epochs", self.every_epochs, "an integer >= 0")
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
+from visrep.checks import check
 
 
 class MLPHead(nn.Sequential):
@@ -115,9 +116,7 @@ class BYOLConfig:
     """Convert BatchNorm to SyncBatchNorm when training on several GPUs (global batch statistics)."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
         for key in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
-            _check(getattr(self, key) >= 1, f"{prefix}{key}", getattr(self, key), "an integer >= 1")
-        _check(0 <= self.base_tau <= self.final_tau <= 1, f"{prefix}base_tau", self.base_tau,
-               "a number with 0 <= base_tau <= final_tau <= 1")
+            check(getattr(self, key) >= 1, f"{prefix}{key}", getattr(self, key), "an integer >= 1")
+        check(0 <= self.base_tau <= self.final_tau <= 1, f"{prefix}base_tau", self.base_tau,
+              "a number with 0 <= base_tau <= final_tau <= 1")

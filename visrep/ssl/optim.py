@@ -6,6 +6,7 @@ from typing import Literal, Optional
 
 import torch
 from torch import nn
+from visrep.checks import check
 
 
 class LARS(torch.optim.Optimizer):
@@ -89,14 +90,12 @@ class SSLOptimConfig:
     grad_clip: Optional[float] = None
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.base_lr > 0, f"{prefix}base_lr", self.base_lr, "a positive number")
-        _check(self.probe_lr > 0, f"{prefix}probe_lr", self.probe_lr, "a positive number")
-        _check(self.weight_decay >= 0, f"{prefix}weight_decay", self.weight_decay, "a number >= 0")
-        _check(self.eta > 0, f"{prefix}eta", self.eta, "a positive number")
-        _check(self.grad_clip is None or self.grad_clip > 0, f"{prefix}grad_clip", self.grad_clip,
-               "null or a positive number")
+        check(self.base_lr > 0, f"{prefix}base_lr", self.base_lr, "a positive number")
+        check(self.probe_lr > 0, f"{prefix}probe_lr", self.probe_lr, "a positive number")
+        check(self.weight_decay >= 0, f"{prefix}weight_decay", self.weight_decay, "a number >= 0")
+        check(self.eta > 0, f"{prefix}eta", self.eta, "a positive number")
+        check(self.grad_clip is None or self.grad_clip > 0, f"{prefix}grad_clip", self.grad_clip,
+              "null or a positive number")
 
 
 def scaled_lr(base_lr: float, batch_size: int, num_processes: int = 1, grad_accum: int = 1) -> float:

@@ -27,6 +27,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from visrep.checks import check
 
 
 @dataclasses.dataclass
@@ -52,16 +53,14 @@ class SSLAugmentConfig:
     training device (the loader only decodes and resizes), still random per image."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
         for key in ("hflip", "jitter_prob", "grayscale_prob"):
-            _check(0 <= getattr(self, key) <= 1, f"{prefix}{key}", getattr(self, key), "a probability in [0, 1]")
+            check(0 <= getattr(self, key) <= 1, f"{prefix}{key}", getattr(self, key), "a probability in [0, 1]")
         for key in ("blur_prob", "solarize_prob"):
-            _check(all(0 <= v <= 1 for v in getattr(self, key)), f"{prefix}{key}", getattr(self, key),
-                   "two probabilities in [0, 1]")
+            check(all(0 <= v <= 1 for v in getattr(self, key)), f"{prefix}{key}", getattr(self, key),
+                  "two probabilities in [0, 1]")
         lo, hi = self.crop_scale
-        _check(0 < lo <= hi <= 1, f"{prefix}crop_scale", self.crop_scale, "0 < min <= max <= 1")
-        _check(0 <= self.hue <= 0.5, f"{prefix}hue", self.hue, "a number in [0, 0.5]")
+        check(0 < lo <= hi <= 1, f"{prefix}crop_scale", self.crop_scale, "0 < min <= max <= 1")
+        check(0 <= self.hue <= 0.5, f"{prefix}hue", self.hue, "a number in [0, 0.5]")
 
     def resolved(self, image_size: int) -> "SSLAugmentConfig":
         """The config with the small-image variant applied (blur off) when it is in effect."""

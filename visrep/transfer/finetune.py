@@ -18,6 +18,7 @@ from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 from torch import nn
+from visrep.checks import check
 
 _BN = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
@@ -167,11 +168,9 @@ class FreezeConfig:
     """mode=stages: stage names (e.g. stem, stages.0) or indices."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.first_n >= 0, f"{prefix}first_n", self.first_n, "an integer >= 0")
-        _check(self.mode != "stages" or bool(self.stages), f"{prefix}stages", self.stages,
-               "a non-empty list of stage names or indices when mode is 'stages'")
+        check(self.first_n >= 0, f"{prefix}first_n", self.first_n, "an integer >= 0")
+        check(self.mode != "stages" or bool(self.stages), f"{prefix}stages", self.stages,
+              "a non-empty list of stage names or indices when mode is 'stages'")
 
 
 def frozen_groups(model: nn.Module, cfg: FreezeConfig) -> list[int]:

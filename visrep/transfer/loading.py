@@ -11,6 +11,7 @@ from torch import nn
 
 from visrep.engine.config import BackboneConfig
 from visrep.errors import DataError, MissingFileError
+from visrep.checks import check
 
 HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "online.backbone.", "online_network.backbone.",
@@ -30,10 +31,8 @@ class InitConfig:
     """source=train: epochs on the source domain."""
 
     def validate(self, prefix: str) -> None:
-        from visrep.engine.config import _check
-
-        _check(self.source in ("train", "scratch", "pretrained") or bool(self.path), f"{prefix}path", self.path,
-               f"a path when {prefix}source is '{self.source}'")
+        check(self.source in ("train", "scratch", "pretrained") or bool(self.path), f"{prefix}path", self.path,
+              f"a path when {prefix}source is '{self.source}'")
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> dict:
