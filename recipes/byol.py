@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from visrep.data import DataConfig, ImageDataset, build_classification_data, build_transforms, collate, loader_options
 from visrep.launch import push_run
@@ -38,6 +38,7 @@ from visrep.ssl import (BYOL, BYOLConfig, BatchedBYOLAugment, EMAUpdater, SSLAug
                         SSLOptimConfig, base_transform, batch_seed, build_ssl_optimizer, byol_loss, byol_transforms,
                         evaluate_representation, export_byol, normalized_std)
 from visrep.zoo import create_backbone, get_data_config
+from visrep.engine.distributed import require
 from visrep.errors import main_entry
 
 PRESETS = Path(__file__).resolve().parent / "configs"
@@ -75,11 +76,9 @@ def eval_loaders(cfg: BYOLRecipeConfig, data, data_config: dict):
 
 def refuse_under_deepspeed(cfg: BYOLRecipeConfig, accelerator) -> None:
     """What DeepSpeed cannot do here, refused before any training."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.optim.name == "lars":
-        raise ConfigError(
-            "optim.name 'lars' takes a trust ratio per layer, but DeepSpeed ZeRO hands the optimizer "
-            "flattened partitions, so the ratios would be computed over shards. Under DeepSpeed use "
-            "--optim.name sgd or adamw; or train with LARS under DDP (without --use_deepspeed).")
+    if cfg.optim.name == "lars":
+        require(accelerator, "per_layer_optimizer", "optim.name 'lars' (a trust ratio per layer)",
+                "Under DeepSpeed use --optim.name sgd or adamw; or train with LARS under DDP (without --use_deepspeed).")
 
 
 def main(argv=None) -> dict:

@@ -28,7 +28,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from visrep.data import DataConfig, build_classification_data
 from visrep.data.digits_m import load_digits_m_splits
@@ -36,7 +36,8 @@ from visrep.data.sources import class_names, load_splits
 from visrep.launch import push_run
 from visrep.engine import (ConfigError, RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
                            count_parameters, evaluate_classifier, parse_config)
-from visrep.engine.export import export_model, is_zero3, load_model
+from visrep.engine.distributed import require
+from visrep.engine.export import export_model, load_model
 from visrep.transfer import (L2SP, BestOnSourceVal, FreezeConfig, GradualUnfreezer, freeze,
                              layer_decay_param_groups, set_trainable)
 from visrep.transfer.finetune import num_stages
@@ -148,8 +149,7 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
         results = {"val_acc": evaluate_classifier(model, val_loader, acc)["top1"],
                    "test_acc": evaluate_classifier(model, test_loader, acc)["top1"],
                    "selected_epoch": best.best_epoch,
-                   "trainable_params": sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3: the full size
-                                           for p in unwrapped.parameters() if p.requires_grad)}
+                   "trainable_params": count_parameters(unwrapped, trainable_only=True)}
     results = stage.finish(results)
     # The next stage starts from this stage's export: a plain module, whatever wrapped, hooked or
     # sharded this one during training (a DeepSpeed engine's hooks stay on the module it was given).
@@ -160,20 +160,14 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
 def refuse_under_deepspeed(cfg: FinetuneRecipeConfig, acc) -> None:
     """What DeepSpeed cannot do here, refused before any training."""
     ft = cfg.finetune
-    if acc.distributed_type != DistributedType.DEEPSPEED:
-        return
-    if ft.strategy == "gradual":
-        raise ConfigError(
-            "finetune.strategy 'gradual' drops the gradients of still-frozen stages between backward and the "
-            "optimizer step, but under DeepSpeed the engine steps inside backward (and its flat ZeRO partitions "
-            "would still decay and move those weights). Under DeepSpeed use --finetune.strategy lp_ft or full; "
-            "or unfreeze gradually under DDP (without --use_deepspeed).")
-    if is_zero3(acc) and (ft.l2sp_alpha or ft.l2sp_beta):
-        raise ConfigError(
-            "L2-SP (finetune.l2sp_alpha / l2sp_beta) is computed on the whole parameters outside the model's "
-            "forward, where DeepSpeed ZeRO-3 holds only this rank's shard. Under ZeRO-3 set "
-            "--finetune.l2sp-alpha 0 --finetune.l2sp-beta 0 (weight decay instead); or use ZeRO-1/2 "
-            "(--zero_stage 2) or DDP.")
+    if ft.strategy == "gradual":  # drops the gradients of still-frozen stages before the optimizer step
+        require(acc, "gradient_surgery", "finetune.strategy 'gradual'",
+                "Under DeepSpeed use --finetune.strategy lp_ft or full; or unfreeze gradually under DDP "
+                "(without --use_deepspeed).")
+    if ft.l2sp_alpha or ft.l2sp_beta:  # a penalty on whole parameters, outside the model's forward
+        require(acc, "whole_parameters", "L2-SP (finetune.l2sp_alpha / l2sp_beta)",
+                "Under ZeRO-3 set --finetune.l2sp-alpha 0 --finetune.l2sp-beta 0 (weight decay instead); or use "
+                "ZeRO-1/2 (--zero_stage 2) or DDP.")
 
 
 def main(argv=None) -> dict:

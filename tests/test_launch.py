@@ -70,7 +70,7 @@ def test_deepspeed_json_and_option_checks(tmp_path):
     assert ds["zero_force_ds_cpu_optimizer"] is False
     assert z["reduce_bucket_size"] == z["stage3_prefetch_bucket_size"] == "auto"  # sized from the model at prepare
     assert z["stage3_param_persistence_threshold"] == 100_000
-    from visrep.engine.run import size_buckets
+    from visrep.engine.distributed import size_buckets
 
     assert size_buckets({"stage": 2}, 272_474) == {"stage": 2, "reduce_bucket_size": 2 ** 20,
                                                     "allgather_bucket_size": 2 ** 20}  # a ResNet-20: 1M, not 5e8

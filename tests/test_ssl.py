@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visrep.engine.distributed import local_shard
 from visrep.ssl import (BYOL, LARS, BatchedBYOLAugment, EMAUpdater, MLPHead, SSLAugmentConfig, SSLOptimConfig,
                         build_ssl_optimizer, byol_loss, byol_transforms, cosine_tau, knn_accuracy, knn_predict,
-                        linear_eval, local_tensor, normalized_std, scaled_lr, ssl_param_groups)
+                        linear_eval, normalized_std, scaled_lr, ssl_param_groups)
 
 
 class Tiny(nn.Module):
@@ -139,7 +140,7 @@ def test_ema_updates_zero3_shards_locally():
     for rank in (0, 1):
         on = [sharded(t, rank) for t in full_on]
         tg = [sharded(t, rank) for t in full_tg]
-        assert local_tensor(tg[0]) is tg[0].ds_tensor
+        assert local_shard(tg[0]) is tg[0].ds_tensor
         EMAUpdater(10, 0.8).update(on, tg)
         for t, r in zip(tg, ref):
             chunk = -(-r.numel() // 2)

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
+from visrep.engine.distributed import require
+
 
 class _RngState:
     def __init__(self, device: torch.device):
@@ -71,9 +73,8 @@ def contrastive_step(accelerator, model, loss_fn: Callable, images: torch.Tensor
 
     if images.shape[0] % chunks:
         raise ValueError(f"the batch of {images.shape[0]} does not split into {chunks} equal micro-batches")
-    if accelerator.distributed_type.value == "DEEPSPEED":
-        raise ValueError("run.grad_accum > 1 with DeepSpeed is not supported by the CLIP recipe (the cached-"
-                         "feature step needs autograd.backward on the towers); use DDP or grad_accum=1.")
+    require(accelerator, "manual_backward", "run.grad_accum > 1 in the CLIP recipe (cached-feature steps)",
+            "Under DeepSpeed use run.grad_accum 1 (a larger per-device batch), or DDP.")
     net = accelerator.unwrap_model(model)
     buffers = [b for b in net.buffers()]
     saved = [b.detach().clone() for b in buffers]

@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from visrep.engine.distributed import all_gather_no_grad, all_gather_with_grad, dist_info, gather_rows, reduce_scatter_rows
+from visrep.engine.distributed import (all_gather_no_grad, all_gather_with_grad, clamp_parameter_, dist_info, gather_rows,
+                                       reduce_scatter_rows)
 
 MAX_LOGIT_SCALE = math.log(100.0)
 INIT_LOGIT_SCALE = math.log(1.0 / 0.07)
@@ -210,27 +211,6 @@ class ContrastiveLoss(nn.Module):
 
 @torch.no_grad()
 def clamp_logit_scale(model: nn.Module, max_value: float = MAX_LOGIT_SCALE) -> None:
-    """Clamp the learned log-scale to ``[0, max_value]`` in place, on the real parameter. Call once
-    per optimizer step (after ``optimizer.step()``, when ``accelerator.sync_gradients``)."""
-    model = getattr(model, "module", model)
-    p = model.logit_scale
-    with torch.no_grad():
-        p.clamp_(0.0, max_value)
-    # Under DeepSpeed ZeRO the real parameter is the optimizer's fp32 master copy: clamp it too, or
-    # the next step would undo the clamp. The clamp is elementwise, so under ZeRO-3 each rank clamps
-    # its own partitions (a rank's share of a 1-element parameter may be empty).
-    if hasattr(p, "ds_id"):
-        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
-        local = safe_get_local_fp32_param(p)
-        if local is not None and local.numel():
-            safe_set_local_fp32_param(p, local.clamp(0.0, max_value))
-        if getattr(p, "ds_tensor", None) is not None and p.ds_tensor.numel():
-            with torch.no_grad():
-                p.ds_tensor.clamp_(0.0, max_value)
-    elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2: each rank holds a fragment; set_full writes its part
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
-        full = safe_get_full_fp32_param(p)
-        if full is not None:
-            safe_set_full_fp32_param(p, full.clamp(0.0, max_value))
+    """Clamp the learned log-scale to ``[0, max_value]`` in place, on the real parameter (under DeepSpeed
+    the optimizer's fp32 master copy too). Call once per optimizer step, after it."""
+    clamp_parameter_(getattr(model, "module", model).logit_scale, 0.0, max_value)

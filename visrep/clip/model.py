@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visrep.clip.loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
+from visrep.engine.distributed import parameter_value
 from visrep.errors import UserError
 from visrep.checks import check
 
@@ -270,15 +271,9 @@ class ClipModel(nn.Module):
 
     @torch.no_grad()
     def logit_scale_value(self) -> torch.Tensor:
-        """``exp(logit_scale)`` read outside ``forward``. Call on every rank: under DeepSpeed ZeRO-3 a
-        partitioned (non-persistent) parameter is empty between forwards and is gathered for the read."""
-        p = self.logit_scale
-        if getattr(getattr(p, "ds_status", None), "name", None) == "NOT_AVAILABLE":
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p]):
-                return p.detach().exp().clone()
-        return p.detach().exp()
+        """``exp(logit_scale)`` read outside ``forward``; call on every rank (under ZeRO-3 the parameter is
+        gathered for the read: ``visrep.engine.distributed.parameter_value``)."""
+        return parameter_value(self.logit_scale).exp()
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         f = self.image_proj(self.image_tower(images))

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from visrep.engine.distributed import broadcast_buffers
+
 
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, classnames: Sequence[Sequence[str] | str], templates: Sequence[str],
@@ -102,9 +104,7 @@ def evaluate_clip(model, loader, accelerator, tokenizer, classnames=None, templa
     """Zero-shot accuracy (when ``classnames`` and ``templates`` are given and the split has labels
     >= 0) and retrieval recalls on one split. Under DeepSpeed every rank first takes rank 0's
     buffers (BatchNorm statistics), as DDP does."""
-    from visrep.engine.evaluate import broadcast_buffers_under_deepspeed
-
-    broadcast_buffers_under_deepspeed(model, accelerator)
+    broadcast_buffers(model, accelerator)
     e = embed_split(model, loader, accelerator)
     out = retrieval_metrics(e["image"], e["text"], e["keys"], ks)
     if classnames and templates and (e["labels"] >= 0).all():

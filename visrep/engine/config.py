@@ -8,14 +8,17 @@ the file and the valid choices -- and then applies command-line overrides with t
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
+import functools
 import os
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, TypeVar, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
+import dacite
 import yaml
 
 from visrep.checks import ConfigError, check
@@ -133,93 +136,144 @@ class RecipeConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Strict dict -> dataclass conversion
+# Strict dict -> dataclass conversion (dacite, with our hooks and messages)
 # ----------------------------------------------------------------------------------------------
-def _type_name(tp: Any) -> str:
+class _Rejected:
+    """What a type hook returns for a value dacite would otherwise accept (a bool for an int or float
+    field): no type matches it, so dacite reports the field as ill-typed."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+class _UnknownKey(dacite.DaciteFieldError):
+    """Raised by a section's hook; dacite prefixes ``field_path`` with the enclosing fields."""
+
+    def __init__(self, key: Any, valid: Sequence[str]):
+        super().__init__()
+        self.key, self.valid = key, valid
+
+
+def _int(value: Any) -> Any:
+    return _Rejected(value) if isinstance(value, bool) else value
+
+
+def _float(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _Rejected(value)
+    return float(value) if isinstance(value, int) else value
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # dacite then checks items and length
+
+
+def _section(cls: type) -> Any:
+    """Hook for a config group: null is an empty section, ``output-dir`` means ``output_dir``, unknown
+    keys are errors."""
+    valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+
+    def hook(value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            return value  # dacite reports the wrong type
+        out = {}
+        for key, v in value.items():
+            name = str(key).replace("-", "_")
+            if name not in valid:
+                raise _UnknownKey(key, valid)
+            out[name] = v
+        return out
+
+    return hook
+
+
+@functools.lru_cache(maxsize=None)
+def _dacite_config(cls: type) -> dacite.Config:
+    """Hooks for every config group and tuple type reachable from ``cls``."""
+    hooks: dict[Any, Any] = {int: _int, float: _float}
+
+    def visit(tp: Any) -> None:
+        if tp in hooks:
+            return
+        if dataclasses.is_dataclass(tp):
+            hooks[tp] = _section(tp)
+            for hint in typing.get_type_hints(tp).values():
+                visit(hint)
+        elif typing.get_origin(tp) is tuple or tp is tuple:
+            hooks[tp] = _tuple
+        if typing.get_origin(tp) is not Literal:
+            for arg in typing.get_args(tp):
+                visit(arg)
+
+    visit(cls)
+    return dacite.Config(type_hooks=hooks, strict=True)
+
+
+def _expected(tp: Any) -> str:
+    """What a value of type ``tp`` looks like in YAML, for messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return "any value"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (a config section)"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        options = [_expected(a) for a in args if a is not type(None)]
+        return " or ".join(options + (["null"] if type(None) in args else []))
+    simple = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in simple:
+        return simple[tp]
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        return f"a list of {len(args)} items: " + ", ".join(_expected(a) for a in args)
+    if origin in (list, tuple, collections.abc.Sequence) and args:
+        return f"a list, each item {_expected(args[0])}"
+    if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
+        return "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    where = f" in {source}" if source else ""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"config key '{key}'{where} has value {value!r}; expected {expected}.")
-
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, prefix=key + ".", source=source)
-    if origin is Literal:
-        if value not in args:
-            raise bad("one of " + ", ".join(repr(a) for a in args))
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad(f"a value of type {_type_name(tp)}, not null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, source)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0] if len(errors) == 1 else bad(" or ".join(_type_name(a) for a in args if a is not type(None)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad("a list")
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise bad(f"a list of {len(args)} items")
-            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        out = [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise bad("a mapping")
-        return dict(value)
-    return value
+def _given(data: Any, path: str) -> Any:
+    """The value at dotted ``path`` in the mapping as written (``output-dir`` for ``output_dir``)."""
+    for part in path.split("."):
+        if not isinstance(data, Mapping):
+            return None
+        data = next((v for k, v in data.items() if str(k).replace("-", "_") == part), None)
+    return data
 
 
 def from_dict(cls: type[T], data: Any, prefix: str = "", source: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping; missing keys take defaults, unknown keys are errors."""
+    """Build dataclass ``cls`` from a mapping; missing keys take defaults, unknown keys and ill-typed
+    values are :class:`ConfigError`\\ s naming the dotted key (after ``prefix``), ``source`` and what is
+    allowed."""
     where = f" in {source}" if source else ""
     if data is None:
         data = {}
-    if not isinstance(data, dict):
+    if not isinstance(data, Mapping):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}'{where} must be a mapping, "
                           f"got {type(data).__name__}.")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for raw_key, value in data.items():
-        name = str(raw_key).replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{raw_key}'{where}. Valid keys"
-                              f"{' under ' + repr(prefix.rstrip('.')) if prefix else ''}: {', '.join(sorted(fields))}.")
-        kwargs[name] = _coerce(value, hints[name], prefix + name, source)
-    return cls(**kwargs)
+    config = _dacite_config(cls)
+    try:
+        return dacite.from_dict(cls, config.type_hooks[cls](data), config=config)
+    except _UnknownKey as e:
+        section = prefix + (e.field_path + "." if e.field_path else "")
+        under = f" under {section.rstrip('.')!r}" if section else ""
+        raise ConfigError(f"unknown config key '{section}{e.key}'{where}. Valid keys{under}: "
+                          f"{', '.join(e.valid)}.") from None
+    except dacite.WrongTypeError as e:  # UnionMatchError too
+        key, value = prefix + e.field_path, _given(data, e.field_path)
+        if dataclasses.is_dataclass(e.field_type):
+            raise ConfigError(f"config section '{key}'{where} must be a mapping, "
+                              f"got {type(value).__name__}.") from None
+        raise ConfigError(f"config key '{key}'{where} has value {value!r}; "
+                          f"expected {_expected(e.field_type)}.") from None
+    except dacite.MissingValueError as e:
+        raise ConfigError(f"config key '{prefix}{e.field_path}'{where} is missing and has no default; "
+                          f"set it.") from None
 
 
 def to_dict(cfg: Any) -> dict:

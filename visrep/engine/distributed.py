@@ -119,3 +119,254 @@ def all_gather_no_grad(x: torch.Tensor, same_size: bool = True) -> torch.Tensor:
     rows = max(sizes)
     padded = gather_rows(_pad_rows(x, rows)).view(world, rows, *x.shape[1:])
     return torch.cat([padded[r, :s] for r, s in enumerate(sizes)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine: which one, and its configuration
+# ----------------------------------------------------------------------------------------------
+DEEPSPEED_MAX_BUCKET = 500_000_000  # DeepSpeed's default bucket (elements), sized for billion-parameter models
+
+
+def deepspeed_plugin(accelerator):
+    """Accelerate's DeepSpeed plugin when the run is under DeepSpeed, else None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return getattr(accelerator.state, "deepspeed_plugin", None)
+
+
+def zero_stage(accelerator) -> int:
+    """DeepSpeed ZeRO stage of the run (0: not under DeepSpeed)."""
+    plugin = deepspeed_plugin(accelerator)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def is_deepspeed(accelerator) -> bool:
+    return deepspeed_plugin(accelerator) is not None
+
+
+def is_zero3(accelerator) -> bool:
+    """Whether parameters are partitioned across ranks (DeepSpeed ZeRO-3)."""
+    return zero_stage(accelerator) == 3
+
+
+def deepspeed_on_cpu() -> bool:
+    """DeepSpeed launched on a host without CUDA (the CPU test path: gloo)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available()
+
+
+def engine_precision(accelerator) -> torch.dtype | None:
+    """The dtype a DeepSpeed engine computes in (bf16 / fp16), or None (no DeepSpeed, or fp32)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    cfg = plugin.deepspeed_config
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        enabled = (cfg.get(key) or {}).get("enabled", False)
+        if enabled == "auto":
+            enabled = accelerator.mixed_precision == key
+        if enabled is True:
+            return dtype
+    return None
+
+
+def size_buckets(zero: dict, n_params: int) -> dict:
+    """Fill the ZeRO communication buckets left unset (or ``"auto"``) from the model's size: DeepSpeed's
+    default of 5e8 elements reserves GBs per GPU even for a ResNet-20, while a bucket as large as the
+    model already sends it in one piece. Explicit sizes are kept."""
+    mib = 2 ** 20  # whole multiples of 2^20 elements satisfy every alignment DeepSpeed asserts (NCCL's too)
+    size = int(min(DEEPSPEED_MAX_BUCKET, max(1, -(-n_params // mib)) * mib))
+    keys = {"reduce_bucket_size": size, "allgather_bucket_size": size}
+    if int(zero.get("stage", 0)) == 3:
+        keys = {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": int(min(50_000_000, size))}
+    for key, value in keys.items():
+        if zero.get(key) in (None, "auto"):
+            zero[key] = value
+    return zero
+
+
+def configure_engine(accelerator, modules, grad_clip: float | None) -> None:
+    """Before ``accelerator.prepare`` under DeepSpeed: the recipe's gradient clipping (Accelerate would
+    fill DeepSpeed's "auto" with 1.0 and clip where DDP does not; the engine clips, and
+    ``accelerator.clip_grad_norm_`` is a no-op) and buckets sized from the trainable parameters."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    plugin.deepspeed_config["gradient_clipping"] = float(grad_clip or 0.0)
+    n = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+    size_buckets(plugin.deepspeed_config.setdefault("zero_optimization", {}), n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Capabilities: what a method needs that an engine cannot give, refused in one place
+# ----------------------------------------------------------------------------------------------
+CAPABILITIES = {
+    # name: (stages that lack it, why)
+    "per_layer_optimizer": ((1, 2, 3), "DeepSpeed ZeRO hands the optimizer flattened partitions, so per-layer "
+                                       "quantities (trust ratios) would be computed over shards"),
+    "gradient_surgery": ((1, 2, 3), "under DeepSpeed the engine steps inside backward (and its flat ZeRO "
+                                    "partitions would still decay and move masked weights), so gradients cannot "
+                                    "be edited between backward and the optimizer step"),
+    "whole_parameters": ((3,), "DeepSpeed ZeRO-3 holds only this rank's shard of each parameter outside the "
+                               "model's forward"),
+    "manual_backward": ((1, 2, 3), "a DeepSpeed engine must run its own backward (autograd.backward on its "
+                                   "module's outputs skips the engine's gradient handling)"),
+}
+
+
+def require(accelerator, capability: str, feature: str, instead: str) -> None:
+    """Refuse ``feature`` (what the config asked for, naming its key) before any training when the run's
+    engine lacks ``capability`` (:data:`CAPABILITIES`); ``instead`` says what to use."""
+    from visrep.checks import ConfigError
+
+    stages, why = CAPABILITIES[capability]
+    stage = zero_stage(accelerator)
+    if stage in stages:
+        raise ConfigError(f"{feature} cannot run under DeepSpeed ZeRO-{stage}: {why}. {instead}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters: whole, local shard, full size, master copies
+# ----------------------------------------------------------------------------------------------
+def is_partitioned(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DeepSpeed ZeRO-3 parameter (its data lives in per-rank partitions)."""
+    return hasattr(p, "ds_id")
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 partitions it."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameter count (full sizes under ZeRO-3)."""
+    return sum(full_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """The part of ``p`` this process holds: its ZeRO-3 partition (a flat shard) when the parameter is
+    partitioned, else the full tensor (DDP / one process)."""
+    shard = getattr(p, "ds_tensor", None)
+    return shard if shard is not None else p.data
+
+
+def whole_copy_beside_shard(p: torch.Tensor) -> bool:
+    """ZeRO-3 keeps small ("persistent") parameters whole in ``.data`` besides their shard, and the
+    forward reads ``.data``: whether ``p`` is one of them."""
+    return hasattr(p, "ds_tensor") and p.data.numel() == full_numel(p)
+
+
+def gathered(params, modifier_rank: int | None = None):
+    """A context in which ZeRO-3-partitioned ``params`` are whole on every rank (what ``modifier_rank``
+    writes there is kept when they are re-partitioned); nothing for parameters that are not partitioned."""
+    import contextlib
+
+    sharded = [p for p in params if is_partitioned(p)]
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank)
+
+
+@torch.no_grad()
+def parameter_value(p: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the whole parameter, read outside ``forward``. Call on every rank: under ZeRO-3
+    a partitioned (non-persistent) parameter is empty between forwards and is gathered for the read."""
+    if getattr(getattr(p, "ds_status", None), "name", None) == "NOT_AVAILABLE":
+        with gathered([p]):
+            return p.detach().clone()
+    return p.detach().clone()
+
+
+@torch.no_grad()
+def clamp_parameter_(p: torch.Tensor, low: float, high: float) -> None:
+    """Clamp a parameter in place and, under DeepSpeed, the optimizer's fp32 master copy too (or the next
+    step would undo the clamp). Elementwise, so under ZeRO-3 each rank clamps its own partition (a rank's
+    share of a small parameter may be empty)."""
+    p.clamp_(low, high)
+    if hasattr(p, "ds_id"):  # ZeRO-3
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = safe_get_local_fp32_param(p)
+        if local is not None and local.numel():
+            safe_set_local_fp32_param(p, local.clamp(low, high))
+        if getattr(p, "ds_tensor", None) is not None and p.ds_tensor.numel():
+            p.ds_tensor.clamp_(low, high)
+    elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2: each rank holds a fragment; set_full writes its part
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        full = safe_get_full_fp32_param(p)
+        if full is not None:
+            safe_set_full_fp32_param(p, full.clamp(low, high))
+
+
+def full_fp32_parameters(module: torch.nn.Module) -> dict:
+    """Every parameter of ``module`` by name, whole and in fp32: under DeepSpeed bf16/fp16 the optimizer's
+    master copies (gathered from every rank's partition -- a collective, so call on every rank), for
+    frozen parameters their own values."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        out[name] = full if full is not None else param.detach().float()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Buffers and evaluation
+# ----------------------------------------------------------------------------------------------
+def broadcast_buffers(model: torch.nn.Module, accelerator) -> None:
+    """Under DeepSpeed, give every rank rank 0's buffers (BatchNorm running statistics) before it scores
+    its shard. DDP broadcasts them from rank 0 at every forward; DeepSpeed never does, so each rank's
+    statistics follow its own batches only, and a split scored across ranks would not be scored with
+    the model that is exported (rank 0's). Nothing under DDP or in one process."""
+    if not is_deepspeed(accelerator) or accelerator.num_processes < 2:
+        return
+    for buf in accelerator.unwrap_model(model).buffers():
+        dist.broadcast(buf.data, src=0)
+
+
+def release_gathered(model: torch.nn.Module) -> None:
+    """After forwards outside training, under DeepSpeed ZeRO-3 (``model`` the engine): wait for the
+    parameters still being fetched -- prefetched along the module order recorded in training, which an
+    evaluation forward need not follow -- and release them all, so that code gathering parameters next
+    (best-epoch copies, exports) finds none in flight. Nothing otherwise."""
+    partitioned = getattr(model, "zero_optimization_partition_weights", None)
+    if callable(partitioned) and partitioned():
+        model.empty_partition_cache()
+
+
+def deepspeed_config_template(stage: int, offload: str | None = None, pin_memory: bool = True) -> dict:
+    """The DeepSpeed JSON a launch writes for ZeRO ``stage`` (1-3): batch sizes, accumulation, clipping
+    and precision left "auto" for Accelerate to fill from the run; communication buckets "auto" for
+    :func:`configure_engine` to size from the model (Accelerate alone would fill them from a transformers
+    ``model.config`` only); ``offload`` "optimizer" or "params" to the CPU."""
+    zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    zero.update({"reduce_bucket_size": "auto"} if stage == 3 else {"reduce_bucket_size": "auto",
+                                                                   "allgather_bucket_size": "auto"})
+    if stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": "auto",
+                     "stage3_param_persistence_threshold": 100_000})
+    if offload in ("optimizer", "params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    if offload == "params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    cfg = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if offload:
+        cfg["zero_force_ds_cpu_optimizer"] = False  # keep the recipe's own torch optimizer
+    return cfg

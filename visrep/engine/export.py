@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from visrep.engine.config import BackboneConfig, to_dict
+from visrep.engine.distributed import engine_precision, full_fp32_parameters, gathered, is_zero3
 from visrep.engine.io import atomic_write_json, is_writer
 from visrep.errors import MissingFileError
 
@@ -39,39 +39,21 @@ def export_model(accelerator, model: nn.Module, out_dir: str | Path, backbone: B
     atomic_write_json(out / CONFIG_NAME, cfg)
 
 
-def is_zero3(accelerator) -> bool:
-    """Whether the model is trained under DeepSpeed ZeRO-3 (parameters partitioned across ranks)."""
-    from accelerate.utils import DistributedType
-
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
-
-
 def full_state_dict(accelerator, model: nn.Module) -> dict:
-    """The whole model's weights on the writing process(es) (empty elsewhere under ZeRO-3). Under DeepSpeed ZeRO-3 the
-    shards are gathered (fp32 when training in fp32) -- no 16-bit-save switch needed."""
-    from visrep.engine.precision import engine_dtype
-
-    if engine_dtype(accelerator) is not None:
-        # bf16/fp16 under DeepSpeed: the module holds rounded copies; the weights are the optimizer's
-        # fp32 master copies (gathered from every rank's partition -- a collective, so on every rank)
-        from deepspeed.utils import safe_get_full_fp32_param
-
+    """The whole model's weights on the writing process(es) (empty elsewhere under ZeRO-3); call on every
+    rank. Under DeepSpeed bf16/fp16 the parameters are the optimizer's fp32 master copies (the module holds
+    rounded copies); under ZeRO-3 the shards are gathered -- no 16-bit-save switch needed."""
+    if engine_precision(accelerator) is not None:
         unwrapped = accelerator.unwrap_model(model)
-        masters = {}
-        for name, param in unwrapped.named_parameters():
-            full = safe_get_full_fp32_param(param) if param.requires_grad else None
-            masters[name] = full if full is not None else param.detach().float()
+        masters = full_fp32_parameters(unwrapped)
         if not is_writer(accelerator):
             return {}
         state = {k: v for k, v in unwrapped.state_dict().items() if k not in masters}  # buffers (whole)
         state.update(masters)
         return {k: v.detach().to("cpu").clone() for k, v in state.items()}
     if is_zero3(accelerator):
-        import deepspeed
-
         unwrapped = accelerator.unwrap_model(model)
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
+        with gathered(list(unwrapped.parameters())):
             if is_writer(accelerator):
                 return {k: v.detach().to("cpu").clone() for k, v in unwrapped.state_dict().items()}
         return {}
@@ -83,9 +65,7 @@ def load_full_state_dict(accelerator, model: nn.Module, state: dict) -> None:
     parameters are gathered, filled on rank 0 and re-partitioned."""
     unwrapped = accelerator.unwrap_model(model)
     if is_zero3(accelerator):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=0):
+        with gathered(list(unwrapped.parameters()), modifier_rank=0):
             if accelerator.is_main_process:
                 unwrapped.load_state_dict(state, strict=True)
         for name, buf in unwrapped.named_buffers():  # buffers are not partitioned: every rank loads them

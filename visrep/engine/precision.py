@@ -47,21 +47,6 @@ def resolve_mixed_precision(name: str) -> str:
     return "bf16" if native_bf16() else "no"
 
 
-def engine_dtype(accelerator) -> torch.dtype | None:
-    """The dtype a DeepSpeed engine computes in (bf16 / fp16), or None (no DeepSpeed, or fp32)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return None
-    cfg = plugin.deepspeed_config
-    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        enabled = (cfg.get(key) or {}).get("enabled", False)
-        if enabled == "auto":
-            enabled = accelerator.mixed_precision == key
-        if enabled is True:
-            return dtype
-    return None
-
-
 def _bn_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``nn.modules.batchnorm._BatchNorm.forward`` computed in fp32 -- input, weights and running
     statistics -- and returned in the input's dtype."""

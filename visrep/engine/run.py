@@ -36,8 +36,8 @@ from visrep.engine.checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, newes
                                      write_dir_atomically)
 from visrep.engine.config import RunConfig, diff_configs, save_yaml, to_dict
 from visrep.engine.io import atomic_write_json, is_writer
-from visrep.engine.precision import (autocast, cast_inputs_to_engine, engine_dtype, fp32_norm_layers,
-                                    resolve_mixed_precision)
+from visrep.engine.distributed import configure_engine, deepspeed_on_cpu, engine_precision
+from visrep.engine.precision import autocast, cast_inputs_to_engine, fp32_norm_layers, resolve_mixed_precision
 from visrep.engine.preempt import StopRequest
 from visrep.errors import CheckpointError, Preempted, UserError
 
@@ -123,24 +123,6 @@ def truncate_metrics(path: Path, stage: str, after_step: int) -> None:
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
-DEEPSPEED_MAX_BUCKET = 500_000_000  # DeepSpeed's default bucket (elements), sized for billion-parameter models
-
-
-def size_buckets(zero: dict, n_params: int) -> dict:
-    """Fill the ZeRO communication buckets left unset (or ``"auto"``) from the model's size: DeepSpeed's
-    default of 5e8 elements reserves GBs per GPU even for a ResNet-20, while a bucket as large as the
-    model already sends it in one piece. Explicit sizes are kept."""
-    mib = 2 ** 20  # whole multiples of 2^20 elements satisfy every alignment DeepSpeed asserts (NCCL's too)
-    size = int(min(DEEPSPEED_MAX_BUCKET, max(1, -(-n_params // mib)) * mib))
-    keys = {"reduce_bucket_size": size, "allgather_bucket_size": size}
-    if int(zero.get("stage", 0)) == 3:
-        keys = {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": int(min(50_000_000, size))}
-    for key, value in keys.items():
-        if zero.get(key) in (None, "auto"):
-            zero[key] = value
-    return zero
-
-
 def set_deterministic() -> None:
     """Deterministic kernels for ``run.deterministic``: an op without a deterministic implementation
     raises instead of silently differing between runs."""
@@ -148,10 +130,6 @@ def set_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True)
-
-
-def deepspeed_on_cpu() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available()
 
 
 def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerator:
@@ -271,13 +249,9 @@ class Run:
         """``accelerator.prepare`` with the recipe's gradient clipping written into the DeepSpeed
         config when DeepSpeed is on (Accelerate would otherwise fill its "auto" with 1.0 and clip
         where DDP does not). Under DeepSpeed the engine clips; ``accelerator.clip_grad_norm_`` is a no-op."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None:
-            plugin.deepspeed_config["gradient_clipping"] = float(grad_clip or 0.0)
-            n = sum(p.numel() for o in objs if isinstance(o, torch.nn.Module) for p in o.parameters() if p.requires_grad)
-            size_buckets(plugin.deepspeed_config.setdefault("zero_optimization", {}), n)
+        configure_engine(self.accelerator, [o for o in objs if isinstance(o, torch.nn.Module)], grad_clip)
         out = self.accelerator.prepare(*objs)
-        dtype = engine_dtype(self.accelerator)
+        dtype = engine_precision(self.accelerator)
         if dtype is not None:  # DeepSpeed bf16/fp16 casts the weights, not the inputs
             for obj in (out if isinstance(out, tuple) else (out,)):
                 if isinstance(obj, torch.nn.Module):

@@ -47,6 +47,7 @@ from typing import Literal, Optional
 
 import yaml
 
+from visrep.engine.distributed import deepspeed_config_template
 from visrep.errors import EXIT_REQUEUE
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -117,34 +118,7 @@ def output_dir_of(spec: LaunchSpec) -> tuple[Path, list[str]]:
 
 
 def deepspeed_json(spec: LaunchSpec) -> dict:
-    stage = int(spec.deepspeed[-1])
-    zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
-    # communication buckets "auto": the run sizes them from its model (visrep.engine.run.size_buckets);
-    # Accelerate alone would fill "auto" from a transformers model.config only
-    zero.update({"reduce_bucket_size": "auto"} if stage == 3 else {"reduce_bucket_size": "auto",
-                                                                   "allgather_bucket_size": "auto"})
-    if stage == 3:
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": "auto",
-                     "stage3_param_persistence_threshold": 100_000})
-    device = "cpu"
-    if spec.offload in ("optimizer", "params"):
-        zero["offload_optimizer"] = {"device": device, "pin_memory": not spec.cpu}
-    if spec.offload == "params":
-        zero["offload_param"] = {"device": device, "pin_memory": not spec.cpu}
-    cfg = {
-        "train_batch_size": "auto",
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": zero,
-        "bf16": {"enabled": "auto"},
-        "fp16": {"enabled": "auto"},
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    if spec.offload:
-        cfg["zero_force_ds_cpu_optimizer"] = False  # keep the recipe's own torch optimizer
-    return cfg
+    return deepspeed_config_template(int(spec.deepspeed[-1]), spec.offload, pin_memory=not spec.cpu)
 
 
 def accelerate_config(spec: LaunchSpec, deepspeed_file: Optional[Path]) -> dict:
@@ -188,13 +162,13 @@ def write_launch_files(spec: LaunchSpec) -> dict:
     launch_dir = run_dir / "launch"
     launch_dir.mkdir(parents=True, exist_ok=True)
     files: dict = {}
-    ds_file = None
+    json_path = None
     if spec.deepspeed:
-        ds_file = launch_dir / "deepspeed.json"
-        ds_file.write_text(json.dumps(deepspeed_json(spec), indent=2) + "\n")
-        files["deepspeed"] = ds_file
+        json_path = launch_dir / "deepspeed.json"
+        json_path.write_text(json.dumps(deepspeed_json(spec), indent=2) + "\n")
+        files["deepspeed"] = json_path
     acc_file = launch_dir / "accelerate_config.yaml"
-    acc_file.write_text(yaml.safe_dump(accelerate_config(spec, ds_file), sort_keys=False))
+    acc_file.write_text(yaml.safe_dump(accelerate_config(spec, json_path), sort_keys=False))
     files["accelerate_config"] = acc_file
     cmd = command(spec, acc_file, script, recipe_args)
     files["command"] = cmd

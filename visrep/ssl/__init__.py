@@ -5,7 +5,7 @@ on a cosine momentum schedule counted in optimizer steps (``EMAUpdater``), two-v
 (``byol_transforms``, ``BatchedBYOLAugment``), LARS and the scaled-rate optimizer set-up
 (``build_ssl_optimizer``), and evaluation on frozen features (weighted kNN, linear evaluation).
 """
-from visrep.ssl.ema import EMAUpdater, cosine_tau, local_tensor
+from visrep.ssl.ema import EMAUpdater, cosine_tau
 from visrep.ssl.evaluate import (SSLEvalConfig, evaluate_representation, extract_features, knn_accuracy,
                                  knn_predict, linear_eval)
 from visrep.ssl.export import export_backbone, export_byol
@@ -17,7 +17,7 @@ from visrep.ssl.transforms import (BatchedBYOLAugment, SSLAugmentConfig, TwoView
 
 __all__ = [
     "BYOL", "BYOLConfig", "MLPHead", "ProjectionHead", "PredictionHead", "byol_loss", "BYOLLoss", "regression_loss",
-    "normalized_std", "EMAUpdater", "cosine_tau", "local_tensor", "LARS", "SSLOptimConfig", "build_ssl_optimizer",
+    "normalized_std", "EMAUpdater", "cosine_tau", "LARS", "SSLOptimConfig", "build_ssl_optimizer",
     "scaled_lr", "ssl_param_groups", "SSLAugmentConfig", "TwoViews", "byol_transforms", "byol_view_transform",
     "BatchedBYOLAugment", "base_transform", "batch_seed", "SSLEvalConfig", "extract_features", "knn_predict",
     "knn_accuracy", "linear_eval", "evaluate_representation", "export_backbone", "export_byol",

@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from visrep.engine.distributed import local_shard, whole_copy_beside_shard
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -25,13 +27,6 @@ def cosine_tau(step: int, total_steps: int, base_tau: float = 0.996, final_tau: 
     return float(final_tau - (final_tau - base_tau) * (math.cos(math.pi * progress) + 1.0) / 2.0)
 
 
-def local_tensor(p: torch.Tensor) -> torch.Tensor:
-    """The part of parameter ``p`` this process holds: DeepSpeed ZeRO-3's partition (``p.ds_tensor``,
-    a flat shard) when the parameter is partitioned, else the full tensor (DDP / single process)."""
-    shard = getattr(p, "ds_tensor", None)
-    return shard if shard is not None else p.data
-
-
 class EMAUpdater:
     """``target <- tau * target + (1 - tau) * online``, once per optimizer step.
 
@@ -42,7 +37,7 @@ class EMAUpdater:
     The update is elementwise and uses fused multi-tensor ops (one ``torch._foreach_lerp_`` over all
     parameters). Each process updates the tensors it holds: with DDP the full replicas (identical on
     every rank, because the online weights are, and the same ``tau`` is used), with DeepSpeed ZeRO-3 its
-    own shard of each parameter (``param.ds_tensor``) -- online and target are partitioned the same way
+    own shard of each parameter (``visrep.engine.distributed.local_shard``) -- online and target are partitioned the same way
     when they are parameters of one module prepared together (``visrep.ssl.BYOL``), so shard i of the
     target lines up with shard i of the online weights and no gather is needed. Mismatched local sizes
     raise instead of silently updating the wrong elements.
@@ -67,14 +62,14 @@ class EMAUpdater:
     def update(self, online: Iterable[torch.Tensor], target: Iterable[torch.Tensor]) -> float:
         """One EMA step with the current ``tau``; advances ``step``. Returns the ``tau`` used."""
         online, target = list(online), list(target)
-        src = [local_tensor(p) for p in online]
-        dst = [local_tensor(p) for p in target]
+        src = [local_shard(p) for p in online]
+        dst = [local_shard(p) for p in target]
         _check_pairs(src, dst)
         # ZeRO-3 keeps small ("persistent") parameters whole in ``.data`` besides their shard, and the
         # forward reads ``.data``: update that copy too (the optimizer re-gathers the online one after
         # each step), or the target would never move.
         for po, pt in zip(online, target):
-            if hasattr(pt, "ds_tensor") and pt.data.numel() == getattr(pt, "ds_numel", -1) == po.data.numel():
+            if whole_copy_beside_shard(pt) and pt.data.numel() == po.data.numel():
                 src.append(po.data)
                 dst.append(pt.data)
         tau = self.tau

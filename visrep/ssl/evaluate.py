@@ -8,7 +8,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
 from visrep.checks import check
+from visrep.engine.distributed import broadcast_buffers, gather_rows, is_distributed, release_gathered
 
 
 @dataclasses.dataclass
@@ -99,8 +101,6 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, featur
     Paper: Wu, Xiong, Yu, Lin, "Unsupervised Feature Learning via Non-Parametric Instance
     Discrimination", 2018, arXiv:1805.01978, Sec. 3.4 (the protocol of DINO and solo-learn).
     """
-    from visrep.engine.distributed import gather_rows, is_distributed
-
     sharded = sharded and is_distributed()
     bank = F.normalize(train_features.float(), dim=1)
     labels = train_labels.long().to(bank.device)
@@ -176,15 +176,13 @@ def evaluate_representation(encoder, bank_loader, test_loader, accelerator, num_
     Across ranks the kNN bank is sharded (each rank holds ``1/W`` of it, :func:`knn_predict`) and the
     linear probe is trained once, on the main process, which holds the whole bank and broadcasts the
     figures; every rank returns the same dict, equal to the single-process one."""
-    from visrep.engine.evaluate import broadcast_buffers_under_deepspeed, release_zero3_parameters
-
-    broadcast_buffers_under_deepspeed(module if module is not None else encoder, accelerator)
+    broadcast_buffers(module if module is not None else encoder, accelerator)
     distributed = accelerator.num_processes > 1
     whole = not distributed or (linear and accelerator.is_main_process)
     bank, bank_shard = _extract(encoder, bank_loader, accelerator, module, whole, distributed)
     fte, yte = extract_features(encoder, test_loader, accelerator, module)
     if module is not None:
-        release_zero3_parameters(module)
+        release_gathered(module)
     bank_f, bank_y = bank_shard if distributed else bank
     out = {"knn_acc": knn_accuracy(bank_f, bank_y, fte, yte, num_classes, cfg.knn_k, cfg.knn_t,
                                    sharded=distributed)}

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visrep.engine.distributed import gathered
 from visrep.transfer.align import DomainDiscriminator, grad_reverse
 
 
@@ -108,7 +109,7 @@ class BestOnSourceVal:
         """Call on every rank with the same ``acc`` (under ZeRO-3 the copy gathers the shards)."""
         if acc > self.best_acc:
             self.best_acc, self.best_epoch = float(acc), int(epoch)
-            with _whole_parameters(model):
+            with gathered(model.parameters()):
                 self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             return True
         return False
@@ -117,7 +118,7 @@ class BestOnSourceVal:
         """Call on every rank. Writes the module's parameters (under ZeRO-3: gathered, written, re-sharded);
         an optimizer's own master copy is not touched, so restore once training is over."""
         if self.weights is not None:
-            with _whole_parameters(model, modifier_rank=0):
+            with gathered(model.parameters(), modifier_rank=0):
                 model.load_state_dict(copy.deepcopy(self.weights))
 
     def state_dict(self) -> dict:
@@ -126,19 +127,6 @@ class BestOnSourceVal:
     def load_state_dict(self, state: dict) -> None:
         self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         self.weights = dict(state["weights"]) or None
-
-
-def _whole_parameters(model: nn.Module, modifier_rank: Optional[int] = None):
-    """Under DeepSpeed ZeRO-3, a context in which partitioned parameters are whole on every rank (what
-    ``modifier_rank`` writes there is kept when they are re-partitioned); otherwise nothing."""
-    import contextlib
-
-    sharded = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not sharded:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank)
 
 
 def load_adaptation_model(path) -> tuple[AdaptationModel, dict]:

@@ -16,7 +16,7 @@ discriminator's BatchNorm uses per-rank statistics.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
