@@ -3,7 +3,10 @@
 A recipe declares one root dataclass. ``parse_config`` loads the preset named by ``--config`` (or the
 recipe's default preset) strictly -- unknown keys and ill-typed values are errors that name the key,
 the file and the valid choices -- and then applies command-line overrides with tyro
-(``--optim.lr 0.1``; ``--output-dir`` and ``--output_dir`` both work).
+(``--optim.lr 0.1``; ``--output-dir`` and ``--output_dir`` both work). Presets are turned into
+dataclasses by dacite, chosen because it is small, pure Python and builds plain dataclasses with strict
+type checks, leaving us only hooks (bools are not numbers, lists become tuples, ``output-dir`` keys) and
+our own messages.
 """
 from __future__ import annotations
 
@@ -139,11 +142,14 @@ class RecipeConfig:
 # Strict dict -> dataclass conversion (dacite, with our hooks and messages)
 # ----------------------------------------------------------------------------------------------
 class _Rejected:
-    """What a type hook returns for a value dacite would otherwise accept (a bool for an int or float
-    field): no type matches it, so dacite reports the field as ill-typed."""
+    """What a type hook returns for a value dacite would accept or mangle (a bool for an int field, a
+    string for a list field): no type matches it, so dacite reports the field as ill-typed."""
 
     def __init__(self, value: Any):
         self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 class _UnknownKey(dacite.DaciteFieldError):
@@ -164,8 +170,14 @@ def _float(value: Any) -> Any:
     return float(value) if isinstance(value, int) else value
 
 
-def _tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value  # dacite then checks items and length
+def _sequence(kind: type) -> Any:
+    """Hook for list, tuple and Sequence types: a YAML list (or a tuple) becomes ``kind``; dacite then
+    checks the items and a fixed tuple's length."""
+    return lambda value: kind(value) if isinstance(value, (list, tuple)) else _Rejected(value)
+
+
+def _mapping(value: Any) -> Any:
+    return value if isinstance(value, Mapping) else _Rejected(value)
 
 
 def _section(cls: type) -> Any:
@@ -191,18 +203,24 @@ def _section(cls: type) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def _dacite_config(cls: type) -> dacite.Config:
-    """Hooks for every config group and tuple type reachable from ``cls``."""
+    """Hooks for ``cls`` and every config group, list, tuple and mapping type reachable from it."""
     hooks: dict[Any, Any] = {int: _int, float: _float}
 
     def visit(tp: Any) -> None:
+        if isinstance(tp, list):  # Callable[[args], result]
+            return
         if tp in hooks:
             return
         if dataclasses.is_dataclass(tp):
             hooks[tp] = _section(tp)
             for hint in typing.get_type_hints(tp).values():
                 visit(hint)
-        elif typing.get_origin(tp) is tuple or tp is tuple:
-            hooks[tp] = _tuple
+        elif (typing.get_origin(tp) or tp) is tuple:
+            hooks[tp] = _sequence(tuple)
+        elif (typing.get_origin(tp) or tp) in (list, collections.abc.Sequence):
+            hooks[tp] = _sequence(list)
+        elif (typing.get_origin(tp) or tp) is dict:
+            hooks[tp] = _mapping
         if typing.get_origin(tp) is not Literal:
             for arg in typing.get_args(tp):
                 visit(arg)
@@ -222,7 +240,7 @@ def _expected(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
         options = [_expected(a) for a in args if a is not type(None)]
-        return " or ".join(options + (["null"] if type(None) in args else []))
+        return " or ".join((["null"] if type(None) in args else []) + options)
     simple = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     if tp in simple:
         return simple[tp]
@@ -237,19 +255,19 @@ def _expected(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _given(data: Any, path: str) -> Any:
+def _given(data: Any, path: str, default: Any) -> Any:
     """The value at dotted ``path`` in the mapping as written (``output-dir`` for ``output_dir``)."""
     for part in path.split("."):
-        if not isinstance(data, Mapping):
-            return None
-        data = next((v for k, v in data.items() if str(k).replace("-", "_") == part), None)
+        keys = [k for k in data if str(k).replace("-", "_") == part] if isinstance(data, Mapping) else []
+        if not keys:
+            return default
+        data = data[keys[-1]]
     return data
 
 
 def from_dict(cls: type[T], data: Any, prefix: str = "", source: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping; missing keys take defaults, unknown keys and ill-typed
-    values are :class:`ConfigError`\\ s naming the dotted key (after ``prefix``), ``source`` and what is
-    allowed."""
+    """Build dataclass ``cls`` from a mapping; missing keys take defaults, unknown keys and ill-typed values
+    raise a ConfigError naming the dotted key (``prefix`` + key), ``source`` and what is allowed."""
     where = f" in {source}" if source else ""
     if data is None:
         data = {}
@@ -265,7 +283,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "", source: str = "") -> T:
         raise ConfigError(f"unknown config key '{section}{e.key}'{where}. Valid keys{under}: "
                           f"{', '.join(e.valid)}.") from None
     except dacite.WrongTypeError as e:  # UnionMatchError too
-        key, value = prefix + e.field_path, _given(data, e.field_path)
+        key, value = prefix + e.field_path, _given(data, e.field_path, e.value)
         if dataclasses.is_dataclass(e.field_type):
             raise ConfigError(f"config section '{key}'{where} must be a mapping, "
                               f"got {type(value).__name__}.") from None
