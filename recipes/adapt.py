@@ -28,26 +28,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
-import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 
+from visrep.checks import ConfigError, check
 from visrep.data import DataConfig, build_classification_data
 from visrep.data.digits_m import load_digits_m_splits
-from visrep.launch import push_run
-from visrep.engine import (ConfigError, RecipeConfig, BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
-                           build_optimizer, evaluate_classifier, parse_config)
+from visrep.engine import (BackboneConfig, OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer,
+                           evaluate_classifier)
 from visrep.engine.export import export_model
-from visrep.transfer import (AdaptationModel, BestOnSourceVal, CoralLoss, GRLSchedule, MultiKernelMMDLoss,
-                             PairedDataset, domain_adversarial_loss)
-from visrep.zoo import create_backbone, get_data_config
 from visrep.errors import main_entry
-from visrep.checks import check
+from visrep.launch import finish_run
+from visrep.transfer import (AdaptationModel, BestOnSourceVal, CoralLoss, GRLSchedule, MultiKernelMMDLoss,
+                             domain_adversarial_loss, paired_loader)
+from visrep.zoo import create_backbone, get_data_config
 
 PRESETS = Path(__file__).resolve().parent / "configs"
-METHODS = ("source_only", "dann", "mmd", "coral")
 
 
 @dataclasses.dataclass
@@ -99,12 +96,10 @@ class AdaptRecipeConfig(RecipeConfig):
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(AdaptRecipeConfig, argv, default_preset=PRESETS / "adapt_digits.yaml", description=__doc__)
-    with Run(cfg, "adapt", cfg.output_dir, cfg.seed, cfg.run, resume=cfg.resume) as run:
-        accelerator = run.accelerator
+    with Run.from_cli(AdaptRecipeConfig, "adapt", argv, PRESETS / "adapt_digits.yaml", __doc__) as run:
+        cfg, accelerator = run.cfg, run.accelerator
 
         # ---- data: labelled source, unlabelled target (train), target test for scoring only ------
-        set_seed(cfg.seed)
         backbone = create_backbone(cfg.model.name, pretrained=cfg.model.pretrained, num_classes=0,
                                    checkpoint=cfg.model.checkpoint, small_input=cfg.model.small_input,
                                    **cfg.model.kwargs)
@@ -119,13 +114,7 @@ def main(argv=None) -> dict:
         if cfg.method == "source_only":  # the very source batches the other methods see, no target decoding
             train_loader, epoch_setters = src.train_loader, src.epoch_setters
         else:
-            from visrep.data.images import EpochSampler, collate, loader_options
-
-            paired = PairedDataset(src.train, tgt.train, cfg.seed)
-            sampler = EpochSampler(len(paired), cfg.seed)
-            train_loader = torch.utils.data.DataLoader(paired, batch_size=bs, sampler=sampler, drop_last=True,
-                                                       **loader_options(nw, collate))
-            epoch_setters = (sampler, paired)
+            train_loader, epoch_setters = paired_loader(src.train, tgt.train, cfg.seed, bs, nw)
 
         # ---- model: backbone -> bottleneck -> classifier (+ domain discriminator for DANN) --------
         a = cfg.adapt
@@ -135,8 +124,6 @@ def main(argv=None) -> dict:
         model, optimizer, train_loader, val_loader, src_test_loader, tgt_test_loader = run.prepare(
             model, optimizer, train_loader, src.val_loader, src.test_loader, tgt.test_loader,
             grad_clip=cfg.optim.grad_clip)
-        steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
-        grl = GRLSchedule(steps_per_epoch * cfg.schedule.epochs, gamma=a.grl_gamma)
         best = BestOnSourceVal()
         align = {"mmd": MultiKernelMMDLoss(a.mmd_multipliers, a.mmd_heuristic, a.sync, same_size=True),
                  "coral": CoralLoss(a.sync, same_size=True)}.get(cfg.method)  # drop_last: equal batches
@@ -144,10 +131,12 @@ def main(argv=None) -> dict:
         export_extra = {"model_type": "AdaptationModel", "bottleneck_dim": a.bottleneck_dim,
                         "discriminator_hidden": disc_hidden, "method": cfg.method}
         stage = run.stage("adapt", model=model, optimizer=optimizer, train_loader=train_loader,
-                          epochs=cfg.schedule.epochs, schedule=StepSchedule(optimizer, cfg.schedule, steps_per_epoch),
-                          epoch_setters=epoch_setters, extra_state={"grl": grl, "best": best},
+                          epochs=cfg.schedule.epochs, schedule=cfg.schedule, grad_clip=cfg.optim.grad_clip,
+                          epoch_setters=epoch_setters, extra_state={"best": best},
                           export=lambda d: export_model(accelerator, model, d, cfg.model, src.num_classes, dc,
                                                         extra=export_extra))
+        grl = GRLSchedule(stage.total_steps, gamma=a.grl_gamma)  # lambda over optimizer steps
+        stage.track(grl=grl)
         unwrapped = accelerator.unwrap_model(model)
         epoch_times, oracle = [], []
 
@@ -172,13 +161,8 @@ def main(argv=None) -> dict:
                         loss = cls_loss + weight * transfer
                         metrics["transfer_loss"] = transfer.detach()
                     accelerator.backward(loss)
-                    if cfg.optim.grad_clip and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    grl.step()  # before step_done, which may checkpoint
-                stage.step_done(loss, cls_loss=cls_loss.detach(), **metrics)
+                if stage.optimizer_step(loss, cls_loss=cls_loss, **metrics):
+                    grl.step()
             epoch_times.append(time.perf_counter() - t0)
             # Selection on the SOURCE validation split; the target score is an oracle, logged as one.
             val = evaluate_classifier(model, val_loader, accelerator)
@@ -208,11 +192,7 @@ def main(argv=None) -> dict:
         results = {"method": cfg.method, **{k: v for k, v in results.items() if k != "wall_time"},
                    "wall_s": results["wall_time"], "epochs": cfg.schedule.epochs,
                    "num_processes": accelerator.num_processes}
-        run.log({f"results/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
-        run.write_results(results)
-        push_run(run, cfg.push_to_hub)
-        run.print(format_summary(results))
-        return results
+        return finish_run(run, results, format_summary(results), cfg.push_to_hub)
 
 
 def _over_run(run: Run, key: str, this_session: list[float]) -> list[float]:

@@ -28,18 +28,20 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from visrep.data import DataConfig, ImageDataset, build_classification_data, build_transforms, collate, loader_options
-from visrep.launch import push_run
-from visrep.engine import (RecipeConfig, BackboneConfig, ConfigError, RunConfig, ScheduleConfig, StepSchedule, count_parameters,
-                           evaluate_classifier, parse_config, Run)
+from visrep.engine import (BackboneConfig, RecipeConfig, Run, ScheduleConfig, count_parameters, evaluate_classifier,
+                           parse_config)
+from visrep.engine.distributed import require
+from visrep.engine.export import load_model
+from visrep.errors import main_entry
+from visrep.launch import finish_run
 from visrep.ssl import (BYOL, BYOLConfig, BatchedBYOLAugment, EMAUpdater, SSLAugmentConfig, SSLEvalConfig,
                         SSLOptimConfig, base_transform, batch_seed, build_ssl_optimizer, byol_loss, byol_transforms,
-                        evaluate_representation, export_byol, normalized_std)
+                        evaluate_representation, export_byol, extract_features, normalized_std)
 from visrep.zoo import create_backbone, get_data_config
-from visrep.engine.distributed import require
-from visrep.errors import main_entry
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -85,9 +87,8 @@ def main(argv=None) -> dict:
     cfg = parse_config(BYOLRecipeConfig, argv, default_preset=PRESETS / "byol_digits.yaml", description=__doc__)
     if cfg.eval_only:
         return offline_eval(cfg)
-    with Run(cfg, "byol", cfg.output_dir, cfg.seed, cfg.run, resume=cfg.resume) as run:
+    with Run(cfg, "byol") as run:
         accelerator = run.accelerator
-        set_seed(cfg.seed)
         backbone = build_backbone(cfg.model)
         size, chans = cfg.data.image_size, cfg.data.channels
         data_config = dict(get_data_config(backbone), input_size=(chans, size, size))
@@ -121,12 +122,12 @@ def main(argv=None) -> dict:
         run.print(f"[byol] random init: knn_acc={floor['knn_acc']:.4f} linear_acc={floor['linear_acc']:.4f}")
 
         # ---- 1. BYOL pre-training -------------------------------------------------------------------
-        steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
-        ema = EMAUpdater(steps_per_epoch * cfg.schedule.epochs, cfg.byol.base_tau, cfg.byol.final_tau)
         stage = run.stage("byol", model=model, optimizer=optimizer, train_loader=train_loader,
-                          epochs=cfg.schedule.epochs, schedule=StepSchedule(optimizer, cfg.schedule, steps_per_epoch),
-                          epoch_setters=data.epoch_setters, extra_state={"ema": ema},
+                          epochs=cfg.schedule.epochs, schedule=cfg.schedule, grad_clip=cfg.optim.grad_clip,
+                          epoch_setters=data.epoch_setters,
                           export=lambda d: export_byol(accelerator, model, d, cfg.model, data_config))
+        ema = EMAUpdater(stage.total_steps, cfg.byol.base_tau, cfg.byol.final_tau)  # counted in optimizer steps
+        stage.track(ema=ema)
         run.print(f"[byol] global batch {global_batch} = {cfg.run.batch_size} x {accelerator.num_processes} "
                   f"process(es) x {cfg.run.grad_accum} accumulation; peak lr "
                   f"{optimizer.param_groups[0]['initial_lr']:.4g} ({cfg.optim.name}); {stage.total_steps} steps")
@@ -145,13 +146,8 @@ def main(argv=None) -> dict:
                     loss = byol_loss(p1, p2, z1_t, z2_t)  # predict the target's view-2 projection from view 1, and back
                     probe_loss = F.cross_entropy(out["logits"].float(), y)  # detached features: no gradient to f
                     accelerator.backward(loss + probe_loss)
-                    if cfg.optim.grad_clip and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if accelerator.sync_gradients:  # once per optimizer step, not per micro-batch
-                        ema.update(online, target)  # target <- tau target + (1 - tau) online
-                stage.step_done(loss, probe_loss=probe_loss, z_std=normalized_std(out["z"][0]), tau=ema.last_tau)
+                if stage.optimizer_step(loss, probe_loss=probe_loss, z_std=normalized_std(out["z"][0]), tau=ema.tau):
+                    ema.update(online, target)  # target <- tau target + (1 - tau) online, once per optimizer step
             metrics = {"tau": ema.last_tau}
             if cfg.eval.every_epochs and (stage.epoch + 1) % cfg.eval.every_epochs == 0:
                 knn = evaluate_representation(net.encode, bank_loader, val_loader, accelerator, data.num_classes,
@@ -186,28 +182,18 @@ def main(argv=None) -> dict:
             "num_processes": accelerator.num_processes,
             "backbone_path": str(stage.model_dir / "backbone"),
         }
-        run.log({f"results/{k}": v for k, v in results.items() if not isinstance(v, str)})
-        run.write_results(results)
-        push_run(run, cfg.push_to_hub)
-        run.print(format_table(results, cfg))
-        return results
+        return finish_run(run, results, format_table(results, cfg), cfg.push_to_hub)
 
 
 @torch.no_grad()
 def collapse_monitor(net: BYOL, loader, accelerator) -> float:
     """Std of the L2-normalised online projections over the whole split (eval mode); 0 = collapse."""
-    from visrep.ssl import extract_features
-
     z, _ = extract_features(lambda x: net.projector(net.encode(x)), loader, accelerator, module=net)
     return normalized_std(z).item()
 
 
 def offline_eval(cfg: BYOLRecipeConfig) -> dict:
     """``--eval-only PATH``: kNN and linear evaluation of an exported encoder on frozen features."""
-    from accelerate import Accelerator
-
-    from visrep.engine.export import load_model
-
     path = Path(cfg.eval_only)
     if (path / "models" / "byol" / "backbone").is_dir():
         path = path / "models" / "byol" / "backbone"

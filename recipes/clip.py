@@ -21,18 +21,14 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
-from accelerate.utils import set_seed
-
-from visrep.clip import (ClipModelConfig, ContrastiveLoss, FrozenClipTeacher, clamp_logit_scale, build_clip_model,
+from visrep.checks import check
+from visrep.clip import (ClipModelConfig, ContrastiveLoss, FrozenClipTeacher, build_clip_model, clamp_logit_scale,
                          contrastive_step, create_open_clip, evaluate_clip, export_clip, get_tokenizer,
                          image_data_config, load_clip)
 from visrep.data.pairs import PairsConfig, build_pair_data
-from visrep.launch import push_run
-from visrep.engine import (RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
-                           count_parameters, parse_config)
+from visrep.engine import OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer, count_parameters
 from visrep.errors import main_entry
-from visrep.checks import check
+from visrep.launch import finish_run
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -103,15 +99,12 @@ def build_teacher(cfg: ClipRecipeConfig, student_dc: dict, device) -> Optional[F
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(ClipRecipeConfig, argv, default_preset=PRESETS / "clip_digits.yaml", description=__doc__)
-    # Accumulation happens inside one step (GradCache): the accelerator sees one batch per optimizer step.
-    step_run_cfg = dataclasses.replace(cfg.run, grad_accum=1)
-    with Run(cfg, "clip", cfg.output_dir, cfg.seed, step_run_cfg, resume=cfg.resume) as run:
-        accelerator = run.accelerator
-        chunks = cfg.run.grad_accum
+    # run.grad_accum micro-batches are accumulated inside one step (GradCache, contrastive_step)
+    with Run.from_cli(ClipRecipeConfig, "clip", argv, PRESETS / "clip_digits.yaml", __doc__,
+                      accumulates_in_step=True) as run:
+        cfg, accelerator, chunks = run.cfg, run.accelerator, run.cfg.run.grad_accum
 
         # ---- model, tokenizer, data -----------------------------------------------------------------
-        set_seed(cfg.seed)
         model = build_clip_model(cfg.model, image_size=cfg.data.image_size, in_chans=cfg.data.channels)
         tokenizer = get_tokenizer(model)
         data_config = image_data_config(model)
@@ -124,7 +117,7 @@ def main(argv=None) -> dict:
         export_meta = {"image_size": cfg.data.image_size, "in_chans": cfg.data.channels,
                        "classnames": data.classnames, "templates": data.templates}
         stage = run.stage("clip", model=model, optimizer=optimizer, train_loader=train_loader,
-                          epochs=cfg.schedule.epochs, schedule=StepSchedule(optimizer, cfg.schedule, len(train_loader)),
+                          epochs=cfg.schedule.epochs, schedule=cfg.schedule, grad_clip=cfg.optim.grad_clip,
                           epoch_setters=data.epoch_setters,
                           export=lambda d: export_clip(accelerator, model, d, cfg.model, data_config, export_meta))
         loss_fn = ContrastiveLoss(cfg.clip.loss, cfg.teacher.kd_weight if teacher else 0.0, cfg.teacher.temperature,
@@ -137,13 +130,8 @@ def main(argv=None) -> dict:
             model.train()
             for images, tokens, _, _ in stage.batches():
                 losses = contrastive_step(accelerator, model, loss_fn, images, tokens, chunks, teacher)
-                if cfg.optim.grad_clip and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:  # once per optimizer step, on the real parameter
+                if stage.optimizer_step(losses.pop("loss"), **losses):  # logged with the logit scale this step used
                     clamp_logit_scale(accelerator.unwrap_model(model), cfg.model.max_logit_scale)
-                stage.step_done(losses.pop("loss"), **losses)  # with the logit scale this step used
             val = evaluate(val_loader)
             stage.epoch_done(**{f"val_{k}": v for k, v in val.items() if k != "count"})
 
@@ -169,11 +157,7 @@ def main(argv=None) -> dict:
             "train_wall_s": stage_res["wall_time"],
             "num_processes": accelerator.num_processes,
         })
-        run.log({f"results/{k}": v for k, v in results.items() if v is not None})
-        run.write_results(results)
-        push_run(run, cfg.push_to_hub)
-        run.print(format_table(results, cfg))
-        return results
+        return finish_run(run, results, format_table(results, cfg), cfg.push_to_hub)
 
 
 def format_table(r: dict, cfg: ClipRecipeConfig) -> str:

@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
+from visrep.checks import ConfigError, check
 from visrep.data import DataConfig, build_classification_data
 from visrep.distill import DistillationLoss, FrozenTeacher, KDConfig
-from visrep.engine import (ConfigError, RecipeConfig, BackboneConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule,
-                           build_optimizer, count_parameters, evaluate_classifier, parse_config)
+from visrep.engine import (BackboneConfig, OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer,
+                           count_parameters, evaluate_classifier)
 from visrep.engine.export import export_model, load_model
-from visrep.launch import push_run
-from visrep.zoo import create_backbone, get_data_config
 from visrep.errors import main_entry
-from visrep.checks import check
+from visrep.launch import finish_run
+from visrep.zoo import create_backbone, get_data_config
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -79,11 +79,8 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
     optimizer = build_optimizer(model, optim_cfg)
     model, optimizer, train_loader, val_loader, test_loader = run.prepare(
         model, optimizer, data.train_loader, data.val_loader, data.test_loader, grad_clip=optim_cfg.grad_clip)
-    sched_cfg = dataclasses.replace(cfg.schedule, epochs=epochs)
-    steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
     stage = run.stage(name, model=model, optimizer=optimizer, train_loader=train_loader, epochs=epochs,
-                      schedule=StepSchedule(optimizer, sched_cfg, steps_per_epoch),
-                      epoch_setters=data.epoch_setters,
+                      schedule=cfg.schedule, grad_clip=optim_cfg.grad_clip, epoch_setters=data.epoch_setters,
                       export=lambda d: export_model(accelerator, model, d, backbone, data.num_classes, data_config))
     kd_loss = DistillationLoss(cfg.kd)
 
@@ -99,11 +96,7 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
                         teacher_logits = teacher(x)  # the very batch the student sees
                     losses = kd_loss(logits, teacher_logits, None if cfg.kd.label_free else y)
                 accelerator.backward(losses["loss"])
-                if optim_cfg.grad_clip and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            stage.step_done(**losses)
+            stage.optimizer_step(**losses)
         val = evaluate_classifier(model, val_loader, accelerator)
         stage.epoch_done(val_acc=val["top1"], val_loss=val["loss"])
 
@@ -114,10 +107,8 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(DistillRecipeConfig, argv, default_preset=PRESETS / "digits.yaml", description=__doc__)
-    with Run(cfg, "distill", cfg.output_dir, cfg.seed, cfg.run, resume=cfg.resume) as run:
-        accelerator = run.accelerator
-        set_seed(cfg.seed)
+    with Run.from_cli(DistillRecipeConfig, "distill", argv, PRESETS / "digits.yaml", __doc__) as run:
+        cfg, accelerator = run.cfg, run.accelerator
         probe = build(cfg.student, 0)
         student_dc = get_data_config(probe)
         data = build_classification_data(cfg.data, student_dc, cfg.seed, cfg.run.batch_size,
@@ -159,7 +150,7 @@ def main(argv=None) -> dict:
                                               cfg.schedule.epochs, teacher=tch)
 
         # ---- results -----------------------------------------------------------------------------
-        (scratch_net, scratch), (kd_net, kd) = students["scratch"], students["kd"]
+        (_, scratch), (kd_net, kd) = students["scratch"], students["kd"]
         results = {
             "teacher_acc": teacher_test["top1"],
             "student_scratch_acc": scratch["test_acc"],
@@ -175,11 +166,7 @@ def main(argv=None) -> dict:
             "student_kd_wall_s": kd["wall_time"],
             "num_processes": accelerator.num_processes,
         }
-        run.log({f"results/{k}": v for k, v in results.items()})
-        run.write_results(results)
-        run.print(format_table(results, cfg))
-        push_run(run, cfg.push_to_hub)
-        return results
+        return finish_run(run, results, format_table(results, cfg), cfg.push_to_hub)
 
 
 def format_table(r: dict, cfg: DistillRecipeConfig) -> str:

@@ -33,9 +33,9 @@ from accelerate.utils import set_seed
 from visrep.data import DataConfig, build_classification_data
 from visrep.data.digits_m import load_digits_m_splits
 from visrep.data.sources import class_names, load_splits
-from visrep.launch import push_run
-from visrep.engine import (ConfigError, RecipeConfig, OptimConfig, Run, RunConfig, ScheduleConfig, StepSchedule, build_optimizer,
-                           count_parameters, evaluate_classifier, parse_config)
+from visrep.engine import (OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer, count_parameters,
+                           evaluate_classifier)
+from visrep.launch import finish_run
 from visrep.engine.distributed import require
 from visrep.engine.export import export_model, load_model
 from visrep.transfer import (L2SP, BestOnSourceVal, FreezeConfig, GradualUnfreezer, freeze,
@@ -105,18 +105,12 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
     optimizer = build_optimizer(params, optim_cfg)
     model, optimizer, train_loader, val_loader, test_loader = run.prepare(
         model, optimizer, data.train_loader, data.val_loader, data.test_loader, grad_clip=optim_cfg.grad_clip)
-    steps_per_epoch = -(-len(train_loader) // cfg.run.grad_accum)
     best = BestOnSourceVal()
-    extra = {"best": best}
-    setters = tuple(data.epoch_setters)
-    if unfreezer is not None:
-        extra["unfreeze"] = unfreezer
-        setters += (unfreezer,)
-    if l2sp is not None:
-        extra["l2sp"] = l2sp
+    extra = {"best": best, "unfreeze": unfreezer, "l2sp": l2sp}
     stage = run.stage(name, model=model, optimizer=optimizer, train_loader=train_loader, epochs=epochs,
-                      schedule=StepSchedule(optimizer, dataclasses.replace(cfg.schedule, epochs=epochs), steps_per_epoch),
-                      epoch_setters=setters, extra_state=extra,
+                      schedule=cfg.schedule, grad_clip=optim_cfg.grad_clip,
+                      epoch_setters=tuple(data.epoch_setters) + ((unfreezer,) if unfreezer else ()),
+                      extra_state={k: v for k, v in extra.items() if v is not None},
                       export=lambda d: export_model(acc, model, d, export_bb, data.num_classes, dc))
     unwrapped = acc.unwrap_model(model)
 
@@ -132,12 +126,8 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
                     loss = ce + reg
                 acc.backward(loss)
                 if unfreezer is not None:
-                    unfreezer.mask_grads()
-                if optim_cfg.grad_clip and acc.sync_gradients:
-                    acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            stage.step_done(loss, ce=ce.detach(), **{k: v.detach() for k, v in metrics.items()})
+                    unfreezer.mask_grads()  # still-frozen stages: no update
+            stage.optimizer_step(loss, ce=ce, **metrics)
         val = evaluate_classifier(model, val_loader, acc)
         best.update(unwrapped, val["top1"], epoch + 1)
         extra_log = {"trainable_from_stage": unfreezer.lowest_trainable(epoch)} if unfreezer else {}
@@ -171,16 +161,12 @@ def refuse_under_deepspeed(cfg: FinetuneRecipeConfig, acc) -> None:
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(FinetuneRecipeConfig, argv, default_preset=PRESETS / "finetune_digits.yaml",
-                       description=__doc__)
-    ft = cfg.finetune
-    with Run(cfg, "finetune", cfg.output_dir, cfg.seed, cfg.run, resume=cfg.resume) as run:
-        acc = run.accelerator
+    with Run.from_cli(FinetuneRecipeConfig, "finetune", argv, PRESETS / "finetune_digits.yaml", __doc__) as run:
+        cfg, acc, ft = run.cfg, run.accelerator, run.cfg.finetune
         refuse_under_deepspeed(cfg, acc)
         bs, ebs, nw = cfg.run.batch_size, cfg.run.eval_batch_size, cfg.run.num_workers
 
         # ---- target data (the label budget is data.label_fraction) --------------------------------
-        set_seed(cfg.seed)
         splits = load_digits_m_splits(cfg.data) if cfg.target_domain == "digits_m" else load_splits(cfg.data)
         num_classes = len(class_names(splits))
 
@@ -194,7 +180,6 @@ def main(argv=None) -> dict:
             model.reset_classifier(source.num_classes)
             model, source_res = train_stage(run, cfg, "source", model, source, model, cfg.source_optim,
                                             cfg.init.train_epochs, export_bb)
-            model.reset_classifier(num_classes)
             set_seed(cfg.seed)
         model.reset_classifier(num_classes)
         start_params = count_parameters(model)
@@ -253,11 +238,7 @@ def main(argv=None) -> dict:
         }
         if ft.strategy == "linear_probe":
             results["target_val_acc"] = probe_res["val_acc"]
-        run.log({f"results/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
-        run.write_results(results)
-        push_run(run, cfg.push_to_hub)
-        run.print(format_summary(results))
-        return results
+        return finish_run(run, results, format_summary(results), cfg.push_to_hub)
 
 
 def format_summary(r: dict) -> str:

@@ -16,6 +16,7 @@ loaded back, so ``--resume latest`` continues exactly where the run stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,8 +35,9 @@ from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, P
 
 from visrep.engine.checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, newest_intact, verify,
                                      write_dir_atomically)
-from visrep.engine.config import RunConfig, diff_configs, save_yaml, to_dict
+from visrep.engine.config import RunConfig, ScheduleConfig, diff_configs, parse_config, save_yaml, to_dict
 from visrep.engine.io import atomic_write_json, is_writer
+from visrep.engine.optim import StepSchedule
 from visrep.engine.distributed import configure_engine, deepspeed_on_cpu, engine_precision
 from visrep.engine.precision import autocast, cast_inputs_to_engine, fp32_norm_layers, resolve_mixed_precision
 from visrep.engine.preempt import StopRequest
@@ -161,10 +163,19 @@ def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerato
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 class Run:
-    """Owns the accelerator and the run directory. Use as a context manager around the recipe body."""
+    """Owns the accelerator and the run directory. Use as a context manager around the recipe body.
 
-    def __init__(self, cfg: Any, recipe: str, output_dir: str, seed: int, run_cfg: RunConfig,
-                 resume: Optional[str] = None, accelerator_kwargs: Optional[dict] = None):
+    ``output_dir``, ``seed``, ``run_cfg`` and ``resume`` default to the recipe config's own (a
+    :class:`visrep.engine.config.RecipeConfig`). ``accumulates_in_step``: the recipe accumulates
+    micro-batches inside one step itself (CLIP's cached-feature steps), so the accelerator sees one
+    batch per optimizer step whatever ``run.grad_accum`` says."""
+
+    def __init__(self, cfg: Any, recipe: str, output_dir: Optional[str] = None, seed: Optional[int] = None,
+                 run_cfg: Optional[RunConfig] = None, resume: Optional[str] = None, accumulates_in_step: bool = False):
+        output_dir = cfg.output_dir if output_dir is None else output_dir
+        seed = cfg.seed if seed is None else seed
+        run_cfg = cfg.run if run_cfg is None else run_cfg
+        resume = getattr(cfg, "resume", None) if resume is None else resume
         self.cfg = cfg
         self.recipe = recipe
         self.run_cfg = run_cfg
@@ -178,7 +189,8 @@ class Run:
                     f"RUN_DIR/checkpoints/STAGE/{CHECKPOINT_PREFIX}N or 'latest'.")
             self.run_dir = self.resume_ckpt.parent.parent.parent
         self.resuming = resume is not None and resume != ""
-        self.accelerator = build_accelerator(run_cfg, self.run_dir, **(accelerator_kwargs or {}))
+        self.accelerator = build_accelerator(dataclasses.replace(run_cfg, grad_accum=1) if accumulates_in_step
+                                             else run_cfg, self.run_dir)
         self.state_path = self.run_dir / "state.json"
         self.global_step = 0
         self._check_run_dir()
@@ -193,6 +205,13 @@ class Run:
             set_deterministic()
         set_seed(seed)
         self.stop_request = StopRequest().install()  # SIGTERM / SIGUSR1: checkpoint after this step, exit 75
+
+    @classmethod
+    def from_cli(cls, config_cls: type, recipe: str, argv=None, default_preset=None, description=None,
+                 **kwargs) -> "Run":
+        """Parse the command line (preset + overrides, validated), seed and open the run: one call."""
+        return cls(parse_config(config_cls, argv, default_preset=default_preset, description=description), recipe,
+                   **kwargs)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
@@ -274,6 +293,16 @@ class Run:
         self.accelerator.wait_for_everyone()
         return path
 
+    def finish(self, results: dict, table: str = "") -> dict:
+        """The end of a recipe: the final figures to the trackers (numbers only) and ``results.json``, and
+        the results table printed once. Returns ``results``."""
+        self.log({f"results/{k}": v for k, v in results.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        self.write_results(results)
+        if table:
+            self.print(table)
+        return results
+
     def __enter__(self) -> "Run":
         return self
 
@@ -299,29 +328,34 @@ def _flat_hparams(d: dict, prefix: str = "") -> dict:
 
 
 class Stage:
-    """One training phase: epochs of batches, optimizer-step counting, LR schedule, logging,
-    non-finite check, checkpoints and exact resume. The recipe writes the forward, loss and update::
+    """One training phase: epochs of batches, the optimizer step (clipping, step, zero_grad, the learning
+    rate schedule) and its count, logging, the non-finite check, checkpoints and exact resume. The recipe
+    writes the forward, the loss and what follows an optimizer step::
 
         for epoch in stage.epochs():
             for x, y in stage.batches():
                 with accelerator.accumulate(model):
                     loss = ...
                     accelerator.backward(loss)
-                    optimizer.step(); optimizer.zero_grad()
-                stage.step_done(loss)
+                if stage.optimizer_step(loss):   # True once per optimizer step, not per micro-batch
+                    ema.update(...)
             stage.epoch_done(val_acc=...)
         stage.finish(results)
 
-    ``model``/``optimizer``/``train_loader`` must already be prepared by the accelerator, and must
-    be the only objects prepared (the previous stage's are released by ``finish``). ``epoch_setters``
+    Logging, checkpoints and stop requests of a step happen when the loop asks for the next batch, so a
+    checkpoint holds what the recipe did after the step (the EMA above). ``model``/``optimizer``/
+    ``train_loader`` must already be prepared by the accelerator, and must be the only objects prepared
+    (the previous stage's are released by ``finish``). ``schedule``: a :class:`ScheduleConfig` (the
+    stage builds its :class:`StepSchedule` over ``epochs``), a ready schedule, or None. ``epoch_setters``
     are objects with ``set_epoch(epoch)`` (sampler, dataset) that make data order and augmentation a
-    function of the epoch. ``extra_state`` maps names to objects with ``state_dict``/``load_state_dict``
-    (EMA counters, GRL progress, ...) saved with each checkpoint.
+    function of the epoch. ``extra_state`` (or :meth:`track` before the first epoch) maps names to objects
+    with ``state_dict``/``load_state_dict`` (EMA counters, GRL progress, ...) saved with each checkpoint.
+    A loop that steps the optimizer itself calls :meth:`step_done` instead of :meth:`optimizer_step`.
     """
 
     def __init__(self, run: Run, name: str, *, model: torch.nn.Module, optimizer, train_loader,
                  epochs: int, schedule=None, epoch_setters: tuple = (), extra_state: Optional[dict] = None,
-                 export: Optional[Callable[[Path], None]] = None):
+                 export: Optional[Callable[[Path], None]] = None, grad_clip: Optional[float] = None):
         self.run = run
         self.accelerator: Accelerator = run.accelerator
         self.name = name
@@ -329,7 +363,7 @@ class Stage:
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.num_epochs = epochs
-        self.schedule = schedule
+        self.grad_clip = grad_clip
         self.epoch_setters = epoch_setters
         self.extra_state = extra_state or {}
         self.export_fn = export
@@ -339,6 +373,9 @@ class Stage:
         accum = self.accelerator.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
         self.total_steps = self.steps_per_epoch * epochs
+        if isinstance(schedule, ScheduleConfig):
+            schedule = StepSchedule(optimizer, dataclasses.replace(schedule, epochs=epochs), self.steps_per_epoch)
+        self.schedule = schedule
         self.epoch = 0
         self.batch_in_epoch = 0
         self.step = 0
@@ -350,6 +387,8 @@ class Stage:
         self._last_saved_path: Optional[Path] = None
         self._bad_step: Optional[torch.Tensor] = None
         self._agreed_step = -1  # the optimizer step of the last _agree (a save right after needs none)
+        self._book_pending = False  # an optimizer_step whose logging / checkpoint waits for the next batch
+        self._resume_from: Optional[Path] = None  # loaded when the first epoch starts (after track())
         record = run.state["stages"].get(name, {})
         self.done = bool(record.get("done"))
         if self.done:  # a stage without an export is restored from its last checkpoint
@@ -363,13 +402,22 @@ class Stage:
                 ckpt = self._newest_intact_checkpoint(required=bool(record.get("done")))
             else:
                 ckpt = None
-            if ckpt is not None:
-                self._load_checkpoint(ckpt)
+            self._resume_from = ckpt
+
+    def track(self, **objects) -> None:
+        """Add objects to the checkpointed state (``extra_state``); before the first epoch, so a resumed
+        stage restores them too."""
+        if self._resume_from is None and self.step > 0:
+            raise RuntimeError("Stage.track after training started: pass the objects before the first epoch")
+        self.extra_state.update(objects)
 
     # -- iteration ------------------------------------------------------------------------------
     def epochs(self) -> Iterator[int]:
         if self.done:
             return
+        if self._resume_from is not None:
+            self._load_checkpoint(self._resume_from)
+            self._resume_from = None
         while self.epoch < self.num_epochs:
             # Accelerate's loader re-applies its own epoch counter to the sampler (or dataset) at each
             # pass; keep it equal to ours, including after a resume that started mid-epoch.
@@ -388,29 +436,57 @@ class Stage:
         self._apply_lr()
         for batch in loader:
             yield batch
+            if self._book_pending:  # the recipe's body for this batch has finished
+                self._book()
 
     def _apply_lr(self) -> None:
         if self.schedule is not None:
             self.schedule.apply(self.step)
 
     # -- bookkeeping ----------------------------------------------------------------------------
+    def optimizer_step(self, loss: torch.Tensor, **metrics: Any) -> bool:
+        """After a micro-batch's backward: record its loss and metrics and, when gradients were synchronised
+        (the last micro-batch of an accumulation), clip them (``grad_clip``), step the optimizer, zero the
+        gradients and count the step. Returns whether an optimizer step happened -- the place for what
+        must run once per optimizer step (an EMA update, a logit-scale clamp). The step's logging,
+        checkpoint and stop checks follow when the loop asks for the next batch (or at ``epoch_done``)."""
+        stepped = self.accelerator.sync_gradients
+        if stepped:
+            if self.grad_clip:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._record(loss, metrics)
+        self._book_pending = stepped
+        return stepped
+
     def step_done(self, loss: torch.Tensor, **metrics: Any) -> None:
-        """Call after every micro-batch. Counts an optimizer step when gradients were synchronised.
+        """For a loop that steps the optimizer itself: call after every micro-batch. Counts an optimizer
+        step when gradients were synchronised, and logs / checkpoints at once.
 
         Nothing here waits for the device: the loss and metrics stay on it until ``run.log_every``
         optimizer steps have passed, where one collective settles what every rank must agree on (a
         non-finite loss, a stop signal) and the window's means are read once. A checkpoint is only
         written after that check, so it never holds weights trained on a non-finite loss."""
+        self._record(loss, metrics)
+        if self.accelerator.sync_gradients:
+            self._book()
+
+    def _record(self, loss: torch.Tensor, metrics: dict) -> None:
         self.batch_in_epoch += 1
         loss = loss.detach()
         self._note_finite(loss)
         self._window.setdefault("loss", []).append(loss.float())
         for k, v in metrics.items():
             self._window.setdefault(k, []).append(v.detach().float() if isinstance(v, torch.Tensor) else float(v))
-        if not self.accelerator.sync_gradients:
-            return
-        self.step += 1
-        self.run.global_step += 1
+        if self.accelerator.sync_gradients:
+            self.step += 1
+            self.run.global_step += 1
+
+    def _book(self) -> None:
+        """After an optimizer step: progress, logging (with the agreement on non-finite losses and stop
+        signals), the learning rate of the next step, checkpoints, stops."""
+        self._book_pending = False
         if self._pbar is not None:
             self._pbar.update(1)
         stop = False
@@ -487,6 +563,8 @@ class Stage:
 
     def epoch_done(self, **metrics: Any) -> None:
         """End of an epoch: log (validation) metrics, checkpoint if checkpointing per epoch."""
+        if self._book_pending:  # the loop left its last batch early
+            self._book()
         stop = self._agree()  # also before the epoch's checkpoint: a signal during evaluation stops here
         self._flush_window()
         self.epoch += 1

@@ -510,6 +510,14 @@ def push_run(run, repo_id: Optional[str], **kwargs: Any):
     return info
 
 
+def finish_run(run, results: dict, table: str = "", push_to_hub: Optional[str] = None) -> dict:
+    """The end of every recipe: results to the trackers and ``results.json``, the table printed once
+    (``Run.finish``), then ``--push-to-hub``. Returns ``results``."""
+    run.finish(results, table)
+    push_run(run, push_to_hub)
+    return results
+
+
 def _hub_error(e: Exception, token: Optional[str], doing: str) -> HubError:
     """A HubError of the right kind for an exception from huggingface_hub, with the token scrubbed out."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visrep.data.images import EpochIndex, EpochSampler, collate, epoch_of, loader_options, sample_seed
 from visrep.engine.distributed import gathered
 from visrep.transfer.align import DomainDiscriminator, grad_reverse
 
@@ -68,8 +69,6 @@ class PairedDataset(torch.utils.data.Dataset):
         self._perm, self._perm_epoch = self._permutation(0), 0
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        from visrep.data.images import sample_seed
-
         rng = np.random.default_rng(sample_seed(self.seed, epoch, 0xFFFFFFFE))
         reps = -(-len(self.source) // len(self.target))
         return np.concatenate([rng.permutation(len(self.target)) for _ in range(reps)])
@@ -84,14 +83,23 @@ class PairedDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
-        from visrep.data.images import EpochIndex, epoch_of
-
         epoch = epoch_of(i, self.epoch)  # the index's own epoch in a persistent worker
         if epoch != self._perm_epoch:
             self._perm, self._perm_epoch = self._permutation(epoch), epoch
         xs, ys = self.source[i]
         xt, _ = self.target[EpochIndex(int(self._perm[i]), epoch)]
         return (xs, xt), ys
+
+
+def paired_loader(source, target, seed: int, batch_size: int, num_workers: int):
+    """The training loader of domain adaptation: :class:`PairedDataset` batches ((source, target) images,
+    source labels) in a (seed, epoch) order, the last incomplete batch dropped (so every rank holds as
+    many rows: the alignment losses gather without exchanging sizes). Returns (loader, epoch setters)."""
+    paired = PairedDataset(source, target, seed)
+    sampler = EpochSampler(len(paired), seed)
+    loader = torch.utils.data.DataLoader(paired, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                         **loader_options(num_workers, collate))
+    return loader, (sampler, paired)
 
 
 class BestOnSourceVal:
