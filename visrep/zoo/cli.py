@@ -81,16 +81,25 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--out", default=None, help="PNG path (default: NAME_KIND.png)")
 
 
+# the keys of ``viz.CAM_METHODS``, spelled out so that building the parser imports no torch (a test
+# keeps the two lists equal); a wrong name is refused by ``viz.cam_method`` in one line
+CAM_METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcamelementwise", "layercam", "eigencam",
+                    "eigengradcam", "kpcacam", "scorecam", "ablationcam")
+
+
 def _register_viz(subparsers):
     viz = subparsers.add_parser("viz", help="Grad-CAM, feature maps, ViT attention as PNG")
     viz.set_defaults(_parser=viz)
     sub = viz.add_subparsers(dest="viz_command", metavar="{gradcam,features,attention}")
 
-    p = sub.add_parser("gradcam", help="Grad-CAM heatmap of a CNN for an image")
+    p = sub.add_parser("gradcam", help="Grad-CAM (or another CAM method) heatmap of a classifier for an image")
     _model_args(p)
     p.add_argument("--image", required=True)
     p.add_argument("--target-class", type=int, default=None, help="default: the predicted class")
     p.add_argument("--layer", default=None, help="module name (default: the last feature stage)")
+    p.add_argument("--method", default="gradcam", metavar="METHOD",
+                   help="CAM method of the grad-cam package: " + ", ".join(CAM_METHOD_NAMES) + " (default: gradcam; "
+                        "scorecam and ablationcam run one forward pass per channel of the layer)")
     p.set_defaults(func=_viz_gradcam)
 
     p = sub.add_parser("features", help="grid of a layer's feature maps")
@@ -117,11 +126,12 @@ def _build(args):
 
 
 def _viz_gradcam(args) -> int:
-    from .viz import prepare_input, save_gradcam
+    from .viz import cam_method, prepare_input, save_gradcam
+    method = cam_method(args.method)  # before building (and maybe downloading) the model
     model = _build(args)
     x, disp = prepare_input(model, args.image)
-    out = save_gradcam(model, x, disp, args.out or f"{args.name.replace(':', '_')}_gradcam.png",
-                       args.target_class, args.layer)
+    out = save_gradcam(model, x, disp, args.out or f"{args.name.replace(':', '_')}_{method}.png",
+                       args.target_class, args.layer, method=method)
     print(out)
     return 0
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .registry import get_data_config
 
@@ -40,58 +39,208 @@ def normalize(img: torch.Tensor, data_config: dict) -> torch.Tensor:
     return (img - mean) / std
 
 
-# ----------------------------------------------------------------------------- Grad-CAM
+# ----------------------------------------------------------------------------- Grad-CAM and friends
+
+# ``method`` name -> class of the grad-cam package (``pytorch_grad_cam``; jacobgil/pytorch-grad-cam).
+# Every one takes a classification model and target layers and nothing else; all run on CPU.
+CAM_METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",                       # Selvaraju et al. 2016, arXiv:1610.02391
+    "gradcam++": "GradCAMPlusPlus",             # Chattopadhyay et al. 2017, arXiv:1710.11063
+    "xgradcam": "XGradCAM",                     # Fu et al. 2020, arXiv:2008.02312
+    "hirescam": "HiResCAM",                     # Draelos & Carin 2020, arXiv:2011.08891
+    "gradcamelementwise": "GradCAMElementWise",  # HiResCAM with a ReLU before the channel sum
+    "layercam": "LayerCAM",                     # Jiang et al. 2021, IEEE TIP 30:5875
+    "eigencam": "EigenCAM",                     # Muhammad & Yeasin 2020, arXiv:2008.00299 (class-agnostic)
+    "eigengradcam": "EigenGradCAM",             # EigenCAM of gradients x activations
+    "kpcacam": "KPCA_CAM",                      # kernel-PCA variant of EigenCAM (class-agnostic)
+    "scorecam": "ScoreCAM",                     # Wang et al. 2019, arXiv:1910.01279 (one forward per channel)
+    "ablationcam": "AblationCAM",               # Desai & Ramaswamy 2020, WACV (one forward per channel)
+}
+_CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
+               "hirescam": "HiResCAM", "gradcamelementwise": "Grad-CAM (element-wise)", "layercam": "LayerCAM",
+               "eigencam": "EigenCAM", "eigengradcam": "EigenGrad-CAM", "kpcacam": "KPCA-CAM",
+               "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM"}
+
+
+class CamError(ValueError):
+    """A CAM request that cannot be served (unknown method, headless model, a layer without a map)."""
+
+    user_error = True  # reported as one line without a traceback (visrep.errors; the zoo imports nothing of ours)
+
+
+class UnknownLayerError(KeyError):
+    """A ``layer=`` name that is not a module of the model; the message lists close matches."""
+
+    user_error = True
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def cam_method(method: str) -> str:
+    """The canonical name in :data:`CAM_METHODS` of ``method`` (case, ``-`` and ``_`` ignored:
+    ``GradCAM++``, ``grad-cam++`` and ``gradcam++`` are one method)."""
+    key = str(method).lower().replace("-", "").replace("_", "")
+    if key not in CAM_METHODS:
+        raise CamError(f"unknown CAM method {method!r}; choose one of: {', '.join(CAM_METHODS)}")
+    return key
+
+
+def _grad_cam_package():
+    """``pytorch_grad_cam`` (PyPI ``grad-cam``), imported on first use: it pulls in OpenCV and scipy."""
+    try:
+        import pytorch_grad_cam
+    except ImportError as e:
+        if "cv2" in str(e) or "libGL" in str(e) or getattr(e, "name", None) == "cv2":
+            hint = ("OpenCV (cv2) failed to import; on a machine without a display install the headless build: "
+                    "pip uninstall -y opencv-python && pip install --force-reinstall opencv-python-headless")
+        else:
+            hint = "install it: pip install 'grad-cam>=1.5.7'"
+        raise CamError(f"class activation maps need the grad-cam package ({e}); {hint}") from e
+    return pytorch_grad_cam
+
 
 def default_cam_layer(model: nn.Module) -> str:
-    """The deepest ``feature_info`` module (the last conv stage)."""
-    return model.feature_info[-1]["module"]
+    """The deepest ``feature_info`` module (the last stage). For a ViT whose head reads only the class
+    token (timm ``global_pool="token"``), the last block's ``norm1`` instead: the patch tokens leaving
+    the last block never reach the head, so their gradients are zero (as in the grad-cam ViT tutorial)."""
+    name = model.feature_info[-1]["module"]
+    if isinstance(getattr(model, "global_pool", None), str) and model.global_pool == "token":
+        block = dict(model.named_modules()).get(name)
+        if block is not None and hasattr(block, "norm1"):
+            name += ".norm1"
+    return name
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, target=None, layer: str | None = None, score: str = "logit"):
-    """Grad-CAM heatmaps ``(N, H, W)`` min-max scaled to [0, 1] at the input resolution, and the classes.
+def _to_nchw(model: nn.Module, layer: str, x: torch.Tensor):
+    """``reshape_transform`` for the package: a layer's output (or its gradient) as an (N, C, H, W) map.
+    Tokens ``(N, L, C)`` lose their prefix tokens and are laid out on the patch grid; NHWC maps (timm Swin)
+    are permuted. The copy also keeps the saved map safe from an in-place op after the layer (an inplace
+    ReLU would otherwise rewrite it on CPU, where ``.cpu()`` does not copy)."""
+    num_chs = {f["module"]: f.get("num_chs") for f in getattr(model, "feature_info", [])}.get(layer)
+    nhwc = getattr(model, "output_fmt", None) == "NHWC"
+    h_in, w_in = x.shape[-2:]
 
-    ``cam = relu(sum_k alpha_k A^k)`` with ``alpha_k`` the spatial mean of ``d y_c / d A^k`` over the
-    feature maps ``A`` of ``layer`` (default: the last ``feature_info`` stage); ``target`` is a class
-    index (int or per-sample tensor), default the predicted class. ``score="margin"`` explains
-    ``y_c - max_{j != c} y_j`` instead of the raw logit, which removes evidence shared by all classes.
+    def channels_last(t: torch.Tensor) -> bool:
+        return t.ndim == 3 or (t.ndim == 4 and (nhwc or (num_chs is not None and t.shape[1] != num_chs
+                                                         and t.shape[-1] == num_chs)))
+
+    def transform(t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 3:
+            n, length, c = t.shape
+            gh, gw = _token_grid(model, length, h_in, w_in)
+            t = t[:, length - gh * gw:].reshape(n, gh, gw, c)
+            return t.permute(0, 3, 1, 2).contiguous()
+        if t.ndim != 4:
+            raise CamError(f"layer {layer!r} gives a {t.ndim}-d output; a CAM needs an (N, C, H, W) map or tokens")
+        return t.permute(0, 3, 1, 2).contiguous() if channels_last(t) else t.clone()
+
+    transform.channels_last = channels_last
+    return transform
+
+
+def _token_grid(model: nn.Module, length: int, h: int, w: int) -> tuple[int, int]:
+    pe = getattr(model, "patch_embed", None)
+    prefix = getattr(model, "num_prefix_tokens", None)
+    candidates = []
+    if pe is not None and getattr(pe, "patch_size", None) is not None:
+        ph, pw = (pe.patch_size, pe.patch_size) if isinstance(pe.patch_size, int) else pe.patch_size
+        candidates.append((h // ph, w // pw))
+    if pe is not None and getattr(pe, "grid_size", None) is not None:
+        candidates.append(tuple(pe.grid_size))
+    side = math.isqrt(length - (prefix or 0))
+    candidates.append((side, side))
+    for gh, gw in candidates:
+        if 0 < gh * gw <= length and (prefix is None or gh * gw == length - prefix):
+            return gh, gw
+    raise CamError(f"cannot lay {length} tokens out on a grid for a {h}x{w} input")
+
+
+class _ScoreTarget:
+    """What is explained: the class logit ``y_c``, or the margin ``y_c - max_{j != c} y_j``
+    (a callable on one sample's logits ``(K,)`` or a batch ``(N, K)``, as the package calls it)."""
+
+    def __init__(self, category: int, margin: bool):
+        self.category, self.margin = int(category), margin
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        value = logits[..., self.category]
+        if self.margin:
+            others = torch.cat([logits[..., :self.category], logits[..., self.category + 1:]], -1)
+            value = value - others.amax(-1)
+        return value
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, target=None, layer: str | None = None, score: str = "logit",
+             method: str = "gradcam"):
+    """Class activation maps ``(N, H, W)`` min-max scaled to [0, 1] at the input resolution, and the classes.
+
+    Computed by the grad-cam package (``pytorch_grad_cam``); ``method`` is one of :data:`CAM_METHODS`.
+    The default, Grad-CAM, is ``cam = relu(sum_k alpha_k A^k)`` with ``alpha_k`` the spatial mean of
+    ``d y_c / d A^k`` over the feature maps ``A`` of ``layer`` (default: :func:`default_cam_layer`), scaled
+    to [0, 1] and resized bilinearly to the input. ``target`` is a class index (int or per-sample tensor),
+    default the predicted class. ``score="margin"`` explains ``y_c - max_{j != c} y_j`` instead of the raw
+    logit, which removes evidence shared by all classes. The model's train/eval mode and its parameters'
+    ``.grad`` are left as they were.
     Paper: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
-    Localization", 2016, arXiv:1610.02391.
+    Localization", 2016, arXiv:1610.02391 (the other methods: see :data:`CAM_METHODS`).
     """
+    method = cam_method(method)
+    if score not in ("logit", "margin"):
+        raise CamError(f"score must be 'logit' or 'margin', got {score!r}")
     if getattr(model, "num_classes", 1) == 0:
-        raise ValueError("Grad-CAM explains a class score: build the model with num_classes > 0")
+        raise CamError("a class activation map explains a class score: build the model with num_classes > 0")
     layer = layer or default_cam_layer(model)
-    module = dict(model.named_modules()).get(layer)
+    modules = dict(model.named_modules())
+    module = modules.get(layer)
     if module is None:
-        raise KeyError(f"no module named {layer!r} in {type(model).__name__}")
-    store = {}
-    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("act", out))
+        import difflib
+        close = difflib.get_close_matches(layer, [n for n in modules if n], n=5)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise UnknownLayerError(f"no module named {layer!r} in {type(model).__name__}{hint}")
+    gc = _grad_cam_package()
+
     was_training = model.training
+    grads = {p: p.grad for p in model.parameters()}  # the package zeroes and fills them; give them back
     model.eval()
+    cam = None
     try:
+        x = x.detach().clone().requires_grad_(True)  # gradients flow even through a frozen model
+        if target is None:
+            with torch.no_grad():
+                target = model(x).argmax(1)
+        target = torch.as_tensor(target, device=x.device).expand(x.shape[0]).long()
+        targets = [_ScoreTarget(c, score == "margin") for c in target.tolist()]
+        kwargs = {"reshape_transform": _to_nchw(model, layer, x)}
+        if method == "ablationcam":  # the ablation layer stands in for ``module``: it must know the layout
+            last = kwargs["reshape_transform"].channels_last(_probe(model, module, x))
+            kwargs["ablation_layer"] = gc.AblationLayerVit() if last else gc.AblationLayer()
+        cam = getattr(gc, CAM_METHODS[method])(model=model, target_layers=[module], **kwargs)
         with torch.enable_grad():
-            logits = model(x.detach().clone().requires_grad_(True))
-            if target is None:
-                target = logits.argmax(1)
-            target = torch.as_tensor(target, device=logits.device).expand(logits.shape[0]).long()
-            act = store["act"]
-            value = logits.gather(1, target[:, None])[:, 0]
-            if score == "margin":
-                others = logits.scatter(1, target[:, None], float("-inf"))
-                value = value - others.amax(1)
-            elif score != "logit":
-                raise ValueError(f"score must be 'logit' or 'margin', got {score!r}")
-            grad, = torch.autograd.grad(value.sum(), act)
+            maps = cam(input_tensor=x, targets=targets)
     finally:
-        handle.remove()
+        if cam is not None:
+            cam.activations_and_grads.release()
+            if method == "ablationcam" and dict(model.named_modules()).get(layer) is not module:
+                from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
+                replace_layer_recursive(model, kwargs["ablation_layer"], module)  # after an error mid-way
+        for p, g in grads.items():
+            p.grad = g
         model.train(was_training)
-    if act.ndim != 4:
-        raise ValueError(f"layer {layer!r} gives a {act.ndim}-d output; Grad-CAM needs an (N, C, H, W) map")
-    weights = grad.mean((2, 3), keepdim=True)
-    cam = F.relu((weights * act).sum(1, keepdim=True)).detach()
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    lo = cam.flatten(1).amin(1)[:, None, None]  # min-max scaling, as is usual for display
-    hi = cam.flatten(1).amax(1)[:, None, None]
-    return (cam - lo) / (hi - lo).clamp_min(1e-12), target
+    maps = torch.from_numpy(maps).float().clamp_(0, 1).to(x.device)
+    return maps, target
+
+
+def _probe(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``module`` for the first sample (one forward pass)."""
+    out = {}
+    h = module.register_forward_hook(lambda _m, _i, o: out.__setitem__("o", o))
+    try:
+        with torch.no_grad():
+            model(x[:1].detach())
+    finally:
+        h.remove()
+    return out["o"]
 
 
 def _plt():
@@ -102,15 +251,16 @@ def _plt():
 
 
 def save_gradcam(model: nn.Module, image: torch.Tensor, display: torch.Tensor, out_path, target=None,
-                 layer: str | None = None) -> Path:
-    """Image, heatmap and overlay side by side as a PNG."""
+                 layer: str | None = None, method: str = "gradcam") -> Path:
+    """Image, heatmap and overlay side by side as a PNG (``method``: one of :data:`CAM_METHODS`)."""
     plt = _plt()
-    cam, target = grad_cam(model, image, target, layer)
+    method = cam_method(method)
+    cam, target = grad_cam(model, image, target, layer, method=method)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
     axes[0].imshow(display.numpy())
     axes[0].set_title("input")
     axes[1].imshow(cam[0].numpy(), cmap="jet", vmin=0, vmax=1)
-    axes[1].set_title(f"Grad-CAM ({layer or default_cam_layer(model)})")
+    axes[1].set_title(f"{_CAM_TITLES[method]} ({layer or default_cam_layer(model)})")
     axes[2].imshow(display.numpy())
     axes[2].imshow(cam[0].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
     axes[2].set_title(f"class {int(target[0])}")
