@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
                           epochs=cfg.schedule.epochs, schedule=cfg.schedule, grad_clip=cfg.optim.grad_clip,
                           epoch_setters=epoch_setters, extra_state={"best": best},
                           export=lambda d: export_model(accelerator, model, d, cfg.model, src.num_classes, dc,
-                                                        extra=export_extra))
+                                                        extra=export_extra, kind="adaptation"))
         grl = GRLSchedule(stage.total_steps, gamma=a.grl_gamma)  # lambda over optimizer steps
         stage.track(grl=grl)
         unwrapped = accelerator.unwrap_model(model)

@@ -17,10 +17,13 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from visrep.clip.loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
+from visrep.engine.config import from_dict, to_dict
 from visrep.engine.distributed import parameter_value
+from visrep.engine.export import export_kind, register_kind, write_export
 from visrep.errors import UserError
 from visrep.checks import check
 
@@ -425,39 +428,20 @@ class Tokenizer:
 # ----------------------------------------------------------------------------------------------
 def export_clip(accelerator, model: nn.Module, out_dir, cfg: ClipModelConfig, data_config: dict,
                 extra: Optional[dict] = None) -> None:
-    """Call on every rank; the main process writes ``model.safetensors`` and ``config.json``."""
-    from safetensors.torch import save_file
-
-    from visrep.engine.config import to_dict
-    from visrep.engine.io import atomic_write_json
-
-    from visrep.engine.export import full_state_dict
-
-    state = full_state_dict(accelerator, model)  # gathers ZeRO-3 shards
-    if not accelerator.is_main_process:
-        return
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    meta = {"library": "visrep", "kind": "clip", "model": to_dict(cfg), "data_config": to_dict(data_config)}
-    meta.update(extra or {})
-    atomic_write_json(out / "config.json", meta)
+    """Call on every rank; the main process writes ``model.safetensors`` and ``config.json`` (kind ``clip``)."""
+    write_export(accelerator, model, out_dir, "clip", {"model": to_dict(cfg), "data_config": to_dict(data_config),
+                                                       **(extra or {})})
 
 
 def load_clip(path) -> tuple[ClipModel, dict]:
     """Rebuild an exported CLIP model (no download: weights come from the export). Returns (model, config)."""
-    from safetensors.torch import load_file
-
-    from visrep.engine.config import from_dict
-
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise FileNotFoundError(f"'{path}' is not an exported visrep CLIP model (expected config.json and "
                                 f"model.safetensors, e.g. RUN_DIR/models/clip).")
     meta = json.loads(cfg_file.read_text())
-    if meta.get("kind") != "clip":
+    if export_kind(meta) != "clip":
         raise ValueError(f"'{path}' holds a {meta.get('kind', 'classifier')!r} export, not a CLIP model.")
     cfg = from_dict(ClipModelConfig, meta["model"])
     model = build_clip_model(cfg, image_size=meta.get("image_size"), in_chans=meta.get("in_chans", 3),
@@ -519,3 +503,6 @@ class FrozenClipTeacher(nn.Module):
         return {"image_features": F.normalize(m.encode_image(x).float(), dim=-1),
                 "text_features": F.normalize(m.encode_text(fit_context(tokens, self.context_length)).float(), dim=-1),
                 "logit_scale": m.logit_scale.exp().float()}
+
+
+register_kind("clip", load_clip)

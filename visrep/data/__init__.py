@@ -9,6 +9,7 @@ import torch
 
 from visrep.data.images import (CorruptImageError, EpochSampler, ImageDataset, build_transforms, collate, loader_options,
                                 decode_image, drop_unreadable)
+from visrep.data.digits_m import load_digits_m_splits  # also registers data.source 'digits_m'
 from visrep.data.sources import DataConfig, class_names, digits_arrays, load_splits
 
 
@@ -63,4 +64,4 @@ def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, bat
 
 __all__ = ["DataConfig", "ClassificationData", "CorruptImageError", "EpochSampler", "ImageDataset",
            "build_classification_data", "build_transforms", "class_names", "collate", "decode_image",
-           "digits_arrays", "drop_unreadable", "load_splits", "loader_options"]
+           "digits_arrays", "drop_unreadable", "load_digits_m_splits", "load_splits", "loader_options"]

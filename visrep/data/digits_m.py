@@ -20,14 +20,13 @@ labels, as for every source.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 
 import numpy as np
 
 from visrep.data.cache import cached_arrays
-from visrep.data.sources import DataConfig, digits_arrays, stratified_split
+from visrep.data.sources import DataConfig, digits_arrays, register_source, stratified_split
 
 PATCH_SEED = 1409_7495
 TRAIN_REGION = 0.7
@@ -108,11 +107,7 @@ def load_digits_m_splits(cfg: DataConfig, patch_seed: int = PATCH_SEED):
     return d
 
 
-def digits_splits(cfg: DataConfig):
-    """The plain ``digits`` source (same as ``load_splits`` with ``source='digits'``)."""
-    from visrep.data.sources import load_splits
-
-    return load_splits(dataclasses.replace(cfg, source="digits"))
+register_source("digits_m", load_digits_m_splits)
 
 
 __all__ = ["load_digits_m_splits", "digits_m_arrays", "split_indices", "blend", "cut_patch", "PATCH_SEED"]

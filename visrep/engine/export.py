@@ -3,40 +3,113 @@
 This is the form a finished stage leaves in ``RUN_DIR/models/STAGE`` and the form a later recipe
 (a distillation teacher, a fine-tuning start) loads back. Loading never unpickles: safetensors only,
 keys checked strictly.
+
+Every export is written by :func:`write_export` and its ``config.json`` names its ``kind``:
+``backbone`` (a zoo model, with or without a classifier), ``clip``, ``adaptation``, ... Each method
+registers how its kind is loaded (:func:`register_kind`, or an entry point in the group
+``visrep.kinds``); :func:`load_exported` and the Hub loaders dispatch on the kind and import no method.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from importlib.metadata import entry_points
+from typing import Any, Callable, Optional
 
 from torch import nn
 
 from visrep.engine.config import BackboneConfig, to_dict
 from visrep.engine.distributed import engine_precision, full_fp32_parameters, gathered, is_zero3
 from visrep.engine.io import atomic_write_json, is_writer
-from visrep.errors import MissingFileError
+from visrep.errors import MissingFileError, UserError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+KIND_ENTRY_POINTS = "visrep.kinds"
+
+
+def write_export(accelerator, model: Optional[nn.Module], out_dir: str | Path, kind: str, config: dict,
+                 prefix: Optional[str] = None, state: Optional[dict] = None) -> dict:
+    """The one exporter: ``out_dir/model.safetensors`` (the whole model's weights -- gathered from every
+    rank's shards and, under DeepSpeed bf16/fp16, the fp32 masters -- or only the keys under ``prefix``,
+    which is stripped) and ``out_dir/config.json`` (``{"kind": kind, "library": "visrep", **config}``).
+    Call on every rank; the writing process writes. ``state``: an already gathered state dict. Returns
+    the gathered state (empty where nothing is written under ZeRO-3), for a second export of a part."""
+    from safetensors.torch import save_file
+
+    state = full_state_dict(accelerator, model) if state is None else state
+    if not is_writer(accelerator):
+        return state
+    tensors = {k[len(prefix or ""):]: v.detach().to("cpu").contiguous() for k, v in state.items()
+               if prefix is None or k.startswith(prefix)}
+    if not tensors:
+        raise KeyError(f"no parameters under '{prefix}' in the model's state dict")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    atomic_write_json(out / CONFIG_NAME, {"kind": kind, "library": "visrep", **config})
+    return state
+
+
+def backbone_config(backbone: BackboneConfig, num_classes: int, data_config: dict) -> dict:
+    """What rebuilds a zoo model: architecture, head, stem and builder kwargs, and its data config."""
+    return {"architecture": backbone.name, "num_classes": int(num_classes), "small_input": backbone.small_input,
+            "kwargs": to_dict(backbone.kwargs), "data_config": to_dict(data_config)}
 
 
 def export_model(accelerator, model: nn.Module, out_dir: str | Path, backbone: BackboneConfig, num_classes: int,
-                 data_config: dict, extra: Optional[dict] = None) -> None:
-    """Call on every rank (DeepSpeed ZeRO-3 gathers the shards); the main process writes."""
-    from safetensors.torch import save_file
+                 data_config: dict, extra: Optional[dict] = None, kind: str = "backbone") -> None:
+    """A zoo model (``kind`` backbone) or a model built around one (``extra`` describes the rest). Call on
+    every rank (DeepSpeed ZeRO-3 gathers the shards); the main process writes."""
+    write_export(accelerator, model, out_dir, kind, {**backbone_config(backbone, num_classes, data_config),
+                                                     **(extra or {})})
 
-    state = full_state_dict(accelerator, model)
-    if not is_writer(accelerator):
-        return
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    cfg = {"architecture": backbone.name, "num_classes": int(num_classes), "small_input": backbone.small_input,
-           "kwargs": to_dict(backbone.kwargs), "data_config": to_dict(data_config), "library": "visrep"}
-    cfg.update(extra or {})
-    atomic_write_json(out / CONFIG_NAME, cfg)
+
+# ----------------------------------------------------------------------------------------------
+# Kinds
+# ----------------------------------------------------------------------------------------------
+_KINDS: dict[str, Callable[[Path], tuple[nn.Module, dict]]] = {}
+
+
+def register_kind(kind: str, loader: Callable[[Path], tuple[nn.Module, dict]]) -> None:
+    """Exports whose ``config.json`` says ``kind`` are loaded with ``loader(path) -> (model, config)``."""
+    _KINDS[kind] = loader
+
+
+def export_kind(config: dict) -> str:
+    """The ``kind`` of an export's config (exports written before the key: adaptation models by their
+    ``model_type``, everything else a backbone)."""
+    vis = config.get("visrep", config)
+    if vis.get("model_type") == "AdaptationModel":  # the marker adaptation exports have always carried
+        return "adaptation"
+    return str(vis.get("kind") or "backbone")
+
+
+def kind_loader(kind: str) -> Callable[[Path], tuple[nn.Module, dict]]:
+    """The registered loader of ``kind`` (installed packages' entry points included)."""
+    if kind not in _KINDS:
+        for ep in entry_points(group=KIND_ENTRY_POINTS):
+            if ep.name == kind:
+                _KINDS[kind] = ep.load()
+                break
+    if kind not in _KINDS:
+        raise UserError(f"no loader is registered for exports of kind '{kind}' (known: {', '.join(sorted(_KINDS))}). "
+                        f"Import the package that wrote it, or install it.")
+    return _KINDS[kind]
+
+
+def load_exported(path: str | Path, kind: Optional[str] = None) -> tuple[nn.Module, dict]:
+    """Rebuild any export from its directory, dispatching on its kind; ``kind`` given: refuse another
+    kind with a message naming both."""
+    found = export_kind(read_model_config(path))
+    if kind is not None and found != kind:
+        raise WrongKindError(f"'{path}' holds a '{found}' model, not a '{kind}' model; load it with "
+                             f"visrep.engine.export.load_exported('{path}').")
+    return kind_loader(found)(Path(path))
+
+
+class WrongKindError(UserError, ValueError):
+    """An export of another kind than the one asked for."""
 
 
 def full_state_dict(accelerator, model: nn.Module) -> dict:
@@ -98,3 +171,6 @@ def load_model(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict]:
     model = create_backbone(cfg["architecture"], num_classes=cfg["num_classes"], small_input=cfg.get("small_input", False),
                             checkpoint=str(weights), **kwargs)
     return model, cfg
+
+
+register_kind("backbone", load_model)

@@ -4,15 +4,19 @@ looks at target labels."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from visrep.data.images import EpochIndex, EpochSampler, collate, epoch_of, loader_options, sample_seed
 from visrep.engine.distributed import gathered
+from visrep.engine.export import WEIGHTS_NAME, WrongKindError, export_kind, read_model_config, register_kind
 from visrep.transfer.align import DomainDiscriminator, grad_reverse
+from visrep.zoo import create_backbone
 
 
 class AdaptationModel(nn.Module):
@@ -138,21 +142,18 @@ class BestOnSourceVal:
 
 
 def load_adaptation_model(path) -> tuple[AdaptationModel, dict]:
-    """Rebuild an ``AdaptationModel`` exported by ``recipes/adapt.py`` (``RUN_DIR/models/adapt``)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from visrep.engine.export import CONFIG_NAME, WEIGHTS_NAME, read_model_config
-    from visrep.zoo import create_backbone
-
+    """Rebuild an ``AdaptationModel`` exported by ``recipes/adapt.py`` (``RUN_DIR/models/adapt``, kind
+    ``adaptation``)."""
     path = Path(path)
     cfg = read_model_config(path)
-    if cfg.get("model_type") != "AdaptationModel":
-        raise ValueError(f"'{path}' holds a plain zoo model, not an adaptation model; use "
-                         f"visrep.engine.export.load_model (its {CONFIG_NAME} has no model_type)")
+    if export_kind(cfg) != "adaptation":
+        raise WrongKindError(f"'{path}' holds a '{export_kind(cfg)}' model, not an adaptation model; load it "
+                             f"with visrep.engine.export.load_exported('{path}').")
     backbone = create_backbone(cfg["architecture"], num_classes=0, small_input=cfg.get("small_input", False),
                                **(cfg.get("kwargs") or {}))
     model = AdaptationModel(backbone, cfg["num_classes"], cfg["bottleneck_dim"], cfg.get("discriminator_hidden"))
     model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
     return model, cfg
+
+
+register_kind("adaptation", load_adaptation_model)

@@ -21,11 +21,12 @@ from .registry import (
     list_backbones,
     load_checkpoint,
     register_backbone,
+    register_prefix,
     save_checkpoint,
 )
 
 __all__ = [
-    "create_backbone", "list_backbones", "get_data_config", "register_backbone", "get_backbone_entry",
+    "create_backbone", "list_backbones", "get_data_config", "register_backbone", "register_prefix", "get_backbone_entry",
     "BackboneEntry", "PretrainedWeightsUnavailable", "CheckpointMismatchError", "FeatureExtractor",
     "load_checkpoint", "save_checkpoint", "FPN", "UNet",
 ]

@@ -14,7 +14,7 @@ from functools import partial
 
 from .cifar_resnet import CifarResNet
 from .classic import GoogLeNet, ZFNet
-from .registry import register_backbone
+from .entries import register_backbone
 from .timm_backbones import create_timm_backbone
 
 _HE2015 = "He et al., Deep Residual Learning for Image Recognition, 2015, arXiv:1512.03385"

@@ -17,13 +17,13 @@ import socket
 import time
 import urllib.error
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
 import torch.nn as nn
 
+from .entries import _REGISTRY, BackboneEntry, register_backbone
 from .errors import CheckpointMismatchError, PretrainedWeightsUnavailable, UnknownBackboneError
 from .features import FeatureExtractor
 
@@ -31,39 +31,34 @@ __all__ = ["BackboneEntry", "register_backbone", "create_backbone", "list_backbo
            "get_data_config", "load_checkpoint", "save_checkpoint"]
 
 
-@dataclass(frozen=True)
-class BackboneEntry:
-    """A registered backbone: ``builder(num_classes=, in_chans=, small_input=, pretrained=, **kw)``."""
-    name: str
-    builder: Callable[..., nn.Module]
-    source: str = "visrep"       # "visrep" (written here), "timm" or "tv"
-    target: str | None = None    # the model's name in its source library
-    description: str = ""
-    pretrained: bool = False     # whether ``pretrained=True`` can load anything
-    paper: str = ""
-    tags: tuple = field(default_factory=tuple)
+_PREFIXES: dict[str, Callable[..., nn.Module]] = {}
+PREFIX_ENTRY_POINTS = "visrep.zoo_prefixes"
 
 
-_REGISTRY: dict[str, BackboneEntry] = {}
+def register_prefix(prefix: str, loader: Callable[..., nn.Module]) -> None:
+    """Names starting with ``prefix`` (e.g. ``"hf-hub:"``) are built by ``loader(name, num_classes=...,
+    in_chans=..., small_input=..., features_only=..., out_indices=..., **kwargs)``. The zoo imports
+    nothing of ours: code that can load such names registers here, or declares an entry point in the
+    group ``visrep.zoo_prefixes`` (name: the prefix without its colon) so that installed packages work
+    without being imported first."""
+    _PREFIXES[prefix] = loader
 
 
-def register_backbone(name: str, builder: Callable[..., nn.Module] | None = None, *, source: str = "visrep",
-                      target: str | None = None, description: str = "", pretrained: bool = False,
-                      paper: str = "", tags=(), overwrite: bool = False):
-    """Register ``builder`` under ``name``; usable as a decorator (``@register_backbone("mynet")``).
+def _prefix_loader(name: str):
+    """(prefix, loader) for a name with a registered prefix, else None."""
+    for prefix, loader in _PREFIXES.items():
+        if name.startswith(prefix):
+            return prefix, loader
+    if ":" not in name:
+        return None
+    from importlib.metadata import entry_points
 
-    The builder is called as ``builder(num_classes=..., in_chans=..., small_input=..., **kwargs)``
-    (plus ``pretrained=True`` when asked and the entry declares ``pretrained=True``) and must return
-    a module that follows the zoo contract (see ``visrep.zoo``).
-    """
-    def _add(fn):
-        if name in _REGISTRY and not overwrite:
-            raise KeyError(f"backbone {name!r} is already registered (pass overwrite=True to replace it)")
-        desc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
-        _REGISTRY[name] = BackboneEntry(name, fn, source, target or name, desc, pretrained, paper, tuple(tags))
-        return fn
-
-    return _add(builder) if builder is not None else _add
+    for ep in entry_points(group=PREFIX_ENTRY_POINTS):
+        prefix = ep.name + ":"
+        if name.startswith(prefix):
+            _PREFIXES[prefix] = ep.load()
+            return prefix, _PREFIXES[prefix]
+    return None
 
 
 def _ensure_builtin():
@@ -264,20 +259,12 @@ def create_backbone(name: str, pretrained: bool = False, num_classes: int = 0, i
     ``features_only``: a ``FeatureExtractor`` returning the feature maps of ``out_indices``.
     Extra ``kwargs`` go to the builder (timm kwargs such as ``drop_rate``, ``img_size``; ``width``).
     """
-    if name.startswith("hf-hub:"):
+    found = _prefix_loader(name)
+    if found is not None:  # e.g. hf-hub:USER/REPO, registered by the code that knows the Hub
         if pretrained or checkpoint is not None:
-            raise ValueError(f"{name!r} loads its own weights from the Hub; drop pretrained=/checkpoint=")
-        # The one place the zoo reaches outside itself, lazily: Hub loading lives with the Hub code.
-        from visrep.launch.hub import load_backbone_from_hub
-
-        extra = dict(kwargs)
-        if num_classes:  # 0 keeps the pushed head; K != saved -> reset_classifier(K)
-            extra["num_classes"] = num_classes
-        if in_chans != 3:
-            extra["in_chans"] = in_chans
-        if small_input:
-            extra["small_input"] = True
-        return load_backbone_from_hub(name, features_only=features_only, out_indices=out_indices, **extra)
+            raise ValueError(f"{name!r} loads its own weights ({found[0]} names); drop pretrained=/checkpoint=")
+        return found[1](name, num_classes=num_classes, in_chans=in_chans, small_input=small_input,
+                        features_only=features_only, out_indices=out_indices, **kwargs)
     entry = get_backbone_entry(name)
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True or checkpoint=..., not both")
