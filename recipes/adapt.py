@@ -40,7 +40,7 @@ from visrep.engine import (BackboneConfig, OptimConfig, RecipeConfig, Run, Sched
 from visrep.engine.export import export_model
 from visrep.errors import main_entry
 from visrep.launch import finish_run
-from visrep.transfer import (AdaptationModel, BestOnSourceVal, CoralLoss, GRLSchedule, MultiKernelMMDLoss,
+from visrep.transfer import (AdaptationModel, BestOnValidation, CoralLoss, GRLSchedule, MultiKernelMMDLoss,
                              domain_adversarial_loss, paired_loader)
 from visrep.zoo import create_backbone, get_data_config
 
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
         model, optimizer, train_loader, val_loader, src_test_loader, tgt_test_loader = run.prepare(
             model, optimizer, train_loader, src.val_loader, src.test_loader, tgt.test_loader,
             grad_clip=cfg.optim.grad_clip)
-        best = BestOnSourceVal()
+        best = BestOnValidation()
         align = {"mmd": MultiKernelMMDLoss(a.mmd_multipliers, a.mmd_heuristic, a.sync, same_size=True),
                  "coral": CoralLoss(a.sync, same_size=True)}.get(cfg.method)  # drop_last: equal batches
         weight = {"dann": a.dann_weight, "mmd": a.mmd_weight, "coral": a.coral_weight}.get(cfg.method, 0.0)

@@ -26,6 +26,7 @@ from visrep.clip import (ClipModelConfig, ContrastiveLoss, FrozenClipTeacher, bu
                          contrastive_step, create_open_clip, evaluate_clip, export_clip, get_tokenizer,
                          image_data_config, load_clip)
 from visrep.data.pairs import PairsConfig, build_pair_data
+from visrep.distill import KDConfig
 from visrep.engine import OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer, count_parameters
 from visrep.errors import main_entry
 from visrep.launch import finish_run
@@ -42,8 +43,10 @@ class ClipMethodConfig:
 
 
 @dataclasses.dataclass
-class ClipTeacherConfig:
-    """CLIP-to-CLIP distillation: loss = (1 - kd_weight) * contrastive + kd_weight * KD(student, teacher)."""
+class ClipTeacherConfig(KDConfig):
+    """CLIP-to-CLIP distillation: loss = (1 - kd_weight) * contrastive + kd_weight * KD(student, teacher),
+    the KD term soft targets over the batch at ``temperature`` (``visrep.distill.KDConfig``: weights and
+    temperature are defined there once; the targets are always soft, and labels are never used)."""
 
     source: Literal["none", "checkpoint", "open_clip"] = "none"
     checkpoint: Optional[str] = None
@@ -58,8 +61,8 @@ class ClipTeacherConfig:
     temperature: float = 1.0
 
     def validate(self, prefix: str) -> None:
-        check(0.0 <= self.kd_weight <= 1.0, f"{prefix}kd_weight", self.kd_weight, "a number in [0, 1]")
-        check(self.temperature > 0, f"{prefix}temperature", self.temperature, "a positive number")
+        super().validate(prefix)
+        check(self.targets == "soft", f"{prefix}targets", self.targets, "'soft' (CLIP distils similarity distributions)")
         check(self.source != "checkpoint" or bool(self.checkpoint), f"{prefix}checkpoint", self.checkpoint,
               "an exported CLIP model directory when teacher.source is 'checkpoint'")
         check(self.source != "open_clip" or bool(self.name), f"{prefix}name", self.name,

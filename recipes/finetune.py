@@ -38,7 +38,7 @@ from visrep.engine import (OptimConfig, RecipeConfig, Run, ScheduleConfig, build
 from visrep.launch import finish_run
 from visrep.engine.distributed import require
 from visrep.engine.export import export_model, load_model
-from visrep.transfer import (L2SP, BestOnSourceVal, FreezeConfig, GradualUnfreezer, freeze,
+from visrep.transfer import (L2SP, BestOnValidation, FreezeConfig, GradualUnfreezer, freeze,
                              layer_decay_param_groups, set_trainable)
 from visrep.transfer.finetune import num_stages
 from visrep.transfer.loading import InitConfig, build_start_model
@@ -100,35 +100,35 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
                 optim_cfg: OptimConfig, epochs: int, export_bb, unfreezer: Optional[GradualUnfreezer] = None,
                 l2sp: Optional[L2SP] = None) -> tuple[torch.nn.Module, dict]:
     """Train ``model`` on ``data`` with cross-entropy (+ L2-SP), keep the epoch best on ``data``'s val split."""
-    acc = run.accelerator
+    accelerator = run.accelerator
     dc = get_data_config(model)
     optimizer = build_optimizer(params, optim_cfg)
     model, optimizer, train_loader, val_loader, test_loader = run.prepare(
         model, optimizer, data.train_loader, data.val_loader, data.test_loader, grad_clip=optim_cfg.grad_clip)
-    best = BestOnSourceVal()
+    best = BestOnValidation()
     extra = {"best": best, "unfreeze": unfreezer, "l2sp": l2sp}
     stage = run.stage(name, model=model, optimizer=optimizer, train_loader=train_loader, epochs=epochs,
                       schedule=cfg.schedule, grad_clip=optim_cfg.grad_clip,
                       epoch_setters=tuple(data.epoch_setters) + ((unfreezer,) if unfreezer else ()),
                       extra_state={k: v for k, v in extra.items() if v is not None},
-                      export=lambda d: export_model(acc, model, d, export_bb, data.num_classes, dc))
-    unwrapped = acc.unwrap_model(model)
+                      export=lambda d: export_model(accelerator, model, d, export_bb, data.num_classes, dc))
+    unwrapped = accelerator.unwrap_model(model)
 
     for epoch in stage.epochs():
         model.train()  # frozen BatchNorm layers stay in eval mode
         for x, y in stage.batches():
-            with acc.accumulate(model):
+            with accelerator.accumulate(model):
                 ce = F.cross_entropy(model(x).float(), y)
                 metrics = {}
                 loss = ce
                 if l2sp is not None:
                     metrics["l2sp"] = reg = l2sp(unwrapped)
                     loss = ce + reg
-                acc.backward(loss)
+                accelerator.backward(loss)
                 if unfreezer is not None:
                     unfreezer.mask_grads()  # still-frozen stages: no update
             stage.optimizer_step(loss, ce=ce, **metrics)
-        val = evaluate_classifier(model, val_loader, acc)
+        val = evaluate_classifier(model, val_loader, accelerator)
         best.update(unwrapped, val["top1"], epoch + 1)
         extra_log = {"trainable_from_stage": unfreezer.lowest_trainable(epoch)} if unfreezer else {}
         stage.epoch_done(val_acc=val["top1"], val_loss=val["loss"], **extra_log)
@@ -136,8 +136,8 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
     results = None
     if not stage.done:
         best.restore(unwrapped)
-        results = {"val_acc": evaluate_classifier(model, val_loader, acc)["top1"],
-                   "test_acc": evaluate_classifier(model, test_loader, acc)["top1"],
+        results = {"val_acc": evaluate_classifier(model, val_loader, accelerator)["top1"],
+                   "test_acc": evaluate_classifier(model, test_loader, accelerator)["top1"],
                    "selected_epoch": best.best_epoch,
                    "trainable_params": count_parameters(unwrapped, trainable_only=True)}
     results = stage.finish(results)
@@ -147,23 +147,23 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
     return model, results
 
 
-def refuse_under_deepspeed(cfg: FinetuneRecipeConfig, acc) -> None:
+def refuse_under_deepspeed(cfg: FinetuneRecipeConfig, accelerator) -> None:
     """What DeepSpeed cannot do here, refused before any training."""
     ft = cfg.finetune
     if ft.strategy == "gradual":  # drops the gradients of still-frozen stages before the optimizer step
-        require(acc, "gradient_surgery", "finetune.strategy 'gradual'",
+        require(accelerator, "gradient_surgery", "finetune.strategy 'gradual'",
                 "Under DeepSpeed use --finetune.strategy lp_ft or full; or unfreeze gradually under DDP "
                 "(without --use_deepspeed).")
     if ft.l2sp_alpha or ft.l2sp_beta:  # a penalty on whole parameters, outside the model's forward
-        require(acc, "whole_parameters", "L2-SP (finetune.l2sp_alpha / l2sp_beta)",
+        require(accelerator, "whole_parameters", "L2-SP (finetune.l2sp_alpha / l2sp_beta)",
                 "Under ZeRO-3 set --finetune.l2sp-alpha 0 --finetune.l2sp-beta 0 (weight decay instead); or use "
                 "ZeRO-1/2 (--zero_stage 2) or DDP.")
 
 
 def main(argv=None) -> dict:
     with Run.from_cli(FinetuneRecipeConfig, "finetune", argv, PRESETS / "finetune_digits.yaml", __doc__) as run:
-        cfg, acc, ft = run.cfg, run.accelerator, run.cfg.finetune
-        refuse_under_deepspeed(cfg, acc)
+        cfg, accelerator, ft = run.cfg, run.accelerator, run.cfg.finetune
+        refuse_under_deepspeed(cfg, accelerator)
         bs, ebs, nw = cfg.run.batch_size, cfg.run.eval_batch_size, cfg.run.num_workers
 
         # ---- target data (the label budget is data.label_fraction) --------------------------------
@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
             "trainable_params": ft_res.get("trainable_params"),
             "selected_epoch": ft_res.get("selected_epoch"),
             "wall_s": sum(r.get("wall_time", 0.0) for r in (source_res, probe_res, ft_res, scratch_res) if r),
-            "num_processes": acc.num_processes,
+            "num_processes": accelerator.num_processes,
         }
         if ft.strategy == "linear_probe":
             results["target_val_acc"] = probe_res["val_acc"]

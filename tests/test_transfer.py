@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from visrep.engine import OptimConfig, ScheduleConfig, StepSchedule, build_optimizer
-from visrep.transfer import (L2SP, AdaptationModel, BestOnSourceVal, GradualUnfreezer, GRLSchedule,
+from visrep.transfer import (L2SP, AdaptationModel, BestOnValidation, GradualUnfreezer, GRLSchedule,
                              PairedDataset, coral, dann_lambda, domain_adversarial_loss, freeze, grad_reverse,
                              is_locked, layer_decay_param_groups, mk_mmd, param_stage_ids, stage_names)
 from visrep.transfer.align import bandwidth_heuristic
@@ -227,9 +227,9 @@ def test_adaptation_model_forward_and_best_keeper():
     assert out["domain_s"].shape == (4, 1) and out["domain_t"].shape == (3, 1)
     model.eval()
     assert model(xs).shape == (4, 10)
-    keep = BestOnSourceVal()
+    keep = BestOnValidation()
     assert keep.update(model, 0.5, 1) and not keep.update(model, 0.4, 2)
-    other = BestOnSourceVal()
+    other = BestOnValidation()
     other.load_state_dict(keep.state_dict())
     assert other.best_epoch == 1 and other.weights.keys() == model.state_dict().keys()
 

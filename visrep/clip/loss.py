@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from visrep.distill import soft_target_kd_loss
 from visrep.engine.distributed import (all_gather_no_grad, all_gather_with_grad, clamp_parameter_, dist_info, gather_rows,
                                        reduce_scatter_rows)
 
@@ -169,8 +170,6 @@ def clip_distill_loss(student: tuple, teacher: tuple, temperature: float = 1.0, 
 
     ``student`` and ``teacher`` are ``(image_features, text_features, logit_scale)``; each model
     uses its own learned scale, the teacher is constant."""
-    from visrep.distill import soft_target_kd_loss
-
     s_i, s_t = gathered_logits(*student, gather=gather, grad=True)
     with torch.no_grad():
         t_i, t_t = gathered_logits(*teacher, gather=gather, grad=False)

@@ -26,6 +26,8 @@ from visrep.engine.distributed import parameter_value
 from visrep.engine.export import export_kind, register_kind, write_export
 from visrep.errors import UserError
 from visrep.checks import check
+from visrep.distill.teacher import FrozenTeacher
+from visrep.zoo import create_backbone, get_data_config
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -340,8 +342,6 @@ def build_clip_model(cfg: ClipModelConfig, image_size: Optional[int] = None, in_
                      load_pretrained: bool = True) -> ClipModel:
     """Build both towers. ``load_pretrained=False`` ignores the pretrained tags (the weights come from
     an export instead)."""
-    from visrep.zoo import create_backbone
-
     shared = {}
 
     def oc(name, pretrained, size):
@@ -375,7 +375,6 @@ def image_data_config(model: ClipModel) -> dict:
     tower = model.image_tower
     if isinstance(tower, OpenClipImage):
         return dict(tower.data_config)
-    from visrep.zoo import get_data_config
 
     return dict(get_data_config(tower))
 
@@ -472,34 +471,20 @@ def fit_context(tokens: torch.Tensor, length: int) -> torch.Tensor:
     return out
 
 
-class FrozenClipTeacher(nn.Module):
+class FrozenClipTeacher(FrozenTeacher):
     """A CLIP model (ours or open_clip's: anything with ``encode_image``, ``encode_text`` and
-    ``logit_scale``) frozen in eval mode, seeing the student's batch: images re-normalised from the
-    student's mean/std to its own (and resized when its input size differs), tokens fitted to its
-    context length. Not wrapped by DDP: it has no gradient to sync."""
+    ``logit_scale``) as a :class:`visrep.distill.FrozenTeacher`: frozen in eval mode, seeing the
+    student's batch -- images re-normalised from the student's mean/std to its own and resized when its
+    input size differs -- with the tokens fitted to its context length. Not wrapped by DDP."""
 
     def __init__(self, model: nn.Module, student_dc: dict, teacher_dc: dict, image_size: Optional[int] = None):
-        super().__init__()
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.image_size = image_size
+        super().__init__(model, student_dc["mean"], student_dc["std"], teacher_dc["mean"], teacher_dc["std"],
+                         image_size=image_size)
         self.context_length = int(getattr(model, "context_length", 77))
-        sm, ss = (torch.tensor(student_dc[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
-        tm, ts = (torch.tensor(teacher_dc[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
-        self.register_buffer("scale", ss / ts, persistent=False)
-        self.register_buffer("shift", (sm - tm) / ts, persistent=False)
-
-    def train(self, mode: bool = True):
-        super().train(False)
-        return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
-        x = images.float() * self.scale + self.shift
-        if self.image_size and x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        m = self.model
+        m, x = self.model, self.inputs(images.float())
         return {"image_features": F.normalize(m.encode_image(x).float(), dim=-1),
                 "text_features": F.normalize(m.encode_text(fit_context(tokens, self.context_length)).float(), dim=-1),
                 "logit_scale": m.logit_scale.exp().float()}

@@ -31,6 +31,7 @@ import torch
 
 from visrep.data.images import (EpochSampler, build_transforms, decode_image, drop_unreadable, loader_options,
                                 epoch_of, sample_seed)
+from visrep.data.sources import DataConfig, load_splits
 from visrep.errors import DataError, MissingFileError, MissingKeyError
 from visrep.checks import check
 
@@ -47,31 +48,21 @@ GENERIC_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}
 
 
 @dataclasses.dataclass
-class PairsConfig:
+class PairsConfig(DataConfig):
+    """Image-text pairs: :class:`DataConfig` (where the images come from, splits, size, augmentation)
+    plus the captions and prompt templates. ``label_fraction`` does not apply (captions are the labels)."""
+
     source: Literal["digits", "hf", "folder"] = "digits"
     """digits: embedded, no download; hf: datasets.load_dataset(name, hf_config); folder: data_dir + captions file."""
-    name: Optional[str] = None
-    hf_config: Optional[str] = None
-    data_dir: Optional[str] = None
     captions_file: Optional[str] = None
     """folder: the captions file, relative to data_dir (default: the first of captions.jsonl,
     captions.csv, metadata.jsonl, metadata.csv found there)."""
-    image_column: str = "image"
     caption_column: str = "caption"
     label_column: Optional[str] = None
     """hf / folder: a class column enables zero-shot evaluation (digits: always)."""
-    train_split: str = "train"
-    val_split: Optional[str] = "validation"
     test_split: Optional[str] = "test"
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    """Held out of train (seeded) when the source lacks the split."""
-    split_seed: int = 0
     image_size: int = 16
-    channels: Literal[1, 3] = 3
     hflip: float = 0.0
-    augment: Literal["none", "light", "strong"] = "light"
-    on_corrupt: Literal["error", "skip"] = "error"
     zero_shot_templates: list[str] = dataclasses.field(default_factory=list)
     """Prompt templates with one {} for the class name; empty: the held-out digit templates (digits)
     or a generic photo set."""
@@ -81,12 +72,11 @@ class PairsConfig:
     """digits: held-out caption templates for val/test captions; empty: DIGIT_EVAL_TEMPLATES."""
 
     def validate(self, prefix: str) -> None:
-        check(self.image_size >= 8, f"{prefix}image_size", self.image_size, "an integer >= 8")
-        check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
-              f"{prefix}val_fraction", (self.val_fraction, self.test_fraction),
+        super().validate(prefix)
+        check(self.val_fraction + self.test_fraction < 1, f"{prefix}val_fraction", (self.val_fraction, self.test_fraction),
               "val_fraction and test_fraction in (0, 1), summing to less than 1")
-        check(self.source != "hf" or bool(self.name), f"{prefix}name", self.name,
-              "a Hugging Face dataset name when data.source is 'hf'")
+        check(self.label_fraction == 1.0, f"{prefix}label_fraction", self.label_fraction,
+              "1.0 (image-text pairs have no label budget)")
         check(self.source != "folder" or bool(self.data_dir), f"{prefix}data_dir", self.data_dir,
               "a directory with images and a captions file when data.source is 'folder'")
         for key in ("zero_shot_templates", "train_templates", "eval_templates"):
@@ -114,8 +104,6 @@ class PairSplits:
 # Sources
 # ----------------------------------------------------------------------------------------------
 def _digits(cfg: PairsConfig) -> PairSplits:
-    from visrep.data.sources import DataConfig, load_splits
-
     d = load_splits(DataConfig(source="digits", image_size=cfg.image_size, channels=cfg.channels,
                                val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                                split_seed=cfg.split_seed))

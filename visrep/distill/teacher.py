@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,14 +16,17 @@ class FrozenTeacher(nn.Module):
 
     It takes the student's batch as is -- the same augmented images -- and, when teacher and student
     expect different normalisation, maps ``x`` from the student's (mean, std) to the teacher's:
-    ``x_t = (x * std_s + mean_s - mean_t) / std_t``.
+    ``x_t = (x * std_s + mean_s - mean_t) / std_t``; with ``image_size`` set, images of another size
+    are resized (bilinear) to it. A teacher of another interface (CLIP's two towers) subclasses this and
+    overrides ``forward``, calling :meth:`inputs` on the images.
     """
 
     def __init__(self, model: nn.Module, student_mean: Optional[Sequence[float]] = None,
                  student_std: Optional[Sequence[float]] = None, teacher_mean: Optional[Sequence[float]] = None,
-                 teacher_std: Optional[Sequence[float]] = None):
+                 teacher_std: Optional[Sequence[float]] = None, image_size: Optional[int] = None):
         super().__init__()
         self.model = model
+        self.image_size = image_size
         self.model.requires_grad_(False)
         self.adapt = None not in (student_mean, student_std, teacher_mean, teacher_std) and (
             tuple(student_mean) != tuple(teacher_mean) or tuple(student_std) != tuple(teacher_std))
@@ -36,8 +40,14 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's images as the teacher expects them: re-normalised, resized."""
         if self.adapt:
             x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
-        return self.model(x)
+        if self.image_size and x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.inputs(x))

@@ -25,6 +25,7 @@ import dacite
 import yaml
 
 from visrep.checks import ConfigError, check
+from visrep.engine.io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -353,8 +354,6 @@ def parse_config(cls: type[T], argv: Optional[Sequence[str]] = None, default_pre
 
 def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config atomically."""
-    from visrep.engine.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

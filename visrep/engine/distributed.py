@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from visrep.checks import ConfigError
+
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) without one."""
@@ -220,8 +222,6 @@ CAPABILITIES = {
 def require(accelerator, capability: str, feature: str, instead: str) -> None:
     """Refuse ``feature`` (what the config asked for, naming its key) before any training when the run's
     engine lacks ``capability`` (:data:`CAPABILITIES`); ``instead`` says what to use."""
-    from visrep.checks import ConfigError
-
     stages, why = CAPABILITIES[capability]
     stage = zero_stage(accelerator)
     if stage in stages:

@@ -22,6 +22,7 @@ from visrep.engine.config import BackboneConfig, to_dict
 from visrep.engine.distributed import engine_precision, full_fp32_parameters, gathered, is_zero3
 from visrep.engine.io import atomic_write_json, is_writer
 from visrep.errors import MissingFileError, UserError
+from visrep.zoo import create_backbone
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -159,8 +160,6 @@ def read_model_config(path: str | Path) -> dict:
 
 def load_model(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict]:
     """Rebuild an exported model with the zoo and load its weights strictly. Returns (model, config)."""
-    from visrep.zoo import create_backbone
-
     path = Path(path)
     cfg = read_model_config(path)
     weights = path / WEIGHTS_NAME

@@ -36,9 +36,10 @@ from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, P
 from visrep.engine.checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, newest_intact, verify,
                                      write_dir_atomically)
 from visrep.engine.config import RunConfig, ScheduleConfig, diff_configs, parse_config, save_yaml, to_dict
-from visrep.engine.io import atomic_write_json, is_writer
-from visrep.engine.optim import StepSchedule
 from visrep.engine.distributed import configure_engine, deepspeed_on_cpu, engine_precision
+from visrep.engine.export import load_full_state_dict
+from visrep.engine.io import atomic_write_json, atomic_write_text, is_writer
+from visrep.engine.optim import StepSchedule
 from visrep.engine.precision import autocast, cast_inputs_to_engine, fp32_norm_layers, resolve_mixed_precision
 from visrep.engine.preempt import StopRequest
 from visrep.errors import CheckpointError, Preempted, UserError
@@ -120,8 +121,6 @@ def truncate_metrics(path: Path, stage: str, after_step: int) -> None:
         if rec.get("stage") == stage and (rec.get("stage_step") or 0) > after_step:
             continue
         keep.append(line)
-    from visrep.engine.io import atomic_write_text
-
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
@@ -697,8 +696,6 @@ class Stage:
         report it and return False: the stage then resumes from its last intact checkpoint (the one
         written at its end) and is exported again."""
         from safetensors.torch import load_file
-
-        from visrep.engine.export import load_full_state_dict
 
         reason = self._on_main(lambda: verify(self.model_dir))
         if reason is not None:

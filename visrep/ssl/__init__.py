@@ -9,14 +9,14 @@ from visrep.ssl.ema import EMAUpdater, cosine_tau
 from visrep.ssl.evaluate import (SSLEvalConfig, evaluate_representation, extract_features, knn_accuracy,
                                  knn_predict, linear_eval)
 from visrep.ssl.export import export_backbone, export_byol
-from visrep.ssl.heads import BYOL, BYOLConfig, MLPHead, PredictionHead, ProjectionHead
-from visrep.ssl.loss import BYOLLoss, byol_loss, normalized_std, regression_loss
+from visrep.ssl.heads import BYOL, BYOLConfig, MLPHead
+from visrep.ssl.loss import byol_loss, normalized_std, regression_loss
 from visrep.ssl.optim import LARS, SSLOptimConfig, build_ssl_optimizer, scaled_lr, ssl_param_groups
 from visrep.ssl.transforms import (BatchedBYOLAugment, SSLAugmentConfig, TwoViews, base_transform, batch_seed,
                                    byol_transforms, byol_view_transform)
 
 __all__ = [
-    "BYOL", "BYOLConfig", "MLPHead", "ProjectionHead", "PredictionHead", "byol_loss", "BYOLLoss", "regression_loss",
+    "BYOL", "BYOLConfig", "MLPHead", "byol_loss", "regression_loss",
     "normalized_std", "EMAUpdater", "cosine_tau", "LARS", "SSLOptimConfig", "build_ssl_optimizer",
     "scaled_lr", "ssl_param_groups", "SSLAugmentConfig", "TwoViews", "byol_transforms", "byol_view_transform",
     "BatchedBYOLAugment", "base_transform", "batch_seed", "SSLEvalConfig", "extract_features", "knn_predict",

@@ -32,10 +32,6 @@ class MLPHead(nn.Sequential):
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
 
 
-ProjectionHead = MLPHead
-PredictionHead = MLPHead
-
-
 class BYOL(nn.Module):
     """Online network (backbone f, projector g, predictor q), target network (f', g': an EMA copy
     of f and g, never trained by gradients), and an online linear probe on detached features.

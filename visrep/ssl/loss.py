@@ -31,13 +31,6 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1_target: torch.Tensor, z2_ta
     return (regression_loss(p1, z2_target) + regression_loss(p2, z1_target)).mean()
 
 
-class BYOLLoss(torch.nn.Module):
-    """Module form of ``byol_loss``."""
-
-    def forward(self, p1, p2, z1_target, z2_target):
-        return byol_loss(p1, p2, z1_target, z2_target)
-
-
 @torch.no_grad()
 def normalized_std(z: torch.Tensor) -> torch.Tensor:
     """Collapse monitor: the per-dimension standard deviation of the L2-normalised outputs ``z``,

@@ -148,8 +148,7 @@ def build_ssl_optimizer(model: nn.Module, cfg: SSLOptimConfig, global_batch: int
     """LARS / SGD / AdamW over ``ssl_param_groups`` at the scaled peak rates (``predictor_prefix``:
     the parameter-name prefix of the predictor, for ``predictor_lr_mult``, when the model is not
     ``visrep.ssl.BYOL``)."""
-    lr = cfg.base_lr * global_batch / 256.0
-    probe_lr = cfg.probe_lr * global_batch / 256.0
+    lr, probe_lr = scaled_lr(cfg.base_lr, global_batch), scaled_lr(cfg.probe_lr, global_batch)
     groups = ssl_param_groups(model, cfg, lr, probe_lr, predictor_prefix=predictor_prefix)
     if cfg.name == "lars":
         opt = LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta)

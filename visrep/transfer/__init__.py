@@ -1,6 +1,6 @@
 """Transfer: fine-tuning (freezing with frozen BatchNorm, gradual unfreezing, LP-FT, layer-wise LR
 decay, L2-SP) and domain alignment (DANN, multi-kernel MMD, Deep CORAL)."""
-from visrep.transfer.adapt import AdaptationModel, BestOnSourceVal, PairedDataset, paired_loader
+from visrep.transfer.adapt import AdaptationModel, BestOnValidation, PairedDataset, paired_loader
 from visrep.transfer.align import (CoralLoss, DomainDiscriminator, GradientReverseLayer, GRLSchedule,
                                    MultiKernelMMDLoss, all_gather_with_grad, bandwidth_heuristic, coral, covariance,
                                    dann_lambda, domain_adversarial_loss, grad_reverse, mk_mmd)
@@ -11,7 +11,7 @@ from visrep.transfer.finetune import (L2SP, FreezeConfig, GradualUnfreezer, free
 from visrep.transfer.loading import load_backbone_weights
 
 __all__ = [
-    "AdaptationModel", "BestOnSourceVal", "PairedDataset", "paired_loader", "CoralLoss", "DomainDiscriminator",
+    "AdaptationModel", "BestOnValidation", "PairedDataset", "paired_loader", "CoralLoss", "DomainDiscriminator",
     "GradientReverseLayer", "GRLSchedule", "MultiKernelMMDLoss", "all_gather_with_grad", "bandwidth_heuristic",
     "coral", "covariance", "dann_lambda", "domain_adversarial_loss", "grad_reverse", "mk_mmd", "L2SP",
     "FreezeConfig", "GradualUnfreezer", "freeze", "frozen_groups", "head_param_names", "is_locked",

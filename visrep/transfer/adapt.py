@@ -106,10 +106,10 @@ def paired_loader(source, target, seed: int, batch_size: int, num_workers: int):
     return loader, (sampler, paired)
 
 
-class BestOnSourceVal:
-    """Keeps the weights of the epoch with the best validation accuracy. For adaptation that is the
-    *source* validation split -- the honest rule: the target's labels are never consulted; for
-    fine-tuning, the target's own validation split (never its test split). Saved with every
+class BestOnValidation:
+    """Keeps the weights of the epoch with the best accuracy on the validation split the recipe scores:
+    for adaptation the *source* validation split -- the honest rule: the target's labels are never
+    consulted; for fine-tuning the target's own validation split (never its test split). Saved with every
     checkpoint so a resumed run selects the same model."""
 
     def __init__(self):

@@ -12,6 +12,9 @@ from torch import nn
 from visrep.engine.config import BackboneConfig
 from visrep.errors import DataError, MissingFileError
 from visrep.checks import check
+from visrep.transfer.finetune import head_param_names
+from visrep.zoo import create_backbone
+from visrep.engine.export import load_model
 
 HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "online.backbone.", "online_network.backbone.",
@@ -40,7 +43,6 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> dict:
     keys, require every non-classifier key of ``model`` with its shape. Returns what was dropped."""
     from safetensors.torch import load_file
 
-    from visrep.transfer.finetune import head_param_names
 
     path = Path(path)
     if not path.is_file():
@@ -67,11 +69,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> dict:
 def build_start_model(init: InitConfig, num_classes: int) -> tuple[nn.Module, BackboneConfig, dict]:
     """The starting model with a fresh ``num_classes`` classifier, its BackboneConfig (for export) and
     what was loaded."""
-    from visrep.zoo import create_backbone
-
     if init.source == "export":
-        from visrep.engine.export import load_model
-
         model, cfg = load_model(init.path)
         bb = BackboneConfig(name=cfg["architecture"], small_input=bool(cfg.get("small_input", False)),
                             kwargs=dict(cfg.get("kwargs") or {}))
