@@ -1,7 +1,7 @@
 """BYOL self-supervised pre-training: learn an encoder from unlabelled images, then measure it.
 
     accelerate launch recipes/byol.py                                  # embedded digits, CPU-sized
-    accelerate launch recipes/byol.py --config recipes/configs/byol_digits.yaml --optim.base-lr 0.5
+    accelerate launch recipes/byol.py --config recipes/configs/byol_digits.yaml --optim.lr 0.5
     accelerate launch recipes/byol.py --resume latest --output-dir runs/byol
     python recipes/byol.py --eval-only runs/byol/models/byol/backbone      # offline kNN + linear eval
 

@@ -14,7 +14,7 @@ TINY = {
     "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
     "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "base_tau": 0.99},
     "augment": {"crop_scale": [0.3, 1.0], "hflip": 0.0},
-    "optim": {"name": "lars", "base_lr": 1.0, "eta": 0.02, "weight_decay": 1e-5},
+    "optim": {"name": "lars", "lr": 1.0, "eta": 0.02, "weight_decay": 1e-5},
     "schedule": {"epochs": 2, "warmup_epochs": 0.5},
     "eval": {"knn_k": 10, "linear_epochs": 5, "every_epochs": 1},
     "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
@@ -108,7 +108,7 @@ EMA_SCRIPT = textwrap.dedent('''
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
     torch.manual_seed(0)
     model = BYOL(Tiny(), 16, 8, 16, num_classes=0, batch_norm=False)  # BN-free: same maths on any split
-    opt = build_ssl_optimizer(model, SSLOptimConfig(name="lars", base_lr=2.0, eta=0.1), 16)
+    opt = build_ssl_optimizer(model, SSLOptimConfig(name="lars", lr=2.0, eta=0.1), 16)
     ema = EMAUpdater(total_steps=4, base_tau=0.9)
     model, opt = acc.prepare(model, opt)
     online, target = acc.unwrap_model(model).ema_pairs()

@@ -21,7 +21,7 @@ TINY = {
     "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
     "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "base_tau": 0.99},
     "augment": {"crop_scale": [0.3, 1.0], "hflip": 0.0},
-    "optim": {"name": "sgd", "base_lr": 1.0, "weight_decay": 1e-5},
+    "optim": {"name": "sgd", "lr": 1.0, "weight_decay": 1e-5},
     "schedule": {"epochs": 2, "warmup_epochs": 0.5},
     "eval": {"knn_k": 10, "linear_epochs": 5, "every_epochs": 2},
     "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},

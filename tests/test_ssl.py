@@ -162,7 +162,7 @@ def test_ema_runs_once_per_optimizer_step_under_accumulation():
         acc = Accelerator(cpu=True, gradient_accumulation_steps=4)
         torch.manual_seed(0)
         model = BYOL(Tiny(), 16, 8, 16, num_classes=0, batch_norm=False)
-        opt = build_ssl_optimizer(model, SSLOptimConfig(name="sgd", base_lr=1.0), 8 * 4)
+        opt = build_ssl_optimizer(model, SSLOptimConfig(name="sgd", lr=1.0), 8 * 4)
         ema = EMAUpdater(total_steps=2, base_tau=0.5)
         model, opt = acc.prepare(model, opt)
         online, target = model.ema_pairs()
@@ -207,12 +207,12 @@ def test_scaled_lr_and_optimizer_choices():
     assert scaled_lr(0.2, 64, 2, 4) == pytest.approx(0.2 * 512 / 256)
     m = BYOL(Tiny(), 16, 8, 16, num_classes=3)
     for name, cls in (("lars", LARS), ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
-        opt = build_ssl_optimizer(m, SSLOptimConfig(name=name, base_lr=0.4, probe_lr=0.2), 512)
+        opt = build_ssl_optimizer(m, SSLOptimConfig(name=name, lr=0.4, probe_lr=0.2), 512)
         assert isinstance(opt, cls)
         by_name = {g["name"]: g for g in opt.param_groups}
         assert by_name["weights"]["initial_lr"] == pytest.approx(0.8)
         assert by_name["probe"]["initial_lr"] == pytest.approx(0.4) and by_name["probe"]["weight_decay"] == 0
-    opt = build_ssl_optimizer(m, SSLOptimConfig(base_lr=0.4, predictor_lr_mult=10), 512)
+    opt = build_ssl_optimizer(m, SSLOptimConfig(lr=0.4, predictor_lr_mult=10), 512)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["predictor"]["initial_lr"] == pytest.approx(8.0)
     assert {id(p) for p in m.predictor.parameters()} == {id(p) for g in opt.param_groups

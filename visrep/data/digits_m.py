@@ -26,7 +26,7 @@ import hashlib
 import numpy as np
 
 from visrep.data.cache import cached_arrays
-from visrep.data.sources import DataConfig, digits_arrays, register_source, stratified_split
+from visrep.data.sources import DataConfig, digits_arrays, register_source, stratified_split, with_label_budget
 
 PATCH_SEED = 1409_7495
 TRAIN_REGION = 0.7
@@ -101,10 +101,7 @@ def load_digits_m_splits(cfg: DataConfig, patch_seed: int = PATCH_SEED):
                                     features=features)
     d = datasets.DatasetDict({k: ds.select(v) for k, v in idx.items()})
     d = datasets.DatasetDict({k: v.cast_column("image", datasets.Image(decode=False)) for k, v in d.items()})
-    if cfg.label_fraction < 1.0:
-        _, keep = stratified_split(np.asarray(d["train"]["label"]), cfg.label_fraction, cfg.split_seed)
-        d["train"] = d["train"].select(keep)
-    return d
+    return with_label_budget(d, cfg)
 
 
 register_source("digits_m", load_digits_m_splits)

@@ -187,9 +187,13 @@ def load_splits(cfg: DataConfig):
     else:  # pragma: no cover
         raise ValueError(cfg.source)
     d = datasets.DatasetDict({k: v.cast_column("image", datasets.Image(decode=False)) for k, v in d.items()})
+    return with_label_budget(d, cfg)
+
+
+def with_label_budget(d, cfg: DataConfig):
+    """``d`` with its train split cut to ``cfg.label_fraction`` of the labels (stratified, seeded)."""
     if cfg.label_fraction < 1.0:
-        labels = np.asarray(d["train"]["label"])
-        _, keep = stratified_split(labels, cfg.label_fraction, cfg.split_seed)
+        _, keep = stratified_split(np.asarray(d["train"]["label"]), cfg.label_fraction, cfg.split_seed)
         d["train"] = d["train"].select(keep)
     return d
 

@@ -46,20 +46,39 @@ class BackboneConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Optimizer. ``lr`` is the peak learning rate for the per-device batch given in ``run.batch_size``
-    times processes times accumulation (no hidden rescaling)."""
+    """Optimizer: SGD, AdamW or LARS. ``lr`` is the peak learning rate -- as given (``lr_scaling: none``)
+    or per ``base_batch`` images, multiplied by ``global_batch / base_batch`` with ``global_batch =
+    run.batch_size x processes x run.grad_accum`` (``linear``: the rule of BYOL / SimCLR)."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
     lr: float = 0.1
+    lr_scaling: Literal["none", "linear"] = "none"
+    base_batch: int = 256
+    """The batch ``lr`` is given for when ``lr_scaling`` is linear."""
     weight_decay: float = 5e-4
     momentum: float = 0.9
     nesterov: bool = True
+    """SGD only."""
     betas: tuple[float, float] = (0.9, 0.999)
+    eta: float = 0.001
+    """LARS trust coefficient."""
+    exclude_bias_and_norm: bool = True
+    """LARS: biases and normalisation parameters get no trust ratio (nor weight decay)."""
     grad_clip: Optional[float] = None
+
+    def peak_lr(self, global_batch: Optional[int] = None) -> float:
+        """The peak rate for ``global_batch`` samples per optimizer step."""
+        if self.lr_scaling == "none":
+            return self.lr
+        if not global_batch:
+            raise ValueError("lr_scaling 'linear' needs the global batch size")
+        return self.lr * global_batch / self.base_batch
 
     def validate(self, prefix: str) -> None:
         check(self.lr > 0, f"{prefix}lr", self.lr, "a positive number")
         check(self.weight_decay >= 0, f"{prefix}weight_decay", self.weight_decay, "a number >= 0")
+        check(self.base_batch >= 1, f"{prefix}base_batch", self.base_batch, "an integer >= 1")
+        check(self.eta > 0, f"{prefix}eta", self.eta, "a positive number")
         check(self.grad_clip is None or self.grad_clip > 0, f"{prefix}grad_clip", self.grad_clip,
               "null or a positive number")
 

@@ -2,12 +2,69 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from visrep.engine.config import OptimConfig, ScheduleConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio.
+
+    For each parameter ``w`` with gradient ``g`` in a group that is not ``lars_exclude``::
+
+        g <- g + wd * w
+        g <- g * eta * ||w|| / ||g||     (when both norms are > 0; else unchanged)
+        m <- momentum * m + g
+        w <- w - lr * m
+
+    Groups with ``lars_exclude=True`` (biases, normalisation parameters, the linear probe) skip the
+    trust ratio; give them ``weight_decay=0`` to exclude them from decay too (``ssl_param_groups``
+    does). Norms are computed with fused multi-tensor ops.
+
+    Paper: You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks", 2017,
+    arXiv:1708.03888; used by BYOL (Grill et al. 2020, arXiv:2006.07733, Appendix C).
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001, lars_exclude: bool = False):
+        if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
+            raise ValueError(f"invalid LARS hyper-parameters lr={lr} momentum={momentum} wd={weight_decay} eta={eta}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      lars_exclude=lars_exclude))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd, lr, mom = group["weight_decay"], group["lr"], group["momentum"]
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            if not group["lars_exclude"]:
+                w_norms = torch._foreach_norm(params)
+                g_norms = torch._foreach_norm(grads)
+                ratios = [torch.where((w > 0) & (g > 0), group["eta"] * w / g, torch.ones_like(w))
+                          for w, g in zip(w_norms, g_norms)]
+                grads = torch._foreach_mul(grads, ratios)
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, mom)
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-lr)
+        return loss
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -23,21 +80,36 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dic
         (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
     groups = []
     if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
+        groups.append({"params": decay, "weight_decay": weight_decay, "lars_exclude": False})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
     return groups
 
 
-def build_optimizer(params: nn.Module | Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """``params``: a module (weight decay split as above) or ready parameter groups. Each group keeps
-    its peak rate in ``initial_lr`` so schedules can scale it (groups with their own ``lr`` keep it)."""
-    groups = param_groups_weight_decay(params, cfg.weight_decay) if isinstance(params, nn.Module) else list(params)
+def build_optimizer(params: nn.Module | Iterable, cfg: OptimConfig,
+                    global_batch: Optional[int] = None) -> torch.optim.Optimizer:
+    """The one optimizer builder. ``params``: a module (weight decay split as above) or ready parameter
+    groups. The peak rate is ``cfg.peak_lr(global_batch)`` (scaled with the batch when
+    ``cfg.lr_scaling`` is linear). Each group keeps its peak rate in ``initial_lr`` so schedules can scale
+    it (groups with their own ``lr`` keep it). LARS skips the trust ratio of groups marked
+    ``lars_exclude`` (biases and norms, unless ``cfg.exclude_bias_and_norm`` is off)."""
+    lr = cfg.peak_lr(global_batch)
+    if isinstance(params, nn.Module):
+        groups = param_groups_weight_decay(params, cfg.weight_decay)
+        for g in groups:
+            g["lars_exclude"] = g["lars_exclude"] and cfg.exclude_bias_and_norm
+    else:
+        groups = list(params)
+    for g in groups:
+        if cfg.name != "lars":
+            g.pop("lars_exclude", None)
     if cfg.name == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                               weight_decay=cfg.weight_decay)
     elif cfg.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    elif cfg.name == "lars":
+        opt = LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta)
     else:  # pragma: no cover - the config type admits no other value
         raise ValueError(f"unknown optimizer {cfg.name!r}")
     for g in opt.param_groups:

@@ -11,7 +11,8 @@ from visrep.ssl.evaluate import (SSLEvalConfig, evaluate_representation, extract
 from visrep.ssl.export import export_backbone, export_byol
 from visrep.ssl.heads import BYOL, BYOLConfig, MLPHead
 from visrep.ssl.loss import byol_loss, normalized_std, regression_loss
-from visrep.ssl.optim import LARS, SSLOptimConfig, build_ssl_optimizer, scaled_lr, ssl_param_groups
+from visrep.engine.optim import LARS
+from visrep.ssl.optim import SSLOptimConfig, build_ssl_optimizer, scaled_lr, ssl_param_groups
 from visrep.ssl.transforms import (BatchedBYOLAugment, SSLAugmentConfig, TwoViews, base_transform, batch_seed,
                                    byol_transforms, byol_view_transform)
 

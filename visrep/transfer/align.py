@@ -31,6 +31,13 @@ def _resolve_sync(sync: str) -> bool:
     return sync == "gather" and is_distributed()
 
 
+def _synced(source: torch.Tensor, target: torch.Tensor, sync: str, same_size: bool):
+    """Both domains' features, gathered from every rank with ``sync='gather'`` (see the module docstring)."""
+    if _resolve_sync(sync):
+        return all_gather_with_grad(source, same_size), all_gather_with_grad(target, same_size)
+    return source, target
+
+
 # ----------------------------------------------------------------------------------------------
 # DANN
 # ----------------------------------------------------------------------------------------------
@@ -183,10 +190,7 @@ class MultiKernelMMDLoss(nn.Module):
         self.same_size = same_size
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if _resolve_sync(self.sync):
-            source = all_gather_with_grad(source, self.same_size)
-            target = all_gather_with_grad(target, self.same_size)
-        return mk_mmd(source, target, self.multipliers, self.heuristic)
+        return mk_mmd(*_synced(source, target, self.sync, self.same_size), self.multipliers, self.heuristic)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +223,4 @@ class CoralLoss(nn.Module):
         self.sync, self.same_size = sync, same_size
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if _resolve_sync(self.sync):
-            source = all_gather_with_grad(source, self.same_size)
-            target = all_gather_with_grad(target, self.same_size)
-        return coral(source, target)
+        return coral(*_synced(source, target, self.sync, self.same_size))
