@@ -80,8 +80,8 @@ class FinetuneConfig:
 class FinetuneRecipeConfig(RecipeConfig):
     output_dir: str = "runs/finetune"
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
-    source: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(hflip=0.0))
-    """Labelled source domain, used when init.source=train."""
+    source_data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(hflip=0.0))
+    """The labelled source domain the starting model is trained on when init.source=train."""
     source_optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     target_domain: Literal["digits_m", "config"] = "digits_m"
     """digits_m: the embedded Digits-M built with ``data``'s settings; config: the source ``data`` describes."""
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
         target = build_classification_data(cfg.data, dc, cfg.seed, bs, ebs, nw, splits=splits)
         source_res: dict = {}
         if cfg.init.source == "train":
-            source = build_classification_data(cfg.source, dc, cfg.seed, bs, ebs, nw)
+            source = build_classification_data(cfg.source_data, dc, cfg.seed, bs, ebs, nw)
             model.reset_classifier(source.num_classes)
             model, source_res = train_stage(run, cfg, "source", model, source, model, cfg.source_optim,
                                             cfg.init.train_epochs, export_bb)

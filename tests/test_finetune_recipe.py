@@ -11,7 +11,7 @@ from helpers import run_recipe, write_preset
 TINY = {
     "init": {"source": "train", "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
              "train_epochs": 1},
-    "source": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
+    "source_data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
     "target_domain": "digits_m",
     "data": {"image_size": 16, "hflip": 0.0, "label_fraction": 0.3},
     "finetune": {"strategy": "lp_ft", "freeze": {"mode": "first_n", "first_n": 1}, "layer_decay": 0.5,
