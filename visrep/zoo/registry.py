@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-import socket
 import time
 import urllib.error
 import warnings
@@ -26,6 +25,7 @@ import torch.nn as nn
 from .entries import _REGISTRY, BackboneEntry, register_backbone
 from .errors import CheckpointMismatchError, PretrainedWeightsUnavailable, UnknownBackboneError
 from .features import FeatureExtractor
+from .net import reachable
 
 __all__ = ["BackboneEntry", "register_backbone", "create_backbone", "list_backbones", "get_backbone_entry",
            "get_data_config", "load_checkpoint", "save_checkpoint"]
@@ -114,14 +114,6 @@ def _offline() -> bool:
     return any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _weight_locations(entry: BackboneEntry) -> tuple[list[str], bool]:
     """(hosts the weights would come from, whether a local cached copy exists)."""
     if entry.source == "timm":
@@ -189,7 +181,7 @@ def _check_pretrained(name: str, entry: BackboneEntry) -> None:
         raise _unavailable(name, entry, "timm lists no pretrained weights for it")
     if _offline():
         raise _unavailable(name, entry, "offline mode (HF_HUB_OFFLINE / VISREP_OFFLINE) and no cached copy")
-    if hosts and not any(_reachable(h) for h in hosts if h):
+    if hosts and not any(reachable(h, timeout=3.0) for h in hosts if h):
         raise _unavailable(name, entry, f"cannot connect to {', '.join(h for h in hosts if h)} and no cached copy")
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlparse
 
 from visrep import __version__
 from visrep.engine.export import CONFIG_NAME, WEIGHTS_NAME
 from visrep.errors import MissingFileError, UserError
+from visrep.zoo.net import connect, reachable
 
 CARD_NAME = "README.md"
 HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
@@ -86,24 +85,9 @@ def _endpoint(endpoint: Optional[str]) -> str:
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def _reachable(endpoint: str, timeout: float = 5.0) -> bool:
-    try:
-        _connect(endpoint, timeout)
-        return True
-    except OSError:
-        return False
-
-
-def _connect(endpoint: str, timeout: float) -> None:
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    with socket.create_connection((url.hostname or "", port), timeout=timeout):
-        pass
-
-
 def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
     try:
-        _connect(endpoint, timeout)
+        connect(endpoint, timeout)
     except OSError as e:
         raise HubUnavailableError(
             f"cannot reach the Hugging Face Hub at {endpoint} ({type(e).__name__}: {e}). Check the network (or "
@@ -154,7 +138,7 @@ def _fetch(repo: str, token: Optional[str], revision: Optional[str], cache_dir) 
         repo, revision = repo.split("@", 1)
     endpoint = _endpoint(None)
     # Unreachable Hub: answer from the cache at once instead of retrying with back-off.
-    cached_only = _offline() or not _reachable(endpoint)
+    cached_only = _offline() or not reachable(endpoint, timeout=5.0)
     kw = dict(revision=revision, token=token, cache_dir=cache_dir, library_name="visrep", library_version=_version(), endpoint=endpoint,
               local_files_only=cached_only)
     try:
