@@ -20,7 +20,7 @@ FINETUNE = dict(FINETUNE_TINY, finetune={k: v for k, v in FINETUNE_TINY["finetun
                 optim=dict(FINETUNE_TINY["optim"], weight_decay=1e-4))
 
 ADAPT = {
-    "source_data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
+    "source": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
     "target": {"image_size": 16, "hflip": 0.0},
     "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
     "adapt": {"bottleneck_dim": 16, "discriminator_hidden": 16},
