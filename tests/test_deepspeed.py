@@ -69,7 +69,7 @@ def test_clip_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
     own module's forward; the scale is clamped on its shards) ends with DDP's weights (ZeRO-3 stop and
     resume is tested with the distillation, BYOL and DANN recipes). ZeRO-3 runs with memory_efficient_linear off: by default DeepSpeed swaps
     torch.nn.functional.linear for its own matmul + add, whose round-off leaves the weights ~6e-6 from
-    DDP's after these 10 steps (with it off they are bit-identical)."""
+    DDP's after a few steps (with it off they are bit-identical)."""
     from ds_helpers import assert_same_weights, without_use_cpu, zero_config_args
 
     preset = write_preset(tmp_path / "clip.yaml", {
@@ -77,7 +77,7 @@ def test_clip_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
         "model": {"image": {"source": "zoo", "name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
                   "init_logit_scale": 4.605170185988092},
         "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.1},
-        "schedule": {"epochs": 2, "warmup_epochs": 0.5},
+        "schedule": {"epochs": 1, "warmup_epochs": 0.5},
         "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1}})
     ddp = tmp_path / "ddp"
     run_recipe("clip", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
