@@ -76,16 +76,18 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))]).contiguous()
 
 
+def _gather_uneven(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """:func:`gather_rows` for ranks holding ``sizes`` rows: padded to the largest, gathered, unpadded."""
+    rows = max(sizes)
+    padded = gather_rows(_pad_rows(x, rows)).view(len(sizes), rows, *x.shape[1:])
+    return torch.cat([padded[r, :s] for r, s in enumerate(sizes)])
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes):
-        rank, world = dist_info()
-        ctx.rank, ctx.n, ctx.sizes = rank, x.shape[0], sizes
-        if sizes is None:
-            return gather_rows(x)
-        rows = max(sizes)
-        padded = gather_rows(_pad_rows(x, rows)).view(world, rows, *x.shape[1:])
-        return torch.cat([padded[r, :s] for r, s in enumerate(sizes)])
+        ctx.n, ctx.sizes = x.shape[0], sizes
+        return gather_rows(x) if sizes is None else _gather_uneven(x, sizes)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -115,12 +117,7 @@ def all_gather_no_grad(x: torch.Tensor, same_size: bool = True) -> torch.Tensor:
     _, world = dist_info()
     if world == 1:
         return x
-    if same_size:
-        return gather_rows(x)
-    sizes = row_counts(x)
-    rows = max(sizes)
-    padded = gather_rows(_pad_rows(x, rows)).view(world, rows, *x.shape[1:])
-    return torch.cat([padded[r, :s] for r, s in enumerate(sizes)])
+    return gather_rows(x) if same_size else _gather_uneven(x, row_counts(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +285,7 @@ def clamp_parameter_(p: torch.Tensor, low: float, high: float) -> None:
     step would undo the clamp). Elementwise, so under ZeRO-3 each rank clamps its own partition (a rank's
     share of a small parameter may be empty)."""
     p.clamp_(low, high)
-    if hasattr(p, "ds_id"):  # ZeRO-3
+    if is_partitioned(p):  # ZeRO-3
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
         local = safe_get_local_fp32_param(p)

@@ -111,10 +111,11 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, featur
         sim, idx = _local_topk(bank, q, k)
         lab = labels[idx]
         if sharded:  # (W k) candidates per query, rank-major, then the best k of them
-            sim_all = gather_rows(sim.T.contiguous()).view(-1, k, q.shape[0]).permute(2, 0, 1).flatten(1)
-            lab_all = gather_rows(lab.T.contiguous()).view(-1, k, q.shape[0]).permute(2, 0, 1).flatten(1)
-            sim, pick = sim_all.topk(k, dim=1)
-            lab = lab_all.gather(1, pick)
+            def candidates(t):  # (q, k) on each rank -> (q, W k)
+                return gather_rows(t.T.contiguous()).view(-1, k, q.shape[0]).permute(2, 0, 1).flatten(1)
+
+            sim, pick = candidates(sim).topk(k, dim=1)
+            lab = candidates(lab).gather(1, pick)
         votes = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=torch.float32)
         votes.scatter_add_(1, lab, (sim / t).exp())
         preds.append(votes.argmax(1))

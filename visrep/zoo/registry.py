@@ -49,7 +49,7 @@ def _prefix_loader(name: str):
     for prefix, loader in _PREFIXES.items():
         if name.startswith(prefix):
             return prefix, loader
-    if ":" not in name:
+    if ":" not in name or name.startswith(("timm:", "tv:", "visrep:")):  # no plugin scan for the zoo's own
         return None
     from importlib.metadata import entry_points
 

@@ -14,7 +14,6 @@ from visrep.zoo import create_backbone, get_backbone_entry
 from visrep.zoo.timm_backbones import _small_input_kwargs
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Locating the model of a run
 # ----------------------------------------------------------------------------------------------

@@ -7,10 +7,9 @@ import os
 from typing import Any, Optional
 
 from visrep.engine.export import export_kind, kind_loader
+from visrep.launch.hub.transport import CONFIG_NAME, HUB_PREFIX, WEIGHTS_NAME, HubError, _locate
 from visrep.zoo import create_backbone, register_prefix
 from visrep.zoo.errors import CheckpointMismatchError
-from visrep.launch.hub.transport import CONFIG_NAME, HUB_PREFIX, HubError, WEIGHTS_NAME, _locate
-
 
 
 def _load_whole_model(repo_id_or_dir, token, revision, cache_dir, what: str, wrong_kind, loader):

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from visrep.launch.hub.card import export_for_hub
-from visrep.launch.hub.transport import HUB_FILES, HUB_PREFIX, HubUnavailableError, _check_reachable, _endpoint, _hub_error, _offline, _version, resolve_token
-
+from visrep.launch.hub.transport import (HUB_FILES, HUB_PREFIX, HubUnavailableError, _check_reachable, _endpoint,
+                                         _hub_error, _offline, _version, resolve_token)
 
 
 def push_to_hub(run_dir: str | os.PathLike, repo_id: str, token: Optional[str] = None, private: bool = False,
