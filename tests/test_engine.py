@@ -18,11 +18,15 @@ class ToyConfig:
     lr: float = 0.1
 
 
+def reset():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset()
 
 
 def toy_parts(seed=0, n=48, batch=8):
@@ -118,13 +122,11 @@ def test_in_process_resume_equals_straight_run(tmp_path, accum):
     cfg = RunConfig(checkpoint_every=0, progress=False, grad_accum=accum, log_every=1)
     with Run(ToyConfig(), "toy", str(tmp_path / "a"), 0, cfg) as run:
         straight, _ = train(run, "s", epochs=3, accum=accum)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset()
     stop = dataclasses.replace(cfg, stop_after_steps=4)  # mid-epoch 1 (3 steps per epoch at accum 2)
     with Run(ToyConfig(), "toy", str(tmp_path / "b"), 0, stop) as run:
         train(run, "s", epochs=3, accum=accum)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset()
     with Run(ToyConfig(), "toy", str(tmp_path / "b"), 0, cfg, resume="latest") as run:
         resumed, stage = train(run, "s", epochs=3, accum=accum)
     assert stage.step == 3 * (6 // accum)
@@ -171,8 +173,7 @@ def test_resume_mid_epoch_with_shuffled_sampler_and_per_epoch_dataset(tmp_path):
                     opt.zero_grad()
                     stage.step_done(loss)
                 stage.epoch_done()
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset()
         return seen
 
     straight = go(tmp_path / "a")
@@ -326,8 +327,3 @@ def test_optimizer_step_equals_a_hand_written_step_and_resumes_exactly(tmp_path)
     assert hooks == [5, 6] and counter_b.n == counter_a.n == 6
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def reset():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
