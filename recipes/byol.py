@@ -71,7 +71,7 @@ def eval_loaders(cfg: BYOLRecipeConfig, data, data_config: dict):
     """The training split under the evaluation transform (the kNN bank / linear-eval training set)."""
     dc = dict(data_config, input_size=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
     tf = build_transforms(dc, cfg.data.image_size, train=False)
-    bank = ImageDataset(data.train.ds, tf, data.train.mode, "train")
+    bank = ImageDataset(data.bank_split(), tf, "RGB" if cfg.data.channels == 3 else "L", "train")
     return torch.utils.data.DataLoader(bank, batch_size=cfg.run.eval_batch_size, shuffle=False,
                                        **loader_options(cfg.run.num_workers, collate))
 

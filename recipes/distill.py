@@ -28,7 +28,7 @@ from visrep.distill import DistillationLoss, FrozenTeacher, KDConfig
 from visrep.engine import (BackboneConfig, OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer,
                            count_parameters, evaluate_classifier)
 from visrep.engine.export import export_model, load_model
-from visrep.errors import main_entry
+from visrep.errors import UserError, main_entry
 from visrep.launch import finish_run
 from visrep.zoo import create_backbone, get_data_config
 
@@ -76,7 +76,8 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
     """One stage: cross-entropy (teacher is None) or distillation from ``teacher``."""
     accelerator = run.accelerator
     data_config = get_data_config(model)
-    optimizer = build_optimizer(model, optim_cfg)
+    global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
+    optimizer = build_optimizer(model, optim_cfg, global_batch)  # lr scaled with the batch (optim.lr_scaling)
     model, optimizer, train_loader, val_loader, test_loader = run.prepare(
         model, optimizer, data.train_loader, data.val_loader, data.test_loader, grad_clip=optim_cfg.grad_clip)
     stage = run.stage(name, model=model, optimizer=optimizer, train_loader=train_loader, epochs=epochs,
@@ -136,23 +137,27 @@ def main(argv=None) -> dict:
         teacher_dc = get_data_config(teacher_net)
         teacher = FrozenTeacher(teacher_net, student_dc["mean"], student_dc["std"], teacher_dc["mean"],
                                 teacher_dc["std"]).to(accelerator.device)
-        # The teacher is scored on the student's (normalised) test batches, as the student sees them.
-        test_loader = accelerator.prepare(data.test_loader)
+        # The teacher is scored on the student's (normalised) batches, as the student sees them.
+        val_loader, test_loader = accelerator.prepare(data.val_loader, data.test_loader)
+        teacher_val = evaluate_classifier(teacher, val_loader, accelerator)
         teacher_test = evaluate_classifier(teacher, test_loader, accelerator)
         accelerator.free_memory()
 
-        # ---- 2. student from scratch, and 3. the same student with KD ----------------------------
-        students = {}
-        for name, tch in (("scratch", None), ("kd", teacher)):
-            set_seed(cfg.seed)  # same initial weights, same data order, same augmentation
-            net = build(cfg.student, data.num_classes)
-            students[name] = train_classifier(run, cfg, data, name, net, cfg.student, cfg.optim,
-                                              cfg.schedule.epochs, teacher=tch)
+        # ---- 2. student from scratch; the teacher must beat it ----------------------------------------
+        set_seed(cfg.seed)  # the same initial weights, data order and augmentation for both students
+        _, scratch = train_classifier(run, cfg, data, "scratch", build(cfg.student, data.num_classes), cfg.student,
+                                      cfg.optim, cfg.schedule.epochs)
+        check_teacher(run, cfg, teacher_val["top1"], scratch["val_acc"])
+
+        # ---- 3. the same student with KD ------------------------------------------------------------
+        set_seed(cfg.seed)
+        kd_net, kd = train_classifier(run, cfg, data, "kd", build(cfg.student, data.num_classes), cfg.student,
+                                      cfg.optim, cfg.schedule.epochs, teacher=teacher)
 
         # ---- results -----------------------------------------------------------------------------
-        (_, scratch), (kd_net, kd) = students["scratch"], students["kd"]
         results = {
             "teacher_acc": teacher_test["top1"],
+            "teacher_val_acc": teacher_val["top1"],
             "student_scratch_acc": scratch["test_acc"],
             "student_kd_acc": kd["test_acc"],
             "kd_gain": kd["test_acc"] - scratch["test_acc"],
@@ -167,6 +172,28 @@ def main(argv=None) -> dict:
             "num_processes": accelerator.num_processes,
         }
         return finish_run(run, results, format_table(results, cfg), cfg.push_to_hub)
+
+
+class WeakTeacherError(UserError):
+    """The teacher is no better than the student trained without it (every rank sees the same figures)."""
+
+    same_on_every_rank = True
+
+
+def check_teacher(run: Run, cfg: DistillRecipeConfig, teacher_val: float, scratch_val: float) -> None:
+    """Say how the teacher compares with the student from scratch (validation accuracy), and stop before
+    distilling from a weaker one unless ``kd.allow_weaker_teacher``."""
+    run.print(f"[distill] validation accuracy: teacher {teacher_val:.4f}, student from scratch {scratch_val:.4f}")
+    if teacher_val >= scratch_val:
+        return
+    msg = (f"the teacher ({cfg.teacher.model.name}) reaches validation accuracy {teacher_val:.4f}, below the student "
+           f"trained from scratch ({scratch_val:.4f}): distilling from it would pass on its errors.")
+    if cfg.kd.allow_weaker_teacher:
+        run.print(f"[distill] warning: {msg} Distilling anyway (kd.allow_weaker_teacher).")
+        return
+    raise WeakTeacherError(f"{msg} Train a stronger teacher (more teacher.train_epochs, another teacher.optim.lr, "
+                           f"or teacher.source pretrained/checkpoint), or pass --kd.allow-weaker-teacher True to distil "
+                           f"anyway; --resume latest --output-dir {run.run_dir} keeps the stages already trained.")
 
 
 def format_table(r: dict, cfg: DistillRecipeConfig) -> str:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from visrep.data import DataConfig, build_classification_data
+from visrep.data import DataConfig, build_classification_data, shards
 from visrep.data.digits_m import load_digits_m_splits
 from visrep.data.sources import class_names, load_splits
 from visrep.engine import (OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer, count_parameters,
@@ -167,8 +167,11 @@ def main(argv=None) -> dict:
         bs, ebs, nw = cfg.run.batch_size, cfg.run.eval_batch_size, cfg.run.num_workers
 
         # ---- target data (the label budget is data.label_fraction) --------------------------------
-        splits = load_digits_m_splits(cfg.data) if cfg.target_domain == "digits_m" else load_splits(cfg.data)
-        num_classes = len(class_names(splits))
+        if cfg.data.source == "shards":  # streamed (target_domain does not apply); class names from the index
+            splits, num_classes = None, len(shards.class_names_for(cfg.data))
+        else:
+            splits = load_digits_m_splits(cfg.data) if cfg.target_domain == "digits_m" else load_splits(cfg.data)
+            num_classes = len(class_names(splits))
 
         # ---- 0. the starting model ---------------------------------------------------------------
         model, export_bb, info = build_start_model(cfg.init, num_classes)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-CHEAP_MODULE_FIXTURES = {"tiny"}  # a preset file: made again on another worker at no cost
+CHEAP_MODULE_FIXTURES = {"tiny", "uneven", "packed"}  # presets, small shards: made again on another worker
 
 def pytest_collection_modifyitems(config, items):
     """For ``pytest -n 2 --dist loadgroup`` (``make test``): tests that share an expensive module-scoped

@@ -129,3 +129,21 @@ def test_unet_odd_sizes(encoder, size):
     y = unet(x)
     assert y.shape == (2, 4, *size)
     torch.nn.functional.cross_entropy(y, torch.randint(0, 4, (2, *size))).backward()
+
+
+def test_zero_init_residual_makes_every_block_its_shortcut():
+    """CIFAR ResNet with zero_init_residual: at initialisation each residual branch adds exactly zero, so a
+    ResNet-56 computes relu(shortcut(x)) per block (a shallow network); off, the branches contribute."""
+    from visrep.zoo.cifar_resnet import CifarResNet
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for zero in (True, False):
+        net = CifarResNet(depth=56, zero_init_residual=zero).eval()
+        h = net.stem(x)
+        for block in net.stages.modules():
+            if isinstance(block, BasicBlock):
+                out = block(h)
+                same = torch.equal(out, torch.relu(block.shortcut(h)))
+                assert same == zero
+                h = out

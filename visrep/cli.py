@@ -17,6 +17,7 @@ from importlib import metadata
 COMMAND_MODULES = (
     "visrep.zoo.cli",       # zoo list|summary, viz gradcam|features|attention
     "visrep.launch.push",   # push (Hub export)
+    "visrep.data.cli",      # data pack|index|inspect (webdataset shards)
 )
 
 

@@ -3,28 +3,32 @@ backbone's data config; reproducible per-epoch order and augmentation."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from visrep.data.images import (CorruptImageError, EpochSampler, ImageDataset, build_transforms, collate, loader_options,
                                 decode_image, drop_unreadable)
 from visrep.data.digits_m import load_digits_m_splits  # also registers data.source 'digits_m'
-from visrep.data.sources import DataConfig, class_names, digits_arrays, load_splits
+from visrep.data.sources import DataConfig, ShardsConfig, class_names, digits_arrays, load_splits
+from visrep.data import shards
 
 
 @dataclasses.dataclass
 class ClassificationData:
-    """The three splits as torch datasets and (unprepared) loaders, plus what a recipe needs to know."""
+    """The three splits as torch datasets and (unprepared) loaders, plus what a recipe needs to know.
+    With a sharded source ``train`` is the stream (:class:`visrep.data.shards.ShardStream`) and
+    ``train_loader`` its :class:`~visrep.data.shards.StreamLoader`; ``sampler`` is then None."""
 
-    train: ImageDataset
+    train: Any
     val: ImageDataset
     test: ImageDataset
-    train_loader: torch.utils.data.DataLoader
+    train_loader: Any
     val_loader: torch.utils.data.DataLoader
     test_loader: torch.utils.data.DataLoader
-    sampler: EpochSampler
+    sampler: Optional[EpochSampler]
     classes: list[str]
+    cfg: Optional[DataConfig] = None
 
     @property
     def num_classes(self) -> int:
@@ -32,7 +36,14 @@ class ClassificationData:
 
     @property
     def epoch_setters(self) -> tuple:
-        return (self.sampler, self.train)
+        return tuple(o for o in (self.sampler, self.train) if o is not None)
+
+    def bank_split(self):
+        """The training images (undecoded) with labels, for evaluation (a kNN bank, a linear probe): the
+        whole split in memory, or the first ``data.shards.eval_max_samples`` of a sharded source."""
+        if isinstance(self.train, ImageDataset):
+            return self.train.ds
+        return shards.eval_splits(self.cfg, splits=("train",))[0]["train"]
 
 
 def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, batch_size: int,
@@ -40,6 +51,9 @@ def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, bat
                               train_transform: Optional[Callable] = None, splits=None) -> ClassificationData:
     """Loaders for the configured source. ``data_config`` is the backbone's (mean, std, ...); the
     training transform can be replaced (e.g. by two-view SSL augmentation)."""
+    if cfg.source == "shards" and splits is None:
+        return _sharded_classification_data(cfg, data_config, seed, batch_size, eval_batch_size, num_workers,
+                                            train_transform)
     splits = splits if splits is not None else load_splits(cfg)
     mode = "RGB" if cfg.channels == 3 else "L"
     if cfg.on_corrupt == "skip":
@@ -59,9 +73,34 @@ def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, bat
         train_loader=torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **kw),
         val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **kw),
         test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **kw),
-        sampler=sampler, classes=class_names(splits))
+        sampler=sampler, classes=class_names(splits), cfg=cfg)
 
 
-__all__ = ["DataConfig", "ClassificationData", "CorruptImageError", "EpochSampler", "ImageDataset",
+def _sharded_classification_data(cfg: DataConfig, data_config: dict, seed: int, batch_size: int,
+                                 eval_batch_size: int, num_workers: int,
+                                 train_transform: Optional[Callable]) -> ClassificationData:
+    """Training streamed from the shards (split by rank and worker), val / test read into memory."""
+    mode = "RGB" if cfg.channels == 3 else "L"
+    dc = dict(data_config, input_size=(cfg.channels, cfg.image_size, cfg.image_size))
+    train_tf = train_transform or build_transforms(dc, cfg.image_size, train=True, hflip=cfg.hflip,
+                                                   augment=cfg.augment)
+    eval_tf = build_transforms(dc, cfg.image_size, train=False)
+    kw = loader_options(num_workers, collate)
+    loader = shards.train_stream(cfg, shards.ImageSamples(train_tf, mode, seed), collate, batch_size, seed,
+                                 kw["num_workers"], kw["pin_memory"])
+    splits, _ = shards.eval_splits(cfg)
+    if cfg.on_corrupt == "skip":
+        for name in list(splits):
+            splits[name], _ = drop_unreadable(splits[name], mode, name)
+    val = ImageDataset(splits["val"], eval_tf, mode, "val")
+    test = ImageDataset(splits["test"], eval_tf, mode, "test")
+    return ClassificationData(
+        train=loader.dataset, val=val, test=test, train_loader=loader,
+        val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **kw),
+        test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **kw),
+        sampler=None, classes=list(splits["val"].features["label"].names), cfg=cfg)
+
+
+__all__ = ["DataConfig", "ShardsConfig", "shards", "ClassificationData", "CorruptImageError", "EpochSampler", "ImageDataset",
            "build_classification_data", "build_transforms", "class_names", "collate", "decode_image",
            "digits_arrays", "drop_unreadable", "load_digits_m_splits", "load_splits", "loader_options"]

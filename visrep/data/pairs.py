@@ -31,6 +31,7 @@ import torch
 
 from visrep.data.images import (EpochSampler, build_transforms, decode_image, drop_unreadable, loader_options,
                                 epoch_of, sample_seed)
+from visrep.data import shards
 from visrep.data.sources import DataConfig, load_splits
 from visrep.errors import DataError, MissingFileError, MissingKeyError
 from visrep.checks import check
@@ -52,8 +53,9 @@ class PairsConfig(DataConfig):
     """Image-text pairs: :class:`DataConfig` (where the images come from, splits, size, augmentation)
     plus the captions and prompt templates. ``label_fraction`` does not apply (captions are the labels)."""
 
-    source: Literal["digits", "hf", "folder"] = "digits"
-    """digits: embedded, no download; hf: datasets.load_dataset(name, hf_config); folder: data_dir + captions file."""
+    source: Literal["digits", "hf", "folder", "shards"] = "digits"
+    """digits: embedded, no download; hf: datasets.load_dataset(name, hf_config); folder: data_dir + captions
+    file; shards: webdataset tar shards with .txt (or .json captions) per image, streamed (data.shards)."""
     captions_file: Optional[str] = None
     """folder: the captions file, relative to data_dir (default: the first of captions.jsonl,
     captions.csv, metadata.jsonl, metadata.csv found there)."""
@@ -353,25 +355,28 @@ class PairData:
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     test_loader: torch.utils.data.DataLoader
-    sampler: EpochSampler
+    sampler: Optional[EpochSampler]
     classnames: Optional[list]
     templates: list[str]
     train_templates: Optional[list[str]] = None
 
     @property
     def epoch_setters(self) -> tuple:
-        return (self.sampler, self.train)
+        return tuple(o for o in (self.sampler, self.train) if o is not None)
 
 
 def build_pair_data(cfg: PairsConfig, data_config: dict, tokenizer: Callable, seed: int, batch_size: int,
                     eval_batch_size: int, num_workers: int = 0, splits: Optional[PairSplits] = None) -> PairData:
     """Loaders (unprepared) of the three splits. ``batch_size`` is what one loader batch holds (the
     recipe passes per-device batch x accumulation chunks)."""
-    ps = splits or load_pair_splits(cfg)
     mode = "RGB" if cfg.channels == 3 else "L"
     dc = dict(data_config, input_size=(cfg.channels, cfg.image_size, cfg.image_size))
     train_tf = build_transforms(dc, cfg.image_size, train=True, hflip=cfg.hflip, augment=cfg.augment)
     eval_tf = build_transforms(dc, cfg.image_size, train=False)
+    if cfg.source == "shards" and splits is None:
+        return _sharded_pair_data(cfg, train_tf, eval_tf, mode, tokenizer, seed, batch_size, eval_batch_size,
+                                  num_workers)
+    ps = splits or load_pair_splits(cfg)
     kw = dict(tokenizer=tokenizer, mode=mode, classnames=ps.classnames)
     train = PairDataset(ps.splits["train"], train_tf, split="train", train=True, seed=seed,
                         templates=ps.train_templates, **kw)
@@ -388,6 +393,28 @@ def build_pair_data(cfg: PairsConfig, data_config: dict, tokenizer: Callable, se
         val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **lk),
         test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **lk),
         sampler=sampler, classnames=ps.classnames, templates=ps.templates, train_templates=ps.train_templates)
+
+
+def _sharded_pair_data(cfg: PairsConfig, train_tf, eval_tf, mode: str, tokenizer: Callable, seed: int,
+                       batch_size: int, eval_batch_size: int, num_workers: int) -> PairData:
+    """Training pairs streamed from the shards, val / test in memory. Class names (zero-shot) and prompt
+    templates come from the index (``visrep data pack`` records them), else the configured templates."""
+    ev, meta = shards.eval_splits(cfg, pairs=True)
+    if cfg.on_corrupt == "skip":
+        for name in list(ev):
+            ev[name], _ = drop_unreadable(ev[name], mode, name)
+    names = meta.get("classnames") or ([[c] for c in meta["classes"]] if meta.get("classes") else None)
+    templates = list(cfg.zero_shot_templates or meta.get("templates") or GENERIC_TEMPLATES)
+    lk = loader_options(num_workers, collate_pairs)
+    loader = shards.train_stream(cfg, shards.PairSamples(train_tf, tokenizer, mode, seed), collate_pairs, batch_size,
+                                 seed, lk["num_workers"], lk["pin_memory"])
+    val = PairDataset(ev["val"], eval_tf, tokenizer, mode, "val", classnames=names)
+    test = PairDataset(ev["test"], eval_tf, tokenizer, mode, "test", classnames=names)
+    return PairData(
+        train=loader.dataset, val=val, test=test, train_loader=loader,
+        val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **lk),
+        test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **lk),
+        sampler=None, classnames=names, templates=templates, train_templates=meta.get("train_templates"))
 
 
 __all__ = ["PairsConfig", "PairSplits", "PairDataset", "PairData", "build_pair_data", "load_pair_splits",

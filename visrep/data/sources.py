@@ -19,17 +19,51 @@ from visrep.checks import check
 
 
 @dataclasses.dataclass
+class ShardsConfig:
+    """data.source=shards: webdataset-format tar shards, streamed (``visrep.data.shards``)."""
+
+    train: Optional[str] = None
+    """The training shards: an index JSON (``visrep data pack`` / ``visrep data index`` write one; needed
+    for pipe: and remote shards), or a brace pattern of local .tar files. Default: DATA_DIR/train.json."""
+    val: Optional[str] = None
+    """Validation shards (read into memory, at most eval_max_samples). Default: DATA_DIR/val.json."""
+    test: Optional[str] = None
+    """Test shards. Default: DATA_DIR/test.json."""
+    shuffle_buffer: int = 1000
+    """Samples permuted together in a loader worker (each worker holds this many encoded samples)."""
+    resampled: bool = False
+    """Draw shards with replacement (corpora too large for epochs); an epoch is samples_per_epoch samples."""
+    samples_per_epoch: Optional[int] = None
+    eval_max_samples: int = 50_000
+    """At most this many samples of val / test are read (in order); also the size of a kNN bank drawn
+    from the training shards (BYOL's evaluation)."""
+
+    def spec(self, split: str, data_dir: Optional[str]) -> Optional[str]:
+        given = getattr(self, split)
+        if given:
+            return given
+        return str(Path(data_dir) / f"{split}.json") if data_dir else None
+
+    def validate(self, prefix: str) -> None:
+        check(self.shuffle_buffer >= 1, f"{prefix}shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
+        check(self.eval_max_samples >= 1, f"{prefix}eval_max_samples", self.eval_max_samples, "an integer >= 1")
+        check(not self.resampled or (self.samples_per_epoch or 0) >= 1, f"{prefix}samples_per_epoch",
+              self.samples_per_epoch, "an integer >= 1 when resampled is true")
+
+
+@dataclasses.dataclass
 class DataConfig:
-    source: Literal["digits", "digits_m", "hf", "imagefolder"] = "digits"
+    source: Literal["digits", "digits_m", "hf", "imagefolder", "shards"] = "digits"
     """digits: scikit-learn's bundled 8x8 digits (no download); digits_m: the same digits blended with
     colour patches of scikit-learn's sample photos (an offline MNIST-M, ``visrep.data.digits_m``; same
     splits as digits); hf: datasets.load_dataset(name, hf_config); imagefolder: a local tree
-    (class-per-folder, optionally under train/ val/ test/)."""
+    (class-per-folder, optionally under train/ val/ test/); shards: webdataset tar shards, streamed
+    (data.shards; ``visrep data pack`` writes them from any of the others)."""
     name: Optional[str] = None
     """Hugging Face dataset name (source=hf)."""
     hf_config: Optional[str] = None
     data_dir: Optional[str] = None
-    """Image folder root (source=imagefolder)."""
+    """Image folder root (source=imagefolder); the folder of train/val/test.json (source=shards)."""
     train_split: str = "train"
     val_split: Optional[str] = "validation"
     """Used when the source has it; otherwise val_fraction of train is held out (stratified, seeded)."""
@@ -50,6 +84,7 @@ class DataConfig:
     """error: stop with the file's name; skip: drop unreadable images up front and log how many."""
     label_fraction: float = 1.0
     """Keep this fraction of the training labels (stratified, seeded): the label budget."""
+    shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)
 
     def validate(self, prefix: str) -> None:
         check(self.image_size >= 8, f"{prefix}image_size", self.image_size, "an integer >= 8")
@@ -61,6 +96,14 @@ class DataConfig:
               "a Hugging Face dataset name when data.source is 'hf'")
         check(self.source != "imagefolder" or bool(self.data_dir), f"{prefix}data_dir", self.data_dir,
               "a directory when data.source is 'imagefolder'")
+        if self.source == "shards":
+            self.shards.validate(f"{prefix}shards.")
+            for split in ("train", "val", "test"):
+                check(self.shards.spec(split, self.data_dir) is not None, f"{prefix}shards.{split}", None,
+                      f"the {split} shards (an index JSON or a pattern), or data.data_dir holding {split}.json, "
+                      f"when data.source is 'shards'")
+            check(self.label_fraction == 1.0, f"{prefix}label_fraction", self.label_fraction,
+                  "1.0 with data.source 'shards' (a label budget on a stream: pack the subset with `visrep data pack`)")
 
 
 def digits_arrays(image_size: int = 32, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:

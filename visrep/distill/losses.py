@@ -46,6 +46,9 @@ class KDConfig:
     kd_weight: float = 0.9
     targets: Literal["soft", "hard"] = "soft"
     label_free: bool = False
+    allow_weaker_teacher: bool = False
+    """distill recipe: distil even when the teacher's validation accuracy is below the student trained
+    from scratch (by default the recipe stops before the KD stage and says so)."""
 
     def validate(self, prefix: str) -> None:
         check(self.temperature > 0, f"{prefix}temperature", self.temperature, "a positive number")

@@ -89,12 +89,18 @@ class ScheduleConfig:
 
     epochs: int = 10
     warmup_epochs: float = 1.0
+    warmup_steps: Optional[int] = None
+    """Warmup counted in optimizer steps (replaces warmup_epochs when set): the same number of small steps
+    whatever the dataset size and process count, which is what a deep network needs to start stably.
+    At most half the stage."""
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
     min_lr_ratio: float = 0.0
 
     def validate(self, prefix: str) -> None:
         check(self.epochs >= 0, f"{prefix}epochs", self.epochs, "an integer >= 0")
         check(self.warmup_epochs >= 0, f"{prefix}warmup_epochs", self.warmup_epochs, "a number >= 0")
+        check(self.warmup_steps is None or self.warmup_steps >= 0, f"{prefix}warmup_steps", self.warmup_steps,
+              "null or an integer >= 0")
         check(0 <= self.min_lr_ratio <= 1, f"{prefix}min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
 
 

@@ -143,7 +143,10 @@ class StepSchedule:
         self.optimizer = optimizer
         self.cfg = cfg
         self.total_steps = max(1, cfg.epochs * steps_per_epoch)
-        self.warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+        if cfg.warmup_steps is not None:  # in steps: capped at half the stage
+            self.warmup_steps = min(cfg.warmup_steps, self.total_steps // 2)
+        else:
+            self.warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
 
     def factor(self, step: int) -> float:
         return lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.schedule, self.cfg.min_lr_ratio)

@@ -268,7 +268,15 @@ class Run:
         config when DeepSpeed is on (Accelerate would otherwise fill its "auto" with 1.0 and clip
         where DDP does not). Under DeepSpeed the engine clips; ``accelerator.clip_grad_norm_`` is a no-op."""
         configure_engine(self.accelerator, [o for o in objs if isinstance(o, torch.nn.Module)], grad_clip)
-        out = self.accelerator.prepare(*objs)
+        # a sharded stream splits itself by rank; Accelerate would read it on one process and scatter it
+        streams = {i: o for i, o in enumerate(objs) if hasattr(o, "start_at")}
+        for o in streams.values():
+            o.device = self.accelerator.device
+        out = self.accelerator.prepare(*(o for i, o in enumerate(objs) if i not in streams))
+        if streams:
+            rest = iter(out if isinstance(out, tuple) else (out,))
+            out = tuple(streams[i] if i in streams else next(rest) for i in range(len(objs)))
+            out = out if len(out) > 1 else out[0]
         dtype = engine_precision(self.accelerator)
         if dtype is not None:  # DeepSpeed bf16/fp16 casts the weights, not the inputs
             for obj in (out if isinstance(out, tuple) else (out,)):
@@ -429,7 +437,9 @@ class Stage:
 
     def batches(self) -> Iterator[Any]:
         loader = self.train_loader
-        if self.batch_in_epoch > 0:
+        if self.batch_in_epoch > 0 and hasattr(loader, "start_at"):  # a stream: starts right there, reads nothing before
+            loader = loader.start_at(self.batch_in_epoch)
+        elif self.batch_in_epoch > 0:
             loader = self.accelerator.skip_first_batches(self.train_loader, self.batch_in_epoch)
         self._open_pbar()
         self._apply_lr()
@@ -586,7 +596,12 @@ class Stage:
         return {"stage": self.name, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "step": self.step, "total_steps": self.total_steps, "global_step": self.run.global_step,
                 "wall_time": self.wall_time + (time.perf_counter() - self._t0),
-                "num_processes": self.accelerator.num_processes, "mixed_precision": self.accelerator.mixed_precision}
+                "num_processes": self.accelerator.num_processes, "mixed_precision": self.accelerator.mixed_precision,
+                "data_layout": self._data_layout()}
+
+    def _data_layout(self) -> Optional[dict]:
+        layout = getattr(self.train_loader, "layout", None)
+        return layout() if callable(layout) else None
 
     def save(self) -> Path:
         """Write a checkpoint as a whole (:func:`visrep.engine.checkpoint.write_dir_atomically`: a
@@ -678,6 +693,12 @@ class Stage:
                                       f"a recipe with other state); resume it with the recipe that wrote it.")
             obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
         self.epoch, self.batch_in_epoch = int(ts["epoch"]), int(ts["batch_in_epoch"])
+        saved, now = ts.get("data_layout"), self._data_layout()
+        if saved is not None and now is not None and saved != now and self.batch_in_epoch > 0:
+            self.run.print(f"[visrep] warning: the stream was checkpointed with {saved} and resumes with {now}: the "
+                           f"rest of epoch {self.epoch} follows the new layout, so some of its samples may be seen "
+                           f"twice or not at all (later epochs are whole). Resume with the same processes, "
+                           f"run.num_workers and batch size to continue exactly.")
         self.step = int(ts["step"])
         self.run.global_step = int(ts["global_step"])
         self.wall_time = float(ts.get("wall_time", 0.0))

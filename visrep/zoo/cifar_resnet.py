@@ -15,10 +15,16 @@ from .blocks import BasicBlock, ConvBnAct, _init_weights
 
 
 class CifarResNet(ZooModel):
-    """ResNet-(6n+2) for 32x32 inputs; ``width`` multiplies the 16/32/64 channel plan."""
+    """ResNet-(6n+2) for 32x32 inputs; ``width`` multiplies the 16/32/64 channel plan.
+    ``zero_init_residual``: the last BN of every residual branch starts at zero, so each block starts as
+    its shortcut and a deep network as a shallow one (Goyal et al. 2017, arXiv:1706.02677, Sec. 5.1;
+    timm's ``zero_init_last``, torchvision's ``zero_init_residual``). Off by default, as in torchvision:
+    with the paper's small head initialisation a narrow network then starts near a saddle (a
+    quarter-width ResNet-20 did not move in 33 steps); the distillation preset turns it on for its
+    ResNet-56 teacher."""
 
     def __init__(self, depth: int = 20, num_classes: int = 0, in_chans: int = 3, width: float = 1.0,
-                 shortcut: str = "A", drop_rate: float = 0.0):
+                 shortcut: str = "A", drop_rate: float = 0.0, zero_init_residual: bool = False):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -39,3 +45,7 @@ class CifarResNet(ZooModel):
         self.data_config = make_data_config((in_chans, 32, 32), CIFAR_MEAN, CIFAR_STD, "bilinear", 1.0)
         self._init_head(num_classes, drop_rate)
         _init_weights(self)
+        if zero_init_residual:
+            for block in self.stages.modules():
+                if isinstance(block, BasicBlock):
+                    nn.init.zeros_(block.bn2.weight)

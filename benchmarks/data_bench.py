@@ -1,0 +1,192 @@
+"""Input-pipeline throughput on JPEG webdataset shards: visrep's stream vs open_clip's webdataset pipeline
+vs timm's webdataset reader, same shards, same workers, same decode + augmentation at 224 px; and a
+training epoch fed by the stream vs the same steps on batches already in memory.
+
+    python benchmarks/data_bench.py                      # 2 workers, 1,536 samples in 12 shards, 5 rounds
+    python benchmarks/data_bench.py --workers 4 --samples 4096 --rounds 5
+
+The shards: random 220-420 px crops of scikit-learn's two sample photos resized to 320 px (JPEG, q 90,
+~30 KB each) with a class and a caption. Every pipeline decodes with PIL and applies the same callable:
+visrep's training transform at 224 px (random-resized crop, flip, to float, normalise). Rounds are
+interleaved (one epoch of each pipeline per round, the first round a warm-up) and the table gives the
+medians; ratio = visrep's samples/s over the peer's.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_shards(folder: Path, n: int, per_shard: int) -> Path:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from visrep.data.cli import write_shards
+    from visrep.data.shards import write_index
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(0)
+
+    def rows():
+        for i in range(n):
+            p = photos[i % 2]
+            s = int(rng.integers(220, 421))
+            y, x = int(rng.integers(0, p.shape[0] - s + 1)), int(rng.integers(0, p.shape[1] - s + 1))
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(p[y:y + s, x:x + s])).resize((320, 320)).save(buf, "JPEG", quality=90)
+            yield {"jpg": buf.getvalue(), "cls": str(i % 2).encode(), "txt": f"a photo, number {i}".encode()}
+
+    shards = write_shards(rows(), folder, "train", per_shard)
+    write_index(folder / "train.json", shards, {"classes": ["china", "flower"]})
+    return folder
+
+
+def transform():
+    from visrep.data.images import build_transforms
+
+    return build_transforms({"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}, 224, train=True)
+
+
+def visrep_loader(folder: Path, batch: int, workers: int):
+    from visrep.data.images import collate
+    from visrep.data.shards import ImageSamples, ShardStream, StreamLoader, load_index
+
+    ds = ShardStream(load_index(str(folder / "train.json")), ImageSamples(transform()), collate, batch, seed=0)
+    return StreamLoader(ds, num_workers=workers)
+
+
+def open_clip_loader(folder: Path, batch: int, workers: int, n: int, n_shards: int):
+    from open_clip_train.data import get_wds_dataset
+
+    tf = transform()
+    args = SimpleNamespace(train_data=str(folder / f"train-{{000000..{n_shards - 1:06d}}}.tar"),
+                           train_num_samples=n, dataset_resampled=False, train_data_upsampling_factors=None,
+                           seed=0, batch_size=batch, world_size=1, workers=workers)
+    info = get_wds_dataset(args, tf, is_train=True, epoch=0, floor=True, tokenizer=lambda t: torch.zeros(1, 8))
+    return info.dataloader
+
+
+def timm_loader(folder: Path, batch: int, workers: int, n: int, n_shards: int):
+    from timm.data import create_dataset
+
+    ds = create_dataset("wds/bench", root=str(folder), split=f"train-{{000000..{n_shards - 1:06d}}}.tar",
+                        is_training=True, batch_size=batch, num_samples=n, seed=0)
+    ds.transform = transform()
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True,
+                                       persistent_workers=False)
+
+
+def epoch_rate(loader) -> tuple[float, int]:
+    t0, count = time.perf_counter(), 0
+    for b in loader:
+        x = b[0]
+        count += x.shape[0]
+    return count / (time.perf_counter() - t0), count
+
+
+def pipeline_table(folder: Path, args, n_shards: int) -> list[str]:
+    makers = {
+        "visrep stream": lambda: visrep_loader(folder, args.batch_size, args.workers),
+        "open_clip wds": lambda: open_clip_loader(folder, args.batch_size, args.workers, args.samples, n_shards),
+        "timm wds": lambda: timm_loader(folder, args.batch_size, args.workers, args.samples, n_shards),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in makers}
+    counts: dict[str, int] = {}
+    for r in range(args.rounds + 1):
+        for name, make in makers.items():
+            rate, count = epoch_rate(make())
+            counts[name] = count
+            if r > 0:  # round 0: warm-up (page cache, imports)
+                rates[name].append(rate)
+    ours = statistics.median(rates["visrep stream"])
+    lines = [f"decode + augment at 224 px, {args.samples} JPEG samples in {n_shards} shards, batch {args.batch_size}, "
+             f"{args.workers} worker(s), {args.rounds} interleaved rounds (medians)",
+             f"{'pipeline':<16}{'samples/s':>12}{'per epoch':>12}{'visrep / this':>15}", "-" * 55]
+    for name, rs in rates.items():
+        m = statistics.median(rs)
+        lines.append(f"{name:<16}{m:>12.1f}{counts[name]:>12}{ours / m:>14.2f}x")
+    return lines
+
+
+def epoch_overhead(folder: Path, args) -> list[str]:
+    """A training epoch (ResNet-18, SGD) fed by the stream vs by the same batches already in memory."""
+    from visrep.zoo import create_backbone
+
+    loader = visrep_loader(folder, args.batch_size, args.workers)
+    steps = min(args.train_steps, len(loader))
+    cached = []
+    for i, (x, y) in enumerate(loader):
+        if i >= steps:
+            break
+        cached.append((x, y))
+    model = create_backbone("resnet18", num_classes=2).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(x, y):
+        loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def from_stream():
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(visrep_loader(folder, args.batch_size, args.workers)):
+            if i >= steps:
+                break
+            step(x, y)
+        return time.perf_counter() - t0
+
+    def from_memory():
+        t0 = time.perf_counter()
+        for x, y in cached:
+            step(x, y)
+        return time.perf_counter() - t0
+
+    step(*cached[0])  # warm-up
+    ts, tm = [], []
+    for _ in range(args.rounds):
+        ts.append(from_stream())
+        tm.append(from_memory())
+    s, m = statistics.median(ts), statistics.median(tm)
+    return [f"training, ResNet-18 at 224 px, {steps} steps of {args.batch_size}, {args.rounds} interleaved rounds:",
+            f"  batches in memory {m:7.2f} s   streamed from shards {s:7.2f} s   input pipeline costs "
+            f"{100 * (s - m) / m:+.1f}%"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=1536)
+    ap.add_argument("--per-shard", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--skip-training", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_shards(Path(tmp), args.samples, args.per_shard)
+        n_shards = math.ceil(args.samples / args.per_shard)
+        for line in pipeline_table(folder, args, n_shards):
+            print(line, flush=True)
+        if not args.skip_training:
+            for line in epoch_overhead(folder, args):
+                print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
