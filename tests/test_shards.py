@@ -223,7 +223,7 @@ def test_clear_errors(uneven, tmp_path):
         S.ShardStream(S.load_index(str(short)), key_of, keys_collate, 64, seed=0)
 
 
-def test_pack_index_inspect_roundtrip(tmp_path, capsys):
+def test_pack_index_inspect_roundtrip(tmp_path, capsys, monkeypatch):
     """`visrep data pack` of an image folder (photos of scikit-learn, JPEG bytes kept as they are),
     then `index` and `inspect`; the packed splits equal the in-memory source's."""
     import numpy as np
@@ -265,6 +265,22 @@ def test_pack_index_inspect_roundtrip(tmp_path, capsys):
     code, o = cli("pack", str(root), str(out))
     assert code == 2 and "--overwrite" in o.err and "Traceback" not in o.err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "nothing half-written"
+
+    # a Hugging Face dataset read as a stream (here the same folder through datasets' imagefolder builder,
+    # offline), written in one pass; it has only a train split, so val and test are held out by position
+    import datasets
+
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, conf=None, streaming=False: real(
+        "imagefolder", data_dir=str(root), streaming=streaming))
+    code, o = cli("pack", "hf:someone/photos", str(tmp_path / "streamed"), "--streaming", "--val-fraction", "0.2",
+                  "--test-fraction", "0.2")
+    assert code == 0, o.err
+    idx = {s: S.load_index(str(tmp_path / "streamed" / f"{s}.json")) for s in ("train", "val", "test")}
+    assert sum(i.total for i in idx.values()) == 20 and min(i.total for i in idx.values()) >= 1
+    assert idx["train"].classes == ["class0", "class1"]
+    got = {bytes(v["bytes"]) for s in idx.values() for v in S.read_split(s)["image"]}
+    assert got == {p.read_bytes() for p in root.rglob("*.jpg")}, "every image once, its bytes unchanged"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ any source the recipes read, index existing shards, and look inside them.
 
     visrep data pack DIR OUT                  # a class-per-folder image tree (optionally train/ val/ test/)
     visrep data pack hf:NAME[:CONFIG] OUT     # a Hugging Face dataset (image + label columns)
+    visrep data pack hf:NAME OUT --streaming  # the same read as a stream, written in one pass
     visrep data pack captions.jsonl OUT       # image-text pairs: a captions file beside its images
     visrep data pack digits OUT [--pairs]     # the embedded digits (classification, or captioned pairs)
     visrep data index 'pipe:aws s3 cp s3://b/train-{000000..000099}.tar -' train.json
@@ -41,7 +42,12 @@ def register(subparsers) -> None:
     p.add_argument("--test-fraction", type=float, default=0.15)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--caption-column", default="caption", help="hf / captions file: the caption column")
-    p.add_argument("--label-column", default=None, help="pairs: a class column (enables zero-shot evaluation)")
+    p.add_argument("--label-column", default=None,
+                   help="the class column (hf --streaming: default 'label'; pairs: enables zero-shot evaluation)")
+    p.add_argument("--image-column", default="image", help="hf --streaming: the image column")
+    p.add_argument("--streaming", action="store_true",
+                   help="hf:NAME only: read the dataset as a stream and write the shards in one pass (no full "
+                        "download first); missing val/test splits are held out of train by position")
     p.add_argument("--overwrite", action="store_true", help="replace OUT once the new shards are complete")
     p.set_defaults(func=_pack)
 
@@ -150,31 +156,109 @@ def _pairs_source(args):
     return rows, meta
 
 
-def write_shards(rows, folder: Path, split: str, shard_size: int) -> list:
-    """Write ``rows`` (dicts of extension -> bytes) as ``folder/SPLIT-NNNNNN.tar`` shards of
-    ``shard_size`` samples (keys: the running sample number); returns the :class:`Shard` list."""
-    import tarfile
+class ShardWriter:
+    """Writes samples (dicts of extension -> bytes) as ``folder/SPLIT-NNNNNN.tar`` shards of ``shard_size``
+    samples, keyed by their running number; :meth:`close` returns the :class:`Shard` list."""
 
-    from visrep.data.shards import Shard
+    def __init__(self, folder: Path, split: str, shard_size: int):
+        self.folder, self.split, self.shard_size = folder, split, shard_size
+        self.shards, self.tf, self.n_in, self.k = [], None, 0, 0
 
-    shards, tf, n_in, k = [], None, 0, 0
+    def _close_shard(self) -> None:
+        if self.tf is not None:
+            self.tf.close()
+            from visrep.data.shards import Shard
 
-    def close():
-        if tf is not None:
-            tf.close()
-            shards.append(Shard(str(folder / f"{split}-{len(shards):06d}.tar"), n_in))
+            self.shards.append(Shard(str(self.folder / f"{self.split}-{len(self.shards):06d}.tar"), self.n_in))
+            self.tf = None
 
-    for row in rows:
-        if tf is None or n_in == shard_size:
-            close()
-            tf, n_in = tarfile.open(folder / f"{split}-{len(shards):06d}.tar", "w", format=tarfile.USTAR_FORMAT), 0
+    def add(self, row: dict) -> None:
+        import tarfile
+
+        if self.tf is None or self.n_in == self.shard_size:
+            self._close_shard()
+            name = self.folder / f"{self.split}-{len(self.shards):06d}.tar"
+            self.tf, self.n_in = tarfile.open(name, "w", format=tarfile.USTAR_FORMAT), 0
         for ext, data in row.items():
-            info = tarfile.TarInfo(f"{k:08d}.{ext}")
+            info = tarfile.TarInfo(f"{self.k:08d}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
-            tf.addfile(info, io.BytesIO(data))
-        n_in, k = n_in + 1, k + 1
-    close()
-    return shards
+            self.tf.addfile(info, io.BytesIO(data))
+        self.n_in, self.k = self.n_in + 1, self.k + 1
+
+    def close(self) -> list:
+        self._close_shard()
+        return self.shards
+
+
+def write_shards(rows, folder: Path, split: str, shard_size: int) -> list:
+    """Write ``rows`` as the shards of one split (:class:`ShardWriter`); returns the :class:`Shard` list."""
+    w = ShardWriter(folder, split, shard_size)
+    for row in rows:
+        w.add(row)
+    return w.close()
+
+
+def _hf_streaming_source(args, pairs: bool):
+    """A Hugging Face dataset read in streaming mode (nothing downloaded up front), written in one pass.
+    Splits the dataset lacks are held out of train by a fixed scatter of sample positions (not
+    stratified: a stream's labels are not known in advance)."""
+    import datasets
+
+    from visrep.data.pairs import GENERIC_TEMPLATES
+    from visrep.errors import MissingKeyError
+
+    name, _, conf = args.src[3:].partition(":")
+    d = datasets.load_dataset(name, conf or None, streaming=True)
+    if "train" not in d:
+        raise MissingKeyError(f"'{name}' has no 'train' split (it has {sorted(d)}); cannot pack it.")
+    val = next((s for s in ("validation", "val", "valid") if s in d), None)
+    test = "test" if "test" in d else None
+    label_col = args.label_column or (None if pairs else "label")
+    feats = d["train"].features or {}
+    for col in (args.image_column, label_col, args.caption_column if pairs else None):
+        if col is not None and feats and col not in feats:
+            raise MissingKeyError(f"column '{col}' not in '{name}' (columns: {sorted(feats)}); set --image-column, "
+                                  f"--label-column or --caption-column.")
+    feat = feats.get(label_col) if label_col else None
+    classes = list(feat.names) if isinstance(feat, datasets.ClassLabel) else []
+    ids = {c: i for i, c in enumerate(classes)}
+    meta = {"kind": "pairs" if pairs else "classification", "classes": classes}
+    if pairs:
+        meta["templates"] = list(GENERIC_TEMPLATES)
+
+    def row(r: dict) -> dict:
+        data, ext = _image_bytes(r[args.image_column])
+        out = {ext: data}
+        if label_col is not None:
+            v = r[label_col]
+            y = int(v) if isinstance(feat, datasets.ClassLabel) else ids.setdefault(str(v), len(ids))
+            if y >= len(classes):
+                classes.append(str(v))
+            out["cls"] = str(y).encode()
+        if pairs:
+            caps = r[args.caption_column]
+            caps = [caps] if isinstance(caps, str) else [str(c) for c in caps]
+            out.update(txt=caps[0].encode(), json=json.dumps({"captions": caps}).encode())
+        return out
+
+    def iter_rows():
+        def stream(split):
+            return d[split].cast_column(args.image_column, datasets.Image(decode=False))
+
+        for i, r in enumerate(stream("train")):
+            u = (i * 2654435761 % 2 ** 32) / 2 ** 32  # Knuth's multiplicative scatter of positions
+            if val is None and u < args.val_fraction:
+                yield "val", row(r)
+            elif test is None and 1.0 - u <= args.test_fraction:
+                yield "test", row(r)
+            else:
+                yield "train", row(r)
+        for split, hf_split in (("val", val), ("test", test)):
+            if hf_split is not None:
+                for r in stream(hf_split):
+                    yield split, row(r)
+
+    return iter_rows, meta
 
 
 def _pack(args) -> int:
@@ -187,17 +271,34 @@ def _pack(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DataError(f"'{out}' exists and is not empty; choose another folder or pass --overwrite.")
     pairs = args.pairs or Path(args.src).suffix.lower() in (".jsonl", ".csv")
-    rows, meta = (_pairs_source if pairs else _classification_source)(args)
+    if args.streaming:
+        if not args.src.startswith("hf:"):
+            raise DataError(f"--streaming reads a Hugging Face dataset (hf:NAME), not '{args.src}'.")
+        iter_rows, meta = _hf_streaming_source(args, pairs)
+    else:
+        rows, meta = (_pairs_source if pairs else _classification_source)(args)
+
+        def iter_rows():
+            for split in SPLITS:
+                for r in rows(split):
+                    yield split, r
+
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        writers = {split: ShardWriter(tmp, split, args.shard_size) for split in SPLITS}
+        for split, r in iter_rows():
+            writers[split].add(r)
         summary = {}
-        for split in SPLITS:
-            shards = write_shards(rows(split), tmp, split, args.shard_size)
+        for split, w in writers.items():
+            shards = w.close()
+            if not shards:
+                raise DataError(f"packing '{args.src}' gave no '{split}' samples; adjust --val-fraction / "
+                                f"--test-fraction or the source.")
             # the index names the shards relative to itself, so it stays valid after the rename below
             write_index(tmp / f"{split}.json", shards, meta)
-            summary[split] = (len(shards), sum(s.nsamples for s in shards))
+            summary[split] = (len(shards), sum(sh.nsamples for sh in shards))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
