@@ -14,7 +14,7 @@ TINY = {
     "teacher": {"source": "train", "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.5}},
                 "train_epochs": 2, "optim": {"lr": 0.05}},
     "student": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
-    "kd": {"temperature": 4.0, "kd_weight": 0.9},
+    "kd": {"temperature": 4.0, "kd_weight": 0.9, "allow_weaker_teacher": True},  # 2-epoch teachers: no guard
     "optim": {"lr": 0.05},
     "schedule": {"epochs": 2, "warmup_epochs": 0.5},
     "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
@@ -360,3 +360,38 @@ def test_full_disk_stops_cleanly_and_the_run_continues_once_space_is_freed(tiny,
     filler.unlink()
     run_recipe("distill", ["--config", str(tiny), "--output-dir", str(out), "--resume", "latest"])
     assert_same_run(straight[0], out)
+
+
+def test_check_teacher_refuses_a_weaker_teacher_unless_allowed(tmp_path):
+    """The guard before the KD stage: equal or better passes; weaker stops with the figures and both ways
+    out; kd.allow_weaker_teacher only warns."""
+    import dataclasses
+    import types
+
+    from ds_helpers import load_recipe
+
+    mod = load_recipe("distill")
+    printed = []
+    run = types.SimpleNamespace(print=printed.append, run_dir=tmp_path)
+    cfg = mod.DistillRecipeConfig()
+    mod.check_teacher(run, cfg, 0.9, 0.9)
+    with pytest.raises(mod.WeakTeacherError, match=r"validation accuracy 0\.6200, below the student trained from "
+                                                  r"scratch \(0\.8900\).*--kd.allow-weaker-teacher True") as e:
+        mod.check_teacher(run, cfg, 0.62, 0.89)
+    assert e.value.same_on_every_rank and str(tmp_path) in str(e.value)
+    mod.check_teacher(run, dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, allow_weaker_teacher=True)), 0.62, 0.89)
+    assert "Distilling anyway" in printed[-1] and printed[0].startswith("[distill] validation accuracy: teacher 0.9000")
+
+
+def test_default_preset_scales_the_learning_rates_with_the_global_batch():
+    """digits.yaml: lr per 128 images, so 0.025 / 0.05 (teacher / student) at 32 x 1 process and twice that
+    at 32 x 2; warmup in steps; T and weight as chosen on the photo folder's validation split."""
+    from visrep.engine.config import load_yaml
+
+    from ds_helpers import load_recipe
+
+    mod = load_recipe("distill")
+    cfg = load_yaml(mod.DistillRecipeConfig, ROOT / "recipes" / "configs" / "digits.yaml")
+    assert [cfg.teacher.optim.peak_lr(32 * w) for w in (1, 2)] == [0.025, 0.05]
+    assert [cfg.optim.peak_lr(32 * w) for w in (1, 2)] == [0.05, 0.1]
+    assert cfg.schedule.warmup_steps == 40 and (cfg.kd.temperature, cfg.kd.kd_weight) == (2.0, 0.5)

@@ -94,7 +94,7 @@ def test_two_nodes_on_one_machine_write_one_checkpoint(tmp_path):
     preset = write_preset(tmp_path / "tiny.yaml", {
         "data": {"image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
         "teacher": {"model": {"name": "resnet20", "kwargs": {"width": 0.25}}, "train_epochs": 1},
-        "student": {"name": "resnet20", "kwargs": {"width": 0.25}},
+        "student": {"name": "resnet20", "kwargs": {"width": 0.25}}, "kd": {"allow_weaker_teacher": True},
         "schedule": {"epochs": 1}, "run": {"batch_size": 32, "progress": False}})
     out = tmp_path / "run"
     files = write_launch_files(LaunchSpec("distill", ["--config", str(preset), "--output-dir", str(out)], nodes=2,

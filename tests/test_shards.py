@@ -254,8 +254,12 @@ def test_pack_index_inspect_roundtrip(tmp_path, capsys, monkeypatch):
         idx = S.load_index(str(out / f"{split}.json"))
         got = S.read_split(idx)
         assert idx.classes == ["class0", "class1"] and idx.total == len(ref[split])
-        assert got["label"] == ref[split]["label"]
-        assert [v["bytes"] for v in got["image"]] == [open(v["path"], "rb").read() for v in ref[split]["image"]]
+        # the same (image bytes, label) pairs as the in-memory split, written in a shuffled order
+        packed = [(v["bytes"], y) for v, y in zip(got["image"], got["label"])]
+        want = [(open(v["path"], "rb").read(), y) for v, y in zip(ref[split]["image"], ref[split]["label"])]
+        assert sorted(packed) == sorted(want)
+        if split == "train":
+            assert [y for _, y in packed] != sorted(y for _, y in packed), "not written class by class"
     code, _ = cli("index", str(out / "train-{000000..000003}.tar"), str(tmp_path / "again.json"))
     assert code == 0
     assert S.load_index(str(tmp_path / "again.json")).counts == S.load_index(str(out / "train.json")).counts
@@ -304,7 +308,7 @@ def packed(tmp_path_factory):
 def test_distill_on_shards_in_2_processes_stops_before_a_weaker_teacher(tmp_path):
     """2 processes stream the packed digits (DDP: unequal batch counts would hang); the teacher is left
     untrained (lr 1e-6: chance, 0.1), so the recipe stops after the student from scratch with one clear
-    message; resuming with --kd.allow-weaker-teacher True keeps the trained stages and distils."""
+    message, said once (the guard itself: test_distill_recipe.py::test_check_teacher_...)."""
     from helpers import run_recipe, write_preset
     from visrep.cli import main
 
@@ -323,11 +327,7 @@ def test_distill_on_shards_in_2_processes_stops_before_a_weaker_teacher(tmp_path
     assert "--kd.allow-weaker-teacher True" in p.stderr
     state = json.loads(next((out / "checkpoints" / "scratch").glob("*/trainer_state.json")).read_text())
     assert state["total_steps"] == 2 * 19 and state["data_layout"]["world"] == 2  # 1257 // (2 x 32) = 19 per epoch
-    assert not (out / "models" / "kd").exists()
-    run_recipe("distill", ["--config", str(preset), "--output-dir", str(out), "--resume", "latest",
-                           "--kd.allow-weaker-teacher", "True"], processes=2)
-    r = json.loads((out / "results.json").read_text())
-    assert r["num_processes"] == 2 and r["teacher_val_acc"] < r["student_scratch_val_acc"]
+    assert not (out / "models" / "kd").exists() and (out / "models" / "scratch").exists()
 
 
 @pytest.mark.slow

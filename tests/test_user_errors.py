@@ -15,7 +15,7 @@ from visrep.errors import EXIT_USER_ERROR, DiskWriteError, UserError, message_of
 TINY = {
     "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
     "teacher": {"model": {"name": "resnet20", "kwargs": {"width": 0.25}}, "train_epochs": 1},
-    "student": {"name": "resnet20", "kwargs": {"width": 0.25}},
+    "student": {"name": "resnet20", "kwargs": {"width": 0.25}}, "kd": {"allow_weaker_teacher": True},
     "schedule": {"epochs": 1}, "run": {"batch_size": 32, "progress": False},
 }
 

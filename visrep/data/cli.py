@@ -86,6 +86,15 @@ def _image_bytes(value) -> tuple[bytes, str]:
     return data, {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}.get(fmt, fmt or "bin")
 
 
+def _written_order(n: int, seed: int) -> list[int]:
+    """Samples are written in a seeded random order: sources list them by class (an image folder, many
+    datasets), and a stream only shuffles within a window of samples, so class-sorted shards would give
+    batches of one class."""
+    import numpy as np
+
+    return np.random.default_rng([seed, 0x5EED]).permutation(n).tolist()
+
+
 def _classification_source(args):
     from visrep.data.sources import DataConfig, class_names, load_splits
 
@@ -103,9 +112,10 @@ def _classification_source(args):
 
     def rows(split):
         ds = splits[split]
-        for image, label in zip(ds["image"], ds["label"]):
-            data, ext = _image_bytes(image)
-            yield {ext: data, "cls": str(int(label)).encode()}
+        images, labels = ds["image"], ds["label"]
+        for i in _written_order(len(ds), args.split_seed):
+            data, ext = _image_bytes(images[i])
+            yield {ext: data, "cls": str(int(labels[i])).encode()}
 
     return rows, {"kind": "classification", "classes": classes}
 
@@ -144,8 +154,10 @@ def _pairs_source(args):
 
     def rows(split):
         ds = ps.splits[split]
+        images, labels = ds["image"], ds["label"]
         caps_col = ds["captions"] if "captions" in ds.column_names else [None] * len(ds)
-        for i, (image, label, caps) in enumerate(zip(ds["image"], ds["label"], caps_col)):
+        for i in _written_order(len(ds), args.split_seed):
+            image, label, caps = images[i], labels[i], caps_col[i]
             data, ext = _image_bytes(image)
             c = captions(split, i, int(label), caps)
             row = {ext: data, "txt": c[0].encode(), "json": json.dumps({"captions": c}).encode()}
@@ -242,8 +254,9 @@ def _hf_streaming_source(args, pairs: bool):
         return out
 
     def iter_rows():
-        def stream(split):
-            return d[split].cast_column(args.image_column, datasets.Image(decode=False))
+        def stream(split):  # shard order and a 10,000-sample buffer shuffled (the source may be class-sorted)
+            ds = d[split].cast_column(args.image_column, datasets.Image(decode=False))
+            return ds.shuffle(seed=args.split_seed, buffer_size=10_000)
 
         for i, r in enumerate(stream("train")):
             u = (i * 2654435761 % 2 ** 32) / 2 ** 32  # Knuth's multiplicative scatter of positions
