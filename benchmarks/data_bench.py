@@ -68,8 +68,27 @@ def visrep_loader(folder: Path, batch: int, workers: int):
     return StreamLoader(ds, num_workers=workers)
 
 
+def _open_clip_on_webdataset_1x() -> None:
+    """open_clip's training code is written for webdataset <= 0.2.86; webdataset 1.x ends each shard with an
+    empty end-of-shard marker that its ``group_by_keys_nothrow`` does not expect. Skip the marker (the
+    only change to open_clip's pipeline)."""
+    import open_clip_train.data as ocd
+
+    if getattr(ocd.group_by_keys_nothrow, "_visrep_shim", False):
+        return
+    original = ocd.group_by_keys_nothrow
+
+    def group_by_keys(data, *args, **kwargs):
+        return original((s for s in data if s), *args, **kwargs)
+
+    group_by_keys._visrep_shim = True
+    ocd.group_by_keys_nothrow = group_by_keys
+
+
 def open_clip_loader(folder: Path, batch: int, workers: int, n: int, n_shards: int):
     from open_clip_train.data import get_wds_dataset
+
+    _open_clip_on_webdataset_1x()
 
     tf = transform()
     args = SimpleNamespace(train_data=str(folder / f"train-{{000000..{n_shards - 1:06d}}}.tar"),

@@ -114,6 +114,26 @@ def test_resampled_mode_draws_fixed_epochs_and_resumes_exactly(uneven):
     assert epoch_batches(loaders[0], 4) != runs[0]
 
 
+def test_zipped_streams_pair_batches_and_resume_together(uneven):
+    """Adaptation's two streams: batch i of each, paired; the shorter one sets the length; a resumed pass
+    continues both at the same batch."""
+    def zipped():
+        a = stream(uneven, rank=0, world=1, batch=8, workers=0)
+        b = S.StreamLoader(S.ShardStream(S.load_index(str(uneven / "train.json")), key_of,
+                                         lambda xs: (torch.tensor(xs), torch.tensor(xs)), 8, seed=99, rank=0, world=1))
+        a.dataset.collate_fn = lambda xs: (torch.tensor(xs), torch.tensor(xs))
+        return S.ZippedStreams(a, b)
+
+    z = zipped()
+    z.set_epoch(2)
+    whole = [((xa.tolist(), xb.tolist()), y.tolist()) for (xa, xb), y in z]
+    assert len(whole) == len(z) == 27 and all(xa == y for (xa, _), y in whole)
+    assert any(xa != xb for (xa, xb), _ in whole), "two streams, two orders"
+    z2 = zipped()
+    z2.set_epoch(2)
+    assert [((xa.tolist(), xb.tolist()), y.tolist()) for (xa, xb), y in z2.start_at(11)] == whole[11:]
+
+
 def test_remainder_is_dropped_not_repeated(uneven, tmp_path):
     index = S.load_index(str(uneven / "train.json"))
     index.shards[-1] = S.Shard(index.shards[-1].url, 28)  # 215 samples: 26 batches of 4 per rank, 7 left over

@@ -111,11 +111,11 @@ def _classification_source(args):
     classes = class_names(splits)
 
     def rows(split):
-        ds = splits[split]
-        images, labels = ds["image"], ds["label"]
+        ds = splits[split]  # read row by row (Arrow, memory-mapped): a large split never sits in memory
         for i in _written_order(len(ds), args.split_seed):
-            data, ext = _image_bytes(images[i])
-            yield {ext: data, "cls": str(int(labels[i])).encode()}
+            r = ds[i]
+            data, ext = _image_bytes(r["image"])
+            yield {ext: data, "cls": str(int(r["label"])).encode()}
 
     return rows, {"kind": "classification", "classes": classes}
 
@@ -154,10 +154,9 @@ def _pairs_source(args):
 
     def rows(split):
         ds = ps.splits[split]
-        images, labels = ds["image"], ds["label"]
-        caps_col = ds["captions"] if "captions" in ds.column_names else [None] * len(ds)
         for i in _written_order(len(ds), args.split_seed):
-            image, label, caps = images[i], labels[i], caps_col[i]
+            r = ds[i]
+            image, label, caps = r["image"], r["label"], r.get("captions")
             data, ext = _image_bytes(image)
             c = captions(split, i, int(label), caps)
             row = {ext: data, "txt": c[0].encode(), "json": json.dumps({"captions": c}).encode()}

@@ -7,6 +7,7 @@ across ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -72,6 +73,20 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, int(index)]).generate_state(1, dtype=np.uint32)[0])
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Inside: the global CPU generator seeded with ``seed`` (what the transforms draw from); after: its
+    previous state. Only the CPU generator is touched: ``torch.manual_seed`` also queues a CUDA seeding
+    call on a CUDA build, formatting the Python stack each time while CUDA is not started (measured:
+    0.29 ms a sample with it, most of the gap to open_clip's pipeline at 224 px)."""
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
 class EpochIndex(int):
     """A sample index that carries the epoch it was drawn for. :class:`EpochSampler` yields these, so a
     dataset reads the epoch from the index (:func:`epoch_of`) instead of from its own ``set_epoch`` --
@@ -133,8 +148,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.seed is None:
             x = self.transform(img)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch_of(index, self.epoch), index))
+            with seeded(sample_seed(self.seed, epoch_of(index, self.epoch), index)):
                 x = self.transform(img)
         return x, int(self.labels[index])
 

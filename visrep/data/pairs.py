@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from visrep.data.images import (EpochSampler, build_transforms, decode_image, drop_unreadable, loader_options,
-                                epoch_of, sample_seed)
+                                epoch_of, sample_seed, seeded)
 from visrep.data import shards
 from visrep.data.sources import DataConfig, load_splits
 from visrep.errors import DataError, MissingFileError, MissingKeyError
@@ -334,8 +334,7 @@ class PairDataset(torch.utils.data.Dataset):
         if self.train:
             s = sample_seed(self.seed, epoch_of(index, self.epoch), index)
             text = self.caption(index, np.random.default_rng(s))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
+            with seeded(s):
                 x = self.transform(img)
         else:
             text, x = self.caption(index), self.transform(img)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from visrep.data.images import decode_image, sample_seed, CorruptImageError
+from visrep.data.images import CorruptImageError, decode_image, sample_seed, seeded
 from visrep.errors import DataError, MissingFileError
 
 log = logging.getLogger(__name__)
@@ -347,8 +347,7 @@ class ImageSamples:
     def __call__(self, sample: dict, ordinal: int, epoch: int):
         img = decode_image(_image_value(sample), self.mode, "train")
         y = sample_label(sample)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, ordinal))
+        with seeded(sample_seed(self.seed, epoch, ordinal)):
             x = self.transform(img)
         return x, y
 
@@ -365,8 +364,7 @@ class PairSamples:
         caps = sample_captions(sample)
         s = sample_seed(self.seed, epoch, ordinal)
         text = caps[int(np.random.default_rng(s).integers(len(caps)))] if len(caps) > 1 else caps[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+        with seeded(s):
             x = self.transform(img)
         key = zlib.crc32(caps[0].encode()) & 0x7FFFFFFF
         return x, self.tokenizer([text])[0], sample_label(sample, required=False), key
