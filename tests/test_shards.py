@@ -351,8 +351,12 @@ def test_distill_on_shards_in_2_processes_stops_before_a_weaker_teacher(tmp_path
 
 
 @pytest.mark.slow
-def test_byol_and_clip_train_on_packed_shards(packed, tmp_path):
-    from helpers import run_recipe, write_preset
+def test_byol_and_clip_train_on_packed_shards(packed, tmp_path, capsys):
+    from helpers import run_in_process, write_preset
+
+    def run_recipe(recipe, argv):  # in this process: no interpreter start-up
+        p = run_in_process(recipe, argv, capsys)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
     byol = write_preset(tmp_path / "b.yaml", {
         "data": {"source": "shards", "data_dir": str(packed / "cls"), "image_size": 16, "hflip": 0.0},
@@ -377,10 +381,14 @@ def test_byol_and_clip_train_on_packed_shards(packed, tmp_path):
 
 
 @pytest.mark.slow
-def test_adapt_and_finetune_train_on_packed_shards(packed, tmp_path):
+def test_adapt_and_finetune_train_on_packed_shards(packed, tmp_path, capsys):
     """Adaptation pairs two streams batch by batch (digits -> Digits-M shards, CORAL); fine-tuning streams
     its target (Digits-M shards) after a source stage on the in-memory digits."""
-    from helpers import run_recipe, write_preset
+    from helpers import run_in_process, write_preset
+
+    def run_recipe(recipe, argv):  # in this process: no interpreter start-up
+        p = run_in_process(recipe, argv, capsys)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
     small = {"model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}}}
     adapt = write_preset(tmp_path / "a.yaml", {
