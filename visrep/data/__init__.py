@@ -43,18 +43,18 @@ class ClassificationData:
         whole split in memory, or the first ``data.shards.eval_max_samples`` of a sharded source."""
         if isinstance(self.train, ImageDataset):
             return self.train.ds
-        return shards.eval_splits(self.cfg, splits=("train",))[0]["train"]
+        return shards.read_split(self.train.index, limit=self.cfg.shards.eval_max_samples)
 
 
 def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, batch_size: int,
                               eval_batch_size: int, num_workers: int = 0,
                               train_transform: Optional[Callable] = None, splits=None) -> ClassificationData:
     """Loaders for the configured source. ``data_config`` is the backbone's (mean, std, ...); the
-    training transform can be replaced (e.g. by two-view SSL augmentation)."""
-    if cfg.source == "shards" and splits is None:
-        return _sharded_classification_data(cfg, data_config, seed, batch_size, eval_batch_size, num_workers,
-                                            train_transform)
-    splits = splits if splits is not None else load_splits(cfg)
+    training transform can be replaced (e.g. by two-view SSL augmentation). With ``data.source: shards``
+    the training split is streamed (split by rank and worker) and val / test are read into memory."""
+    streamed = cfg.source == "shards" and splits is None
+    if splits is None:
+        splits = shards.eval_splits(cfg)[0] if streamed else load_splits(cfg)
     mode = "RGB" if cfg.channels == 3 else "L"
     if cfg.on_corrupt == "skip":
         for name in list(splits):
@@ -63,42 +63,22 @@ def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, bat
     train_tf = train_transform or build_transforms(dc, cfg.image_size, train=True, hflip=cfg.hflip,
                                                    augment=cfg.augment)
     eval_tf = build_transforms(dc, cfg.image_size, train=False)
-    train = ImageDataset(splits["train"], train_tf, mode, "train", seed=seed)
+    kw = loader_options(num_workers, collate)
+    if streamed:
+        train_loader = shards.train_stream(cfg, shards.ImageSamples(train_tf, mode, seed), collate, batch_size, seed,
+                                           kw["num_workers"], kw["pin_memory"])
+        train, sampler = train_loader.dataset, None
+    else:
+        train = ImageDataset(splits["train"], train_tf, mode, "train", seed=seed)
+        sampler = EpochSampler(len(train), seed)
+        train_loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **kw)
     val = ImageDataset(splits["val"], eval_tf, mode, "val")
     test = ImageDataset(splits["test"], eval_tf, mode, "test")
-    sampler = EpochSampler(len(train), seed)
-    kw = loader_options(num_workers, collate)
     return ClassificationData(
-        train=train, val=val, test=test,
-        train_loader=torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **kw),
+        train=train, val=val, test=test, train_loader=train_loader,
         val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **kw),
         test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **kw),
         sampler=sampler, classes=class_names(splits), cfg=cfg)
-
-
-def _sharded_classification_data(cfg: DataConfig, data_config: dict, seed: int, batch_size: int,
-                                 eval_batch_size: int, num_workers: int,
-                                 train_transform: Optional[Callable]) -> ClassificationData:
-    """Training streamed from the shards (split by rank and worker), val / test read into memory."""
-    mode = "RGB" if cfg.channels == 3 else "L"
-    dc = dict(data_config, input_size=(cfg.channels, cfg.image_size, cfg.image_size))
-    train_tf = train_transform or build_transforms(dc, cfg.image_size, train=True, hflip=cfg.hflip,
-                                                   augment=cfg.augment)
-    eval_tf = build_transforms(dc, cfg.image_size, train=False)
-    kw = loader_options(num_workers, collate)
-    loader = shards.train_stream(cfg, shards.ImageSamples(train_tf, mode, seed), collate, batch_size, seed,
-                                 kw["num_workers"], kw["pin_memory"])
-    splits, _ = shards.eval_splits(cfg)
-    if cfg.on_corrupt == "skip":
-        for name in list(splits):
-            splits[name], _ = drop_unreadable(splits[name], mode, name)
-    val = ImageDataset(splits["val"], eval_tf, mode, "val")
-    test = ImageDataset(splits["test"], eval_tf, mode, "test")
-    return ClassificationData(
-        train=loader.dataset, val=val, test=test, train_loader=loader,
-        val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **kw),
-        test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **kw),
-        sampler=None, classes=list(splits["val"].features["label"].names), cfg=cfg)
 
 
 __all__ = ["DataConfig", "ShardsConfig", "shards", "ClassificationData", "CorruptImageError", "EpochSampler", "ImageDataset",

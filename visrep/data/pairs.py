@@ -270,12 +270,24 @@ def _hf(cfg: PairsConfig) -> PairSplits:
     return PairSplits(splits, [[n] for n in names] or None, list(cfg.zero_shot_templates or GENERIC_TEMPLATES))
 
 
+def _shards(cfg: PairsConfig) -> PairSplits:
+    """val and test of the shards in memory (the training split is streamed: :func:`build_pair_data`).
+    Class names (zero-shot) and prompt templates come from the index (``visrep data pack`` records
+    them), else the configured templates."""
+    ev, meta = shards.eval_splits(cfg, pairs=True)
+    names = meta.get("classnames") or ([[c] for c in meta["classes"]] if meta.get("classes") else None)
+    return PairSplits(ev, names, list(cfg.zero_shot_templates or meta.get("templates") or GENERIC_TEMPLATES),
+                      meta.get("train_templates"))
+
+
 def load_pair_splits(cfg: PairsConfig) -> PairSplits:
-    """The three splits of the configured source, images undecoded."""
+    """The three splits of the configured source, images undecoded (``shards``: val and test only)."""
     if cfg.source == "digits":
         out = _digits(cfg)
     elif cfg.source == "hf":
         out = _hf(cfg)
+    elif cfg.source == "shards":
+        out = _shards(cfg)
     else:
         out = _folder(cfg)
     if cfg.on_corrupt == "skip":
@@ -368,52 +380,33 @@ def build_pair_data(cfg: PairsConfig, data_config: dict, tokenizer: Callable, se
                     eval_batch_size: int, num_workers: int = 0, splits: Optional[PairSplits] = None) -> PairData:
     """Loaders (unprepared) of the three splits. ``batch_size`` is what one loader batch holds (the
     recipe passes per-device batch x accumulation chunks)."""
+    ps = splits or load_pair_splits(cfg)
     mode = "RGB" if cfg.channels == 3 else "L"
     dc = dict(data_config, input_size=(cfg.channels, cfg.image_size, cfg.image_size))
     train_tf = build_transforms(dc, cfg.image_size, train=True, hflip=cfg.hflip, augment=cfg.augment)
     eval_tf = build_transforms(dc, cfg.image_size, train=False)
-    if cfg.source == "shards" and splits is None:
-        return _sharded_pair_data(cfg, train_tf, eval_tf, mode, tokenizer, seed, batch_size, eval_batch_size,
-                                  num_workers)
-    ps = splits or load_pair_splits(cfg)
     kw = dict(tokenizer=tokenizer, mode=mode, classnames=ps.classnames)
-    train = PairDataset(ps.splits["train"], train_tf, split="train", train=True, seed=seed,
-                        templates=ps.train_templates, **kw)
+    lk = loader_options(num_workers, collate_pairs)
+    if cfg.source == "shards" and splits is None:  # streamed, split by rank and worker
+        train_loader = shards.train_stream(cfg, shards.PairSamples(train_tf, tokenizer, mode, seed), collate_pairs,
+                                           batch_size, seed, lk["num_workers"], lk["pin_memory"])
+        train, sampler = train_loader.dataset, None
+    else:
+        train = PairDataset(ps.splits["train"], train_tf, split="train", train=True, seed=seed,
+                            templates=ps.train_templates, **kw)
+        if len(train) < batch_size:
+            raise DataError(f"the training split has {len(train)} pairs, fewer than one batch of {batch_size}; "
+                            f"lower run.batch_size (or run.grad_accum).")
+        sampler = EpochSampler(len(train), seed)
+        train_loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                                   **lk)
     val = PairDataset(ps.splits["val"], eval_tf, split="val", templates=ps.eval_templates, **kw)
     test = PairDataset(ps.splits["test"], eval_tf, split="test", templates=ps.eval_templates, **kw)
-    if len(train) < batch_size:
-        raise DataError(f"the training split has {len(train)} pairs, fewer than one batch of {batch_size}; "
-                         f"lower run.batch_size (or run.grad_accum).")
-    sampler = EpochSampler(len(train), seed)
-    lk = loader_options(num_workers, collate_pairs)
     return PairData(
-        train=train, val=val, test=test,
-        train_loader=torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **lk),
+        train=train, val=val, test=test, train_loader=train_loader,
         val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **lk),
         test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **lk),
         sampler=sampler, classnames=ps.classnames, templates=ps.templates, train_templates=ps.train_templates)
-
-
-def _sharded_pair_data(cfg: PairsConfig, train_tf, eval_tf, mode: str, tokenizer: Callable, seed: int,
-                       batch_size: int, eval_batch_size: int, num_workers: int) -> PairData:
-    """Training pairs streamed from the shards, val / test in memory. Class names (zero-shot) and prompt
-    templates come from the index (``visrep data pack`` records them), else the configured templates."""
-    ev, meta = shards.eval_splits(cfg, pairs=True)
-    if cfg.on_corrupt == "skip":
-        for name in list(ev):
-            ev[name], _ = drop_unreadable(ev[name], mode, name)
-    names = meta.get("classnames") or ([[c] for c in meta["classes"]] if meta.get("classes") else None)
-    templates = list(cfg.zero_shot_templates or meta.get("templates") or GENERIC_TEMPLATES)
-    lk = loader_options(num_workers, collate_pairs)
-    loader = shards.train_stream(cfg, shards.PairSamples(train_tf, tokenizer, mode, seed), collate_pairs, batch_size,
-                                 seed, lk["num_workers"], lk["pin_memory"])
-    val = PairDataset(ev["val"], eval_tf, tokenizer, mode, "val", classnames=names)
-    test = PairDataset(ev["test"], eval_tf, tokenizer, mode, "test", classnames=names)
-    return PairData(
-        train=loader.dataset, val=val, test=test, train_loader=loader,
-        val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **lk),
-        test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **lk),
-        sampler=None, classnames=names, templates=templates, train_templates=meta.get("train_templates"))
 
 
 __all__ = ["PairsConfig", "PairSplits", "PairDataset", "PairData", "build_pair_data", "load_pair_splits",

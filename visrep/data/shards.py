@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from accelerate.data_loader import DataLoaderStateMixin
+from accelerate.state import GradientState
 
 from visrep.data.images import CorruptImageError, decode_image, sample_seed, seeded
 from visrep.errors import DataError, MissingFileError
@@ -155,30 +157,39 @@ def _key_ext(name: str) -> tuple[Optional[str], Optional[str]]:
     return base_plus_ext(name)
 
 
+def _open_tar(url: str) -> tarfile.TarFile:
+    """A local shard opened for seeking (members skipped without being read), anything else as a stream
+    through webdataset's ``gopen`` (``pipe:``, http, ...)."""
+    try:
+        if is_local(url):
+            return tarfile.open(_strip_file(url), mode="r:")
+        from webdataset import gopen
+
+        return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(f"shard '{url}' cannot be opened: {e}. Check the path or command (and that the shard "
+                        f"is a tar file).") from None
+
+
+def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, extension, member) of the files of a shard's samples, in order (webdataset's naming:
+    ``KEY.EXT``; metadata entries ``__*__`` and non-files skipped)."""
+    for member in tf:
+        if member.isreg():
+            k, ext = _key_ext(member.name)
+            if k is not None and not k.startswith("__"):
+                yield k, ext, member
+
+
 def iter_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
     """Samples ``start`` .. ``stop - 1`` of a shard, as dicts of ``extension -> bytes`` plus ``__key__``
     and ``__url__``. Members of the samples before ``start`` are skipped without being read (seeked
     over in a local file; read through and dropped in a stream)."""
-    local = is_local(url)
-    try:
-        if local:
-            tf = tarfile.open(_strip_file(url), mode="r:")
-        else:
-            from webdataset import gopen
-
-            tf = tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
-    except (OSError, tarfile.TarError) as e:
-        raise DataError(f"shard '{url}' cannot be opened: {e}. Check the path or command (and that the shard "
-                        f"is a tar file).") from None
+    tf = _open_tar(url)
     index, key, sample = -1, None, None
     try:
         with tf:
-            for member in tf:
-                if not member.isreg():
-                    continue
-                k, ext = _key_ext(member.name)
-                if k is None or k.startswith("__"):
-                    continue
+            for k, ext, member in _sample_members(tf):
                 if k != key:
                     if sample is not None:
                         yield sample
@@ -201,18 +212,12 @@ def count_samples(url: str) -> int:
 
 def iter_shard_keys(url: str) -> Iterator[str]:
     """The sample keys of a shard, in order, without reading the members' contents (local files)."""
+    tf = _open_tar(url)
+    key = None
     try:
-        if is_local(url):
-            tf = tarfile.open(_strip_file(url), mode="r:")
-        else:
-            from webdataset import gopen
-
-            tf = tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
-        key = None
         with tf:
-            for member in tf:
-                k, _ = _key_ext(member.name) if member.isreg() else (None, None)
-                if k is not None and not k.startswith("__") and k != key:
+            for k, _, _ in _sample_members(tf):
+                if k != key:
                     key = k
                     yield k
     except (OSError, tarfile.TarError, EOFError) as e:
@@ -482,12 +487,15 @@ class ShardStream(torch.utils.data.IterableDataset):
             start = 0
 
 
-class StreamLoader:
+class StreamLoader(DataLoaderStateMixin):
     """The training loader of a sharded source: ``len`` is the batches per rank per epoch (the same on
     every rank), :meth:`set_epoch` selects the epoch's plan and :meth:`start_at` resumes in the middle of
     one. Batches go to ``device`` (set by ``Run.prepare``: the stream is never handed to Accelerate,
     which would read it on one process and scatter it). Takes part in Accelerate's gradient
-    accumulation bookkeeping like a prepared loader (the last batch of an epoch ends an accumulation)."""
+    accumulation bookkeeping like a prepared loader (Accelerate's ``DataLoaderStateMixin``: the last
+    batch of an epoch ends an accumulation)."""
+
+    _drop_last = True  # DataLoaderStateMixin: every batch is whole
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0, pin_memory: bool = False,
                  track_gradient_state: bool = True):
@@ -495,8 +503,6 @@ class StreamLoader:
         self.track_gradient_state = track_gradient_state
         self.device: Optional[torch.device] = None
         self._start = 0
-        self.end_of_dataloader = False
-        self.remainder = -1
 
     def __len__(self) -> int:
         return self.dataset.batches_per_epoch()
@@ -516,7 +522,6 @@ class StreamLoader:
                 "samples": self.dataset.index.total}
 
     def __iter__(self):
-        from accelerate.state import GradientState
         from accelerate.utils import send_to_device
 
         ds, nw = self.dataset, max(1, self.num_workers)
@@ -525,10 +530,11 @@ class StreamLoader:
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                              pin_memory=self.pin_memory,
                                              prefetch_factor=2 if self.num_workers else None)
-        gradient_state = GradientState() if self.track_gradient_state else None
-        self.end_of_dataloader = False
-        if gradient_state is not None:
-            gradient_state._add_dataloader(self)
+        if self.track_gradient_state:
+            self.gradient_state = GradientState()
+            self.begin()
+        else:
+            self.reset()
         try:
             j = ds.skip
             for batch, (worker, n) in loader:
@@ -541,20 +547,20 @@ class StreamLoader:
                     batch = send_to_device(batch, self.device, non_blocking=self.pin_memory)
                 yield batch
         finally:
-            if gradient_state is not None:
-                gradient_state._remove_dataloader(self)
+            if self.track_gradient_state:
+                self.end()
 
 
-class ZippedStreams:
+class ZippedStreams(DataLoaderStateMixin):
     """Two streams batch by batch: ``((x_a, x_b), y_a)`` (domain adaptation: labelled source, unlabelled
     target). ``len`` is the shorter one's; epochs, resume positions and the device apply to both."""
+
+    _drop_last = True
 
     def __init__(self, first: StreamLoader, second: StreamLoader):
         self.first, self.second = first, second
         for s in (first, second):
             s.track_gradient_state = False  # this object is the loader Accelerate's accumulation sees
-        self.end_of_dataloader = False
-        self.remainder = -1
 
     @property
     def device(self):
@@ -580,12 +586,10 @@ class ZippedStreams:
         return {"first": self.first.layout(), "second": self.second.layout()}
 
     def __iter__(self):
-        from accelerate.state import GradientState
-
         start = max(self.first._start, self.second._start)
-        total, gs = len(self), GradientState()
-        self.end_of_dataloader = False
-        gs._add_dataloader(self)
+        total = len(self)
+        self.gradient_state = GradientState()
+        self.begin()
         a, b = iter(self.first), iter(self.second)
         try:
             for j in range(start, total):
@@ -595,7 +599,7 @@ class ZippedStreams:
         finally:
             for it in (a, b):
                 it.close()
-            gs._remove_dataloader(self)
+            self.end()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,12 +667,12 @@ def class_names_for(cfg) -> list[str]:
     return index.classes or list(read_split(index, limit=cfg.shards.eval_max_samples).features["label"].names)
 
 
-def eval_splits(cfg, pairs: bool = False, splits: Sequence[str] = ("val", "test")) -> tuple[dict, dict]:
-    """``splits`` of ``cfg``'s shards in memory (at most ``shards.eval_max_samples`` each, in order), and
-    the ``visrep`` entry of the first one's index (class names, ...)."""
+def eval_splits(cfg, pairs: bool = False) -> tuple[dict, dict]:
+    """val and test of ``cfg``'s shards in memory (at most ``shards.eval_max_samples`` each, in order), and
+    the ``visrep`` entry of the validation index (class names, ...)."""
     sc = cfg.shards
     out, meta = {}, None
-    for split in splits:
+    for split in ("val", "test"):
         index = load_index(sc.spec(split, cfg.data_dir), f"data.shards.{split}")
         out[split] = read_split(index, pairs=pairs, limit=sc.eval_max_samples)
         meta = index.meta if meta is None else meta

@@ -242,5 +242,6 @@ def with_label_budget(d, cfg: DataConfig):
 
 
 def class_names(splits) -> list[str]:
-    return list(splits["train"].features["label"].names)
+    """The label names (a streamed source's splits hold only val and test)."""
+    return list(splits["train" if "train" in splits else "val"].features["label"].names)
 
