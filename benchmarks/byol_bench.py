@@ -24,7 +24,6 @@ uses ``0.5 * (...)``, the same objective up to an affine map, i.e. another learn
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -32,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from timing import time_steps
+from timing import bench_parser, time_steps, update
 
 
 def make_backbone(args, seed: int = 0):
@@ -66,10 +65,7 @@ def ours(args, backbone, make_opt, accelerator, seed: int = 0):
     def step(v1, v2):
         with accelerator.autocast():
             out = model(v1, v2)
-        loss = byol_loss(*out["p"], *out["z_target"])
-        accelerator.backward(loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = update(opt, byol_loss(*out["p"], *out["z_target"]), accelerator.backward)
         ema.update(online, target)
         return loss
 
@@ -119,12 +115,8 @@ def peer(args, backbone, make_opt, heads_from):
         with autocast(args):
             p0, p1 = model(x0), model(x1)
             z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
-        loss = 4 + 2 * (criterion(p0.float(), z1.float()) + criterion(p1.float(), z0.float()))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         k[0] += 1
-        return loss
+        return update(opt, 4 + 2 * (criterion(p0.float(), z1.float()) + criterion(p1.float(), z0.float())))
 
     return step, model.backbone, model, opt
 
@@ -241,20 +233,13 @@ def accuracy(args, accelerator, seed: int):
 def main(argv=None):
     from accelerate import Accelerator
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, "auto", image_size=32, batch_size=64, rounds=6, steps=5, warmup=2, threads=None)
     p.add_argument("--backbone", default="resnet20")
     p.add_argument("--width", type=float, default=0.5, help="width multiplier (CIFAR ResNets); -1: none")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--proj-hidden", type=int, default=512, help="paper: 4096")
     p.add_argument("--proj-dim", type=int, default=128, help="paper: 256")
     p.add_argument("--base-tau", type=float, default=0.99)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--epochs", type=int, default=None,
                    help="accuracy: pre-training epochs on the digits (default: the preset's; 0: skip accuracy)")
     p.add_argument("--seeds", type=int, default=3, help="accuracy: runs with seeds 0..N-1 (init, data order)")

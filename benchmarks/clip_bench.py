@@ -18,7 +18,6 @@ open_clip (<= 1: ours uses no more).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from timing import bench_parser  # noqa: E402
 
 
 class SavedBytes:
@@ -163,15 +164,10 @@ def fmt_mem(b):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, "cpu", rounds=20, step_rounds=30, warmup=2, threads=2)
     ap.add_argument("--batch-size", type=int, default=1024, help="loss benchmark: batch per process")
     ap.add_argument("--width", type=int, default=256, help="loss benchmark: embedding width")
     ap.add_argument("--step-batch", type=int, default=128, help="training-step benchmark: batch")
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--step-rounds", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--skip-dist", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

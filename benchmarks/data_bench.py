@@ -13,7 +13,6 @@ medians; ratio = visrep's samples/s over the peer's.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import statistics
@@ -28,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from timing import bench_parser  # noqa: E402
 
 
 def make_shards(folder: Path, n: int, per_shard: int) -> Path:
@@ -186,13 +187,7 @@ def epoch_overhead(folder: Path, args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=1536)
-    ap.add_argument("--per-shard", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--train-steps", type=int, default=6)
+    ap = bench_parser(__doc__, samples=1536, per_shard=128, batch_size=64, workers=2, rounds=5, train_steps=6)
     ap.add_argument("--skip-training", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -10,13 +10,12 @@ step time of each is reported, in images per second, with the ratio ours / timm.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 
 import torch
 
-from timing import time_steps
+from timing import bench_parser, time_steps, update
 
 
 def make_models(args):
@@ -47,11 +46,7 @@ def ours(args, teacher, student, batches):
         logits = model(x)
         with acc.autocast():
             t_logits = frozen(x)
-        loss = loss_fn(logits, t_logits, y)["loss"]
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return update(opt, loss_fn(logits, t_logits, y)["loss"], acc.backward)
 
     return step
 
@@ -71,30 +66,20 @@ def peer(args, teacher, student, batches):
     def step(x, y):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = task(x, y)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return update(opt, loss)
 
     return step
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, "auto", image_size=32, batch_size=64, num_classes=10, rounds=5, steps=10, warmup=3)
     p.add_argument("--teacher", default="resnet56")
     p.add_argument("--student", default="mobilenetv3_small_050")
     p.add_argument("--small-input", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--kd-weight", type=float, default=0.9)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
 

@@ -9,7 +9,6 @@ the timed steps (data loading on the CPU reads CPU tensors, which is no sync).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -21,13 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import bench_parser  # noqa: E402
+
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--log-every", type=int, default=10)
+    p = bench_parser(__doc__.split("\n\n")[0], steps=30, batch_size=128, image_size=32, log_every=10)
     args = p.parse_args(argv)
 
     from visrep.data import DataConfig, build_classification_data

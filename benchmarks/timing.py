@@ -1,7 +1,43 @@
-"""Timing shared by the benchmark scripts."""
+"""Timing and command-line options shared by the benchmark scripts."""
 from __future__ import annotations
 
+import argparse
 import time
+
+# the options every timing benchmark reads alike (only their defaults differ)
+OPTION_HELP = {
+    "rounds": "interleaved rounds of ours and the peer; the table gives the medians",
+    "steps": "timed steps per round",
+    "warmup": "untimed steps before the first round (compilation, allocator, caches)",
+    "threads": "torch CPU threads (default: torch's choice)",
+    "batch_size": "images per step",
+    "image_size": "input height and width",
+}
+
+
+def bench_parser(doc: str, device: str | None = None, **int_options: int | None) -> argparse.ArgumentParser:
+    """An argument parser for a benchmark: ``doc`` as its description, an integer option ``--NAME`` for
+    each ``NAME=default`` keyword (underscores become dashes; help from ``OPTION_HELP``) and, with
+    ``device`` ("auto": CUDA where there is one), ``--device``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in int_options.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=OPTION_HELP.get(name))
+    if device is not None:
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        p.add_argument("--device", default=device, choices=["cpu", "cuda"])
+    return p
+
+
+def update(opt, loss, backward=None):
+    """The end of a timed training step: ``backward(loss)`` (default ``loss.backward()``; ours pass
+    the accelerator's), the optimizer step, gradients set to None; returns the loss."""
+    (backward or type(loss).backward)(loss)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def time_steps(step, batches, n: int, device: str) -> list[float]:

@@ -10,12 +10,11 @@ uniform wrapper costs nothing). CIFAR ResNets have no timm twin and are reported
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
-from timing import time_steps
+from timing import bench_parser, time_steps
 
 PAIRS = [("resnet20", None), ("resnet18", "resnet18"), ("mobilenetv2_100", "mobilenetv2_100")]
 
@@ -33,14 +32,9 @@ def step_fn(model, lr=0.01):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=32)
+    p = bench_parser(__doc__.split("\n\n")[0], "cpu", batch_size=64, image_size=32, rounds=8, steps=4)
     p.add_argument("--small-input", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="CIFAR stem for the models without a timm twin")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
     import timm

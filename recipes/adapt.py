@@ -39,6 +39,7 @@ from visrep.data.digits_m import load_digits_m_splits
 from visrep.engine import (BackboneConfig, OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer,
                            evaluate_classifier)
 from visrep.engine.export import export_model
+from visrep.engine.run import read_metrics
 from visrep.errors import main_entry
 from visrep.launch import finish_run
 from visrep.transfer import (AdaptationModel, BestOnValidation, CoralLoss, GRLSchedule, MultiKernelMMDLoss,
@@ -206,17 +207,8 @@ def main(argv=None) -> dict:
 def _over_run(run: Run, key: str, this_session: list[float]) -> list[float]:
     """Per-epoch values of ``key`` over the whole run: metrics.jsonl (written by the main process)
     keeps the epochs before a resume; this session's values when it cannot be read."""
-    import json
-
-    path, seen = run.run_dir / "metrics.jsonl", []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("stage") == "adapt" and key in rec:
-                seen.append(float(rec[key]))
+    seen = [float(rec[key]) for _, rec in read_metrics(run.run_dir / "metrics.jsonl")
+            if rec.get("stage") == "adapt" and key in rec]
     return seen if len(seen) >= len(this_session) else list(this_session)
 
 

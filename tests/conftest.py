@@ -17,6 +17,7 @@ if "VISREP_CACHE" not in os.environ:
     os.environ["VISREP_CACHE"] = tempfile.mkdtemp(prefix="visrep-test-cache-")
     atexit.register(shutil.rmtree, os.environ["VISREP_CACHE"], True)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -24,12 +25,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 CHEAP_MODULE_FIXTURES = {"tiny", "uneven", "packed"}  # presets, small shards: made again on another worker
 
+
 def pytest_collection_modifyitems(config, items):
     """For ``pytest -n 2 --dist loadgroup`` (``make test``): tests that share an expensive module-scoped
     fixture (a reference run) stay on one worker, so the run is made once; every other test goes
     wherever a worker is free."""
-    import pytest
-
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
         shared = sorted(name for name, fds in (defs.name2fixturedefs.items() if defs else ())
@@ -37,3 +37,20 @@ def pytest_collection_modifyitems(config, items):
         group = f"{item.module.__name__}::{shared[0]}" if shared else item.nodeid
         item.add_marker(pytest.mark.xdist_group(group))
 
+
+@pytest.fixture(scope="module")
+def tiny(request, tmp_path_factory):
+    """The module's ``TINY`` preset written as YAML (a recipe's ``--config``)."""
+    from helpers import write_preset
+
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    return write_preset(tmp_path_factory.mktemp("presets") / f"{name}.yaml", request.module.TINY)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each test of a module that builds ``Accelerator`` objects in-process starts from no state."""
+    from helpers import reset_accelerate
+
+    yield
+    reset_accelerate()

@@ -3,13 +3,13 @@ optimizer steps, clamping after each, then pull it down once. If the clamp reach
 and not DeepSpeed's fp32 master copy, the master would have drifted to cap + 3 lr and the down-step
 would leave the value at the cap instead of cap - lr. Prints the final value on the main process."""
 import math
-import os
 import sys
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from helpers import exit_cleanly
 from visrep.clip import clamp_logit_scale
 
 CAP = math.log(100.0)
@@ -43,10 +43,4 @@ value = float(net.logit_scale.detach().reshape(-1)[0]) if net.logit_scale.numel(
 if acc.is_main_process:
     print(f"FINAL {value:.6f} EXPECTED {CAP - 1.0:.6f}")
     sys.stdout.flush()
-acc.wait_for_everyone()
-torch.distributed.destroy_process_group()  # a clean shutdown: no gloo thread left behind at exit
-# Exit without interpreter teardown: a DDP/gloo object still alive then can abort the process
-# ("terminate called without an active exception") after the results are already written.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+exit_cleanly(acc)

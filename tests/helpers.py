@@ -17,6 +17,8 @@ def _base_env() -> dict:
     e = dict(os.environ)
     e.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
              ACCELERATE_USE_CPU="1", TOKENIZERS_PARALLELISM="false")
+    # scripts run in a subprocess import these helpers too (exit_cleanly)
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), e.get("PYTHONPATH")]))
     e.pop("ACCELERATE_CONFIG_FILE", None)
     return e
 
@@ -39,8 +41,6 @@ def run_in_process(recipe: str, argv: list[str], capsys) -> subprocess.Completed
     """``recipes/RECIPE.py ARGV`` as its ``__main__`` runs it (``visrep.errors.run_cli(main, argv)``) but in
     this process, for the checks that end before or soon after training starts (no interpreter start-up):
     (exit status, captured stdout, stderr). tyro's own usage errors exit with status 2 as they would."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from ds_helpers import load_recipe
     from visrep.errors import run_cli
 
@@ -51,10 +51,38 @@ def run_in_process(recipe: str, argv: list[str], capsys) -> subprocess.Completed
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 2
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     out = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+
+def reset_accelerate() -> None:
+    """Forget the process-wide Accelerate state, so the next ``Accelerator`` starts afresh."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def exit_cleanly(acc) -> None:
+    """The end of a script run by a launcher: wait for every rank, destroy the process group (no gloo
+    thread left behind) and exit without interpreter teardown, where a DDP/gloo object still alive can
+    abort the process ("terminate called without an active exception") after the results are written."""
+    import torch
+
+    acc.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def results(run_dir: Path) -> dict:
+    """A run's ``results.json``."""
+    import json
+
+    return json.loads((Path(run_dir) / "results.json").read_text())
 
 
 def write_preset(path: Path, data: dict) -> Path:
@@ -78,3 +106,21 @@ def run_recipe(recipe: str, args: list[str], processes: int = 1, timeout: int = 
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
+
+
+def ddp_reference(recipe: str, preset: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """Write ``preset`` and run ``recipe`` with it under 2-process DDP: (preset file, run directory), the
+    reference a DeepSpeed run of the same preset is compared with."""
+    path = write_preset(tmp_path / f"{recipe}.yaml", preset)
+    run_recipe(recipe, ["--config", str(path), "--output-dir", str(tmp_path / "ddp")], processes=2)
+    return path, tmp_path / "ddp"
+
+
+def straight_and_stopped(recipe: str, args: list[str], tmp_path: Path, stop_after: int, **kw) -> tuple[Path, Path]:
+    """``recipe ARGS`` run straight through in ``tmp_path/a`` and stopped after ``stop_after`` optimizer
+    steps in ``tmp_path/b`` (nothing final written there yet): the directories, for a resume of ``b``."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_recipe(recipe, [*args, "--output-dir", str(a)], **kw)
+    p = run_recipe(recipe, [*args, "--output-dir", str(b), "--run.stop-after-steps", str(stop_after)], **kw)
+    assert f"stopped after {stop_after} optimizer steps" in p.stdout + p.stderr and not (b / "results.json").exists()
+    return a, b

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_recipe, write_preset
+from helpers import results, run_recipe, straight_and_stopped
 
 TINY = {
     "source": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
@@ -19,23 +19,10 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_preset(tmp_path_factory.mktemp("presets") / "adapt_tiny.yaml", TINY)
-
-
-def results(d):
-    return json.loads((d / "results.json").read_text())
-
-
 @pytest.mark.slow
 def test_dann_resume_mid_epoch_equals_straight_run(tiny, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_recipe("adapt", ["--config", str(tiny), "--method", "dann", "--output-dir", str(a)])
     # 314 source images -> 9 batches of 32 per epoch, 18 steps: stop in the middle of epoch 2
-    p = run_recipe("adapt", ["--config", str(tiny), "--method", "dann", "--output-dir", str(b),
-                             "--run.stop-after-steps", "13"])
-    assert "stopped after 13 optimizer steps" in p.stdout + p.stderr
+    a, b = straight_and_stopped("adapt", ["--config", str(tiny), "--method", "dann"], tmp_path, 13)
     ckpt = b / "checkpoints" / "adapt" / "step_00000013"
     grl = torch.load(ckpt / "extra_grl.pt", weights_only=True)
     assert grl == {"num_steps": 13, "total_steps": 18}

@@ -14,15 +14,19 @@ from visrep.zoo.necks import FPN, UNet
 torch.manual_seed(0)
 
 
-def test_se_block_rescales_channels():
-    se = SEBlock(32, reduction=4)
-    x = torch.randn(2, 32, 7, 9)
-    y = se(x)
-    assert y.shape == x.shape
-    s = se.scale(x)
-    assert s.shape == (2, 32, 1, 1) and (s > 0).all() and (s < 1).all()
-    # a per-channel rescale: y / x is constant over positions within each channel
+def gated(gate, x):
+    """``gate(x)`` and its gates, checked: the output is the input times gates in (0, 1)."""
+    y, s = gate(x), gate.scale(x)
+    assert y.shape == x.shape and (s > 0).all() and (s < 1).all()
     assert torch.allclose(y, x * s)
+    return y, s
+
+
+def test_se_block_rescales_channels():
+    x = torch.randn(2, 32, 7, 9)
+    y, s = gated(SEBlock(32, reduction=4), x)
+    assert s.shape == (2, 32, 1, 1)
+    # a per-channel rescale: y / x is constant over positions within each channel
     ratio = y / x
     assert torch.allclose(ratio, ratio[..., :1, :1].expand_as(ratio), atol=1e-5)
 
@@ -30,14 +34,10 @@ def test_se_block_rescales_channels():
 def test_cbam_channel_then_spatial():
     cbam = CBAM(16, reduction=4)
     x = torch.randn(2, 16, 11, 13)
-    y = cbam(x)
-    assert y.shape == x.shape
-    xc = cbam.channel(x)
-    c_scale = cbam.channel.scale(x)
-    assert c_scale.shape == (2, 16, 1, 1) and torch.allclose(xc, x * c_scale)
-    s_scale = cbam.spatial.scale(xc)
-    assert s_scale.shape == (2, 1, 11, 13) and (s_scale > 0).all() and (s_scale < 1).all()
-    assert torch.allclose(y, xc * s_scale)
+    xc, c_scale = gated(cbam.channel, x)
+    y, s_scale = gated(cbam.spatial, xc)
+    assert c_scale.shape == (2, 16, 1, 1) and s_scale.shape == (2, 1, 11, 13)
+    assert torch.allclose(cbam(x), y)
     # spatial attention rescales positions: y / xc is constant across channels at each position
     ratio = y / xc
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-5)

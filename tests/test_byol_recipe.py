@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import free_port, ROOT, run_recipe, write_preset
+from helpers import free_port, ROOT, run_recipe, straight_and_stopped
 
 TINY = {
     "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
@@ -22,21 +22,13 @@ TINY = {
 STEPS_PER_EPOCH = 9  # 315 training digits (label_fraction 0.25) in batches of 32, last one dropped
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_preset(tmp_path_factory.mktemp("presets") / "tiny.yaml", TINY)
-
-
 def last_ckpt(run_dir):
     return sorted((run_dir / "checkpoints" / "byol").iterdir())[-1]
 
 
 @pytest.mark.slow
 def test_resume_restores_tau_step_and_target_exactly(tiny, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_recipe("byol", ["--config", str(tiny), "--output-dir", str(a)])
-    p = run_recipe("byol", ["--config", str(tiny), "--output-dir", str(b), "--run.stop-after-steps", "7"])
-    assert "stopped after 7 optimizer steps" in p.stdout + p.stderr
+    a, b = straight_and_stopped("byol", ["--config", str(tiny)], tmp_path, 7)
     ema = torch.load(last_ckpt(b) / "extra_ema_rank0.pt", weights_only=True)
     assert ema["step"] == 7 and ema["total_steps"] == 2 * STEPS_PER_EPOCH
     run_recipe("byol", ["--config", str(tiny), "--output-dir", str(b), "--resume", "latest"])
@@ -92,10 +84,12 @@ def test_two_processes_with_accumulation_and_device_views(tiny, tmp_path):
 
 
 EMA_SCRIPT = textwrap.dedent('''
-    import os, sys, torch
+    import sys, torch
     from torch import nn
     from accelerate import Accelerator
-    from visrep.ssl import BYOL, EMAUpdater, SSLOptimConfig, build_ssl_optimizer, byol_loss
+    from helpers import exit_cleanly
+    from test_ssl import byol_micro_step
+    from visrep.ssl import BYOL, EMAUpdater, SSLOptimConfig, build_ssl_optimizer
 
     class Tiny(nn.Module):
         def __init__(self):
@@ -117,25 +111,13 @@ EMA_SCRIPT = textwrap.dedent('''
     n, r = acc.num_processes, acc.process_index
     for micro in data:
         shard = micro.chunk(n)[r]
-        with acc.accumulate(model):
-            out = model(shard[:, 0], shard[:, 1])
-            acc.backward(byol_loss(*out["p"], *out["z_target"]))
-            opt.step()
-            opt.zero_grad()
-            if acc.sync_gradients:
-                ema.update(online, target)
+        byol_micro_step(acc, model, opt, ema, (online, target), shard[:, 0], shard[:, 1])
     flat = torch.cat([t.detach().flatten() for t in target])
     every = acc.gather(flat[None])
     assert all(torch.equal(every[0], row) for row in every), "target weights differ across ranks"
     if acc.is_main_process:
         torch.save({"target": flat, "step": ema.step, "tau": ema.last_tau}, sys.argv[1])
-    acc.wait_for_everyone()
-    acc.end_training()  # destroys the process group: no gloo thread left to abort the process at exit
-    # Exit without interpreter teardown: a DDP/gloo object still alive then can abort the process
-    # ("terminate called without an active exception") after the results are already written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_cleanly(acc)
 ''')
 
 

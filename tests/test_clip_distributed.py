@@ -8,7 +8,6 @@ This file is also the worker: ``torchrun --nproc_per_node 2 tests/test_clip_dist
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -78,6 +77,7 @@ def naive_loss(out: dict, kind: str) -> torch.Tensor:
 def worker(out_dir: str) -> None:
     from accelerate import Accelerator
 
+    from helpers import exit_cleanly
     from visrep.clip import ContrastiveLoss, contrastive_step
 
     acc = Accelerator(cpu=True)
@@ -95,13 +95,7 @@ def worker(out_dir: str) -> None:
         if rank == 0:
             torch.save({"grads": grads, "loss": losses["loss"]}, Path(out_dir) / f"{name}.pt")
         acc.free_memory()
-    acc.wait_for_everyone()
-    torch.distributed.destroy_process_group()  # a clean shutdown: no gloo thread left behind at exit
-    # Exit without interpreter teardown: a DDP/gloo object still alive then can abort the process
-    # ("terminate called without an active exception") after the results are already written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_cleanly(acc)
 
 
 @pytest.fixture(scope="module")

@@ -135,12 +135,11 @@ def test_logit_scale_init_clamp_and_no_weight_decay():
 @pytest.fixture
 def accelerator():
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    from helpers import reset_accelerate
 
     acc = Accelerator(cpu=True)
     yield acc
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 @pytest.mark.parametrize("kind", ["infonce", "sigmoid"])

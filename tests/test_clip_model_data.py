@@ -1,6 +1,5 @@
 """visrep.clip towers, tokenizer, export, zero-shot and retrieval; visrep.data.pairs sources. Offline."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -79,8 +78,7 @@ def test_open_clip_towers_from_a_model_config_file(tmp_path):
 
 def test_export_and_load_round_trip(tmp_path):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
+    from helpers import reset_accelerate
     from visrep.clip import export_clip
 
     model = build_clip_model(ClipModelConfig(text=TextTowerConfig(width=32, heads=2, layers=1)))
@@ -88,8 +86,7 @@ def test_export_and_load_round_trip(tmp_path):
         export_clip(Accelerator(cpu=True), model, tmp_path / "m", model.cfg, image_data_config(model),
                     {"image_size": 16})
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     again, meta = load_clip(tmp_path / "m")
     assert meta["image_size"] == 16
     x, t = torch.randn(2, 3, 16, 16), get_tokenizer(model)(["one", "two"])
@@ -185,7 +182,6 @@ def test_digits_pairs_hold_templates_out_and_are_reproducible():
     data = build_pair_data(PairsConfig(), DC, tok, seed=0, batch_size=32, eval_batch_size=64)
     assert (len(data.train), len(data.val), len(data.test)) == (1257, 270, 270)
     train_caps = {data.train.caption(i, np.random.default_rng(i)) for i in range(300)}
-    eval_caps = {data.test.caption(i) for i in range(len(data.test))}
     strip = lambda c: c.split("{")[0]  # noqa: E731
     assert all(any(c.startswith(strip(t)) for t in DIGIT_TRAIN_TEMPLATES) for c in train_caps)
     assert not any(c.startswith(t.split("{")[0]) for c in train_caps for t in DIGIT_EVAL_TEMPLATES if t.split("{")[0])

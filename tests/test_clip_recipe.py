@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_in_process, run_recipe, write_preset
+from helpers import run_in_process, run_recipe, straight_and_stopped, write_preset
 
 TINY = {
     "data": {"source": "digits", "image_size": 8, "hflip": 0.0, "val_fraction": 0.4, "test_fraction": 0.4},
@@ -19,18 +19,10 @@ TINY = {
 KEYS = ("zero_shot_acc", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_preset(tmp_path_factory.mktemp("presets") / "clip_tiny.yaml", TINY)
-
-
 @pytest.mark.slow
 def test_resume_mid_run_equals_straight_run_and_distill_from_it(tiny, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_recipe("clip", ["--config", str(tiny), "--output-dir", str(a)])
     # 360 train pairs / 32 -> 11 steps per epoch: stop in the middle of epoch 2
-    p = run_recipe("clip", ["--config", str(tiny), "--output-dir", str(b), "--run.stop-after-steps", "15"])
-    assert "stopped after 15 optimizer steps" in p.stdout + p.stderr and not (b / "results.json").exists()
+    a, b = straight_and_stopped("clip", ["--config", str(tiny)], tmp_path, 15)
     run_recipe("clip", ["--config", str(tiny), "--output-dir", str(b), "--resume", "latest"])
     wa, wb = (load_file(str(d / "models" / "clip" / "model.safetensors")) for d in (a, b))
     assert wa.keys() == wb.keys() and "logit_scale" in wa

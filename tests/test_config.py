@@ -82,10 +82,10 @@ def test_value_checks_name_the_key():
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Leaf:
-    count: int = 1
-    ratio: float = 0.5
     maybe_pair: Optional[tuple[int, float]] = None
     mode: Optional[Literal["x", "y"]] = None
+    count: int = 1
+    ratio: float = 0.5
     ids: list[int] = dataclasses.field(default_factory=list)
 
 

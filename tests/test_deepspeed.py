@@ -1,56 +1,34 @@
 """DeepSpeed ZeRO on CPU (gloo): Accelerate and DeepSpeed agree on the world size, and a recipe
 trained under ZeRO-2 / ZeRO-3 -- including a ZeRO-3 stop and resume -- ends with exactly the weights
 of the same run under plain DDP."""
-import json
-
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from helpers import free_port, run_recipe, write_preset
+from ds_helpers import assert_same_weights, deepspeed_args, without_use_cpu, zero_config_args
+from helpers import ddp_reference, free_port, results, run_recipe
+from test_distill_recipe import TINY as DISTILL_TINY
 
 pytest.importorskip("deepspeed")
 
-TINY = {
-    "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
-    "teacher": {"source": "train", "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.5}},
-                "train_epochs": 1, "optim": {"lr": 0.05}},
-    "student": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
-    "kd": {"allow_weaker_teacher": True},  # a 1-epoch teacher
-    "optim": {"lr": 0.05},
-    "schedule": {"epochs": 1, "warmup_epochs": 0.5},  # the ZeRO-3 stop at step 6 falls inside a stage
-    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
-}
-
-
-def deepspeed_args(stage: int, port: int) -> list[str]:
-    return ["--use_deepspeed", "--num_processes", "2", "--zero_stage", str(stage), "--mixed_precision", "no",
-            "--main_process_port", str(port)]
+# the distillation test's preset with 1-epoch stages: the ZeRO-3 stop at step 6 falls inside a stage
+TINY = dict(DISTILL_TINY, teacher=dict(DISTILL_TINY["teacher"], train_epochs=1),
+            schedule=dict(DISTILL_TINY["schedule"], epochs=1))
 
 
 def same_weights(a, b):
     for stage in ("teacher", "scratch", "kd"):
-        wa = load_file(str(a / "models" / stage / "model.safetensors"))
-        wb = load_file(str(b / "models" / stage / "model.safetensors"))
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=f"{stage}/{k}")
+        assert_same_weights(a / "models" / stage / "model.safetensors", b / "models" / stage / "model.safetensors",
+                            label=stage)
 
 
 @pytest.mark.slow
 def test_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
-    preset = write_preset(tmp_path / "tiny.yaml", TINY)
-    ddp = tmp_path / "ddp"
-    run_recipe("distill", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
-
-    # ACCELERATE_USE_CPU would switch DeepSpeed off: the DeepSpeed runs go without it.
-    monkeypatch.setattr("helpers.env", lambda: {k: v for k, v in __import__("helpers")._base_env().items()
-                                                if k != "ACCELERATE_USE_CPU"})
+    preset, ddp = ddp_reference("distill", TINY, tmp_path)
+    without_use_cpu(monkeypatch)
     z2 = tmp_path / "zero2"
     run_recipe("distill", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, free_port()))
     ckpt = sorted((z2 / "checkpoints" / "kd").iterdir())[-1]
     assert (ckpt / "pytorch_model").is_dir(), "a DeepSpeed checkpoint (sharded engine state) was expected"
-    assert json.loads((z2 / "results.json").read_text())["num_processes"] == 2
+    assert results(z2)["num_processes"] == 2
     same_weights(ddp, z2)
 
     z3 = tmp_path / "zero3"
@@ -58,8 +36,7 @@ def test_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
     run_recipe("distill", args + ["--run.stop-after-steps", "6"], launcher_args=deepspeed_args(3, free_port()))
     assert not (z3 / "results.json").exists()
     run_recipe("distill", args + ["--resume", "latest"], launcher_args=deepspeed_args(3, free_port()))
-    res = json.loads((z3 / "results.json").read_text())
-    assert res["student_params"] == json.loads((ddp / "results.json").read_text())["student_params"] > 0
+    assert results(z3)["student_params"] == results(ddp)["student_params"] > 0
     same_weights(ddp, z3)
 
 
@@ -71,17 +48,13 @@ def test_clip_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
     resume is tested with the distillation, BYOL and DANN recipes). ZeRO-3 runs with memory_efficient_linear off: by default DeepSpeed swaps
     torch.nn.functional.linear for its own matmul + add, whose round-off leaves the weights ~6e-6 from
     DDP's after a few steps (with it off they are bit-identical)."""
-    from ds_helpers import assert_same_weights, without_use_cpu, zero_config_args
-
-    preset = write_preset(tmp_path / "clip.yaml", {
+    preset, ddp = ddp_reference("clip", {
         "data": {"source": "digits", "image_size": 8, "hflip": 0.0, "val_fraction": 0.4, "test_fraction": 0.4},
         "model": {"image": {"source": "zoo", "name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
                   "init_logit_scale": 4.605170185988092},
         "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.1},
         "schedule": {"epochs": 1, "warmup_epochs": 0.5},
-        "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1}})
-    ddp = tmp_path / "ddp"
-    run_recipe("clip", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
+        "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1}}, tmp_path)
     without_use_cpu(monkeypatch)
     z2 = tmp_path / "zero2"
     run_recipe("clip", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, free_port()))
@@ -95,7 +68,7 @@ def test_clip_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
                               memory_efficient_linear=False)
     run_recipe("clip", args, launcher_args=launch)
     assert_same_weights(ddp / weights, z3 / weights, label="zero3")
-    res, res_ddp = (json.loads((d / "results.json").read_text()) for d in (z3, ddp))
+    res, res_ddp = results(z3), results(ddp)
     assert res["logit_scale"] == pytest.approx(res_ddp["logit_scale"], abs=1e-4) and res["num_processes"] == 2
 
 

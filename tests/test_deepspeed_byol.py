@@ -3,29 +3,19 @@ target networks are sharded -- both for partitioned parameters (shard-local upda
 and for ZeRO-3's small "persistent" parameters (kept whole in ``.data``) -- across a stop and resume,
 so the weights equal those of the same run under DDP.
 LARS is refused under ZeRO."""
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import helpers
-from ds_helpers import fake_accelerator, load_recipe
-from helpers import free_port, run_recipe, write_preset
-from visrep.launch.accelerate_config import LaunchSpec, write_launch_files
+from ds_helpers import fake_accelerator, load_recipe, without_use_cpu, zero_config_args
+from helpers import ddp_reference, free_port, results, run_recipe
+from test_byol_recipe import TINY as BYOL_TINY
 
 pytest.importorskip("deepspeed")
 
-TINY = {
-    "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
-    "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
-    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "base_tau": 0.99},
-    "augment": {"crop_scale": [0.3, 1.0], "hflip": 0.0},
-    "optim": {"name": "sgd", "lr": 1.0, "weight_decay": 1e-5},
-    "schedule": {"epochs": 2, "warmup_epochs": 0.5},
-    "eval": {"knn_k": 10, "linear_epochs": 5, "every_epochs": 2},
-    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
-}
+# the BYOL test's preset with SGD (LARS is refused under ZeRO) and one evaluation at the end
+TINY = dict(BYOL_TINY, optim={"name": "sgd", "lr": 1.0, "weight_decay": 1e-5},
+            eval=dict(BYOL_TINY["eval"], every_epochs=2))
 
 
 def weights(run_dir):
@@ -34,21 +24,12 @@ def weights(run_dir):
 
 @pytest.mark.slow
 def test_zero2_and_zero3_byol_equal_ddp_with_a_zero3_resume(tmp_path, monkeypatch):
-    preset = write_preset(tmp_path / "tiny.yaml", TINY)
-    ddp = tmp_path / "ddp"
-    run_recipe("byol", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
-
-    monkeypatch.setattr(helpers, "env", lambda: {k: v for k, v in helpers._base_env().items()
-                                                 if k != "ACCELERATE_USE_CPU"})
+    preset, ddp = ddp_reference("byol", TINY, tmp_path)
+    without_use_cpu(monkeypatch)
     # every parameter partitioned (persistence threshold 0): the shard-local EMA path; stop, resume
     z3 = tmp_path / "zero3"
     args = ["--config", str(preset), "--output-dir", str(z3)]
-    files = write_launch_files(LaunchSpec("byol", list(args), gpus_per_node=2, deepspeed="zero3", cpu=True,
-                                          main_process_port=free_port()))
-    ds = json.loads(files["deepspeed"].read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    files["deepspeed"].write_text(json.dumps(ds))
-    launch = ["--config_file", str(files["accelerate_config"])]
+    launch = zero_config_args("byol", args, 3, free_port(), stage3_param_persistence_threshold=0)
     run_recipe("byol", args + ["--run.stop-after-steps", "5"], launcher_args=launch)
     run_recipe("byol", args + ["--resume", "latest"], launcher_args=launch)
     # ZeRO-3 defaults (--zero_stage 3): these small parameters are all "persistent", kept whole
@@ -65,7 +46,7 @@ def test_zero2_and_zero3_byol_equal_ddp_with_a_zero3_resume(tmp_path, monkeypatc
         assert got.keys() == ref.keys()
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=f"{run_dir.name}: {k}")
-        res, ref_res = (json.loads((d / "results.json").read_text()) for d in (run_dir, ddp))
+        res, ref_res = results(run_dir), results(ddp)
         # the same weights and, with rank 0's BatchNorm statistics on every rank, the same figures; the
         # SGD-trained linear probe may flip one test sample (the weights agree to 1e-6, not bitwise)
         for key in ("final_tau", "knn_acc"):

@@ -4,13 +4,11 @@ baseline, each stage a new DeepSpeed engine) under ZeRO-2 and ZeRO-3, and DANN (
 discriminator, best-epoch selection) under ZeRO-3 stopped mid-epoch and resumed (a ZeRO-2 DANN run matched
 DDP as well when this test still ran it; dropped to keep the suite short). The ZeRO-3 runs partition
 every parameter (persistence threshold 0). What DeepSpeed cannot do is refused."""
-import json
-
 import pytest
 
 from ds_helpers import (assert_same_weights, deepspeed_args, fake_accelerator, load_recipe, without_use_cpu,
                         zero_config_args)
-from helpers import free_port, run_recipe, write_preset
+from helpers import ddp_reference, free_port, results, run_recipe
 from test_finetune_recipe import TINY as FINETUNE_TINY
 
 pytest.importorskip("deepspeed")
@@ -30,15 +28,9 @@ ADAPT = {
 }
 
 
-def results(run_dir):
-    return json.loads((run_dir / "results.json").read_text())
-
-
 @pytest.mark.slow
 def test_finetune_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
-    preset = write_preset(tmp_path / "ft.yaml", FINETUNE)
-    ddp = tmp_path / "ddp"
-    run_recipe("finetune", ["--config", str(preset), "--output-dir", str(ddp)], processes=2)
+    preset, ddp = ddp_reference("finetune", FINETUNE, tmp_path)
     without_use_cpu(monkeypatch)
     z2 = tmp_path / "zero2"
     run_recipe("finetune", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, free_port()))
@@ -60,10 +52,8 @@ def test_finetune_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_dann_zero3_with_resume_matches_ddp(tmp_path, monkeypatch):
-    preset = write_preset(tmp_path / "adapt.yaml", ADAPT)
-    base = ["--config", str(preset), "--method", "dann"]
-    ddp = tmp_path / "ddp"
-    run_recipe("adapt", base + ["--output-dir", str(ddp)], processes=2)
+    preset, ddp = ddp_reference("adapt", dict(ADAPT, method="dann"), tmp_path)
+    base = ["--config", str(preset)]
     without_use_cpu(monkeypatch)
     z3 = tmp_path / "zero3"
     args = base + ["--output-dir", str(z3)]

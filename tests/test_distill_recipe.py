@@ -1,5 +1,4 @@
 """recipes/distill.py end to end: resume equality, 2 processes, teacher sources, errors."""
-import importlib.util
 import json
 import sys
 
@@ -7,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, run_recipe, write_preset
+from ds_helpers import load_recipe
+from helpers import ROOT, run_recipe
+from visrep.engine.run import read_metrics
 
 TINY = {
     "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
@@ -19,11 +20,6 @@ TINY = {
     "schedule": {"epochs": 2, "warmup_epochs": 0.5},
     "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_preset(tmp_path_factory.mktemp("presets") / "tiny.yaml", TINY)
 
 
 def weights(run_dir, stage):
@@ -139,23 +135,15 @@ def test_teacher_sources(tiny, tmp_path):
     # bad input (a pretrained teacher offline, bad values, keys, YAML, an occupied run dir): tests/test_user_errors.py
 
 
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("distill_recipe", ROOT / "recipes" / "distill.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_teacher_frozen_through_a_full_kd_training_step(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
+    from helpers import reset_accelerate
 
     from visrep.data import build_classification_data
     from visrep.distill import FrozenTeacher
     from visrep.engine import Run, from_dict
     from visrep.zoo import create_backbone, get_data_config
 
-    recipe = _load_recipe()
+    recipe = load_recipe("distill")
     cfg = from_dict(recipe.DistillRecipeConfig, dict(TINY, output_dir=str(tmp_path / "run")))
     cfg.data.label_fraction = 0.05
     cfg.schedule.epochs = 1
@@ -173,8 +161,7 @@ def test_teacher_frozen_through_a_full_kd_training_step(tmp_path):
             data = build_classification_data(cfg.data, get_data_config(student), 0, 32, 64)
             recipe.train_classifier(run, cfg, data, "kd", student, cfg.student, cfg.optim, 1, teacher=teacher)
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     assert not teacher.training and not net.training
     assert all(p.grad is None and not p.requires_grad for p in net.parameters())
     for k, v in net.state_dict().items():
@@ -194,14 +181,8 @@ def wait_for_step(run_dir, stage, step, proc, timeout=300):
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists():
-            for line in metrics.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if rec.get("stage") == stage and (rec.get("stage_step") or 0) >= step:
-                    return
+        if any(rec.get("stage") == stage and (rec.get("stage_step") or 0) >= step for _, rec in read_metrics(metrics)):
+            return
         time.sleep(0.05)
     raise AssertionError(f"the run did not reach {stage} step {step}: {proc.poll()}")
 
@@ -368,8 +349,6 @@ def test_check_teacher_refuses_a_weaker_teacher_unless_allowed(tmp_path):
     import dataclasses
     import types
 
-    from ds_helpers import load_recipe
-
     mod = load_recipe("distill")
     printed = []
     run = types.SimpleNamespace(print=printed.append, run_dir=tmp_path)
@@ -387,8 +366,6 @@ def test_default_preset_scales_the_learning_rates_with_the_global_batch():
     """digits.yaml: lr per 128 images, so 0.025 / 0.05 (teacher / student) at 32 x 1 process and twice that
     at 32 x 2; warmup in steps; T and weight as chosen on the photo folder's validation split."""
     from visrep.engine.config import load_yaml
-
-    from ds_helpers import load_recipe
 
     mod = load_recipe("distill")
     cfg = load_yaml(mod.DistillRecipeConfig, ROOT / "recipes" / "configs" / "digits.yaml")

@@ -11,19 +11,39 @@ import torch
 
 from helpers import ROOT, VENV_BIN, env, free_port
 
+
+def align_problem():
+    """The alignment problem of the 2-process script and its 1-process reference: a linear feature map,
+    8 source and 7 (shifted) target rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 4)
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(8, 5, generator=g), torch.randn(7, 5, generator=g) + 0.5
+
+
+def eval_problem():
+    """The evaluation problem of the 2-process script and its 1-process reference: an encoder, a bank
+    of 37 labelled rows and 23 test rows (3 classes)."""
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(5)
+    enc = torch.nn.Linear(6, 4)
+    bank = torch.randn(37, 6, generator=g), torch.randint(0, 3, (37,), generator=g)
+    test = torch.randn(23, 6, generator=g), torch.randint(0, 3, (23,), generator=g)
+    return enc, bank, test
+
+
 SCRIPT = r'''
-import json, os, sys, torch
+import json, sys, torch
 from accelerate import Accelerator
+from helpers import exit_cleanly
+from test_distributed_ops import align_problem, eval_problem
 from visrep.engine.distributed import all_gather_no_grad, all_gather_with_grad
 from visrep.ssl.evaluate import SSLEvalConfig, evaluate_representation, extract_features
 from visrep.transfer import CoralLoss, MultiKernelMMDLoss
 
 acc = Accelerator(cpu=True)
 r = acc.process_index
-torch.manual_seed(0)
-model = torch.nn.Linear(5, 4)
-g = torch.Generator().manual_seed(1)
-xs, xt = torch.randn(8, 5, generator=g), torch.randn(7, 5, generator=g) + 0.5
+model, xs, xt = align_problem()
 src = xs[:4] if r == 0 else xs[4:]
 tgt = xt[:5] if r == 0 else xt[5:]          # unequal per-rank target shards: 5 and 2
 ddp = acc.prepare(model)
@@ -46,11 +66,7 @@ for key, rows, same in (("same", 2, True), ("unequal", 4 if r == 0 else 1, False
                   "no_grad": all_gather_no_grad(x.detach(), same_size=same).tolist()}
 
 # kNN on a sharded bank, linear probe on the main process
-g = torch.Generator().manual_seed(2)
-torch.manual_seed(5)
-enc = torch.nn.Linear(6, 4)
-bx, by = torch.randn(37, 6, generator=g), torch.randint(0, 3, (37,), generator=g)
-tx, ty = torch.randn(23, 6, generator=g), torch.randint(0, 3, (23,), generator=g)
+enc, (bx, by), (tx, ty) = eval_problem()
 loader = lambda x, y, b: acc.prepare(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=b))
 bank, test, small = loader(bx, by, 5), loader(tx, ty, 4), loader(bx[:9], by[:9], 2)
 cfg = SSLEvalConfig(knn_k=5, knn_t=0.1, linear_epochs=3, linear_batch_size=8)
@@ -59,13 +75,7 @@ local["eval_small"] = evaluate_representation(enc, small, test, acc, 3, SSLEvalC
 local["shard_rows"] = extract_features(enc, bank, acc, keep="shard")[0].shape[0]
 with open(sys.argv[1] + f"/rank{r}.json", "w") as fh:
     json.dump(local, fh)
-acc.wait_for_everyone()
-torch.distributed.destroy_process_group()  # a clean shutdown: no gloo thread left behind at exit
-# Exit without interpreter teardown: a DDP/gloo object still alive then can abort the process
-# ("terminate called without an active exception") after the results are already written.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+exit_cleanly(acc)
 '''
 
 
@@ -84,10 +94,7 @@ def test_two_processes_equal_one(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    torch.manual_seed(0)
-    model = torch.nn.Linear(5, 4)
-    g = torch.Generator().manual_seed(1)
-    xs, xt = torch.randn(8, 5, generator=g), torch.randn(7, 5, generator=g) + 0.5
+    model, xs, xt = align_problem()
     f = model(torch.cat([xs, xt]))
     mmd, cor = mk_mmd(f[:8], f[8:]), coral(f[:8], f[8:])
     (mmd + 10 * cor).backward()
@@ -110,11 +117,7 @@ def test_two_processes_equal_one(tmp_path):
 
     # the evaluation: the bank split over ranks once, kNN and linear probe as in one process
     assert ranks[0]["shard_rows"] + ranks[1]["shard_rows"] == 37
-    g = torch.Generator().manual_seed(2)
-    torch.manual_seed(5)
-    enc = torch.nn.Linear(6, 4)
-    bx, by = torch.randn(37, 6, generator=g), torch.randint(0, 3, (37,), generator=g)
-    tx, ty = torch.randn(23, 6, generator=g), torch.randint(0, 3, (23,), generator=g)
+    enc, (bx, by), (tx, ty) = eval_problem()
     with torch.no_grad():
         fb, ft = enc(bx), enc(tx)
     knn = knn_accuracy(fb, by, ft, ty, 3, k=5, t=0.1)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
+from helpers import reset_accelerate as reset
 from visrep.engine import NonFiniteLossError, Run, RunConfig, ScheduleConfig, StepSchedule, list_checkpoints
 from visrep.engine.optim import build_optimizer
 from visrep.engine.config import OptimConfig
@@ -18,15 +18,7 @@ class ToyConfig:
     lr: float = 0.1
 
 
-def reset():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def toy_parts(seed=0, n=48, batch=8):
@@ -39,21 +31,39 @@ def toy_parts(seed=0, n=48, batch=8):
     return model, build_optimizer(model, OptimConfig(lr=0.05, weight_decay=0.0)), loader
 
 
-def train(run, name, epochs, nan_at=None, accum=1):
-    model, opt, loader = toy_parts()
+def prepared_toy(run, **kw):
+    """The toy parts prepared by the run's accelerator: (accelerator, model, optimizer, loader)."""
     acc = run.accelerator
-    model, opt, loader = acc.prepare(model, opt, loader)
+    return (acc, *acc.prepare(*toy_parts(**kw)))
+
+
+def mse(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def backward_and_step(acc, opt, loss):
+    """A plain optimizer step written out by hand (the loops that report it with ``stage.step_done``)."""
+    acc.backward(loss)
+    opt.step()
+    opt.zero_grad()
+
+
+def backward_mse(acc, model, x, y):
+    """The toy loss of a batch, back-propagated through the accelerator: the loss."""
+    loss = mse(model, x, y)
+    acc.backward(loss)
+    return loss
+
+
+def train(run, name, epochs, nan_at=None, accum=1):
+    acc, model, opt, loader = prepared_toy(run)
     sched = StepSchedule(opt, ScheduleConfig(epochs=epochs, warmup_epochs=0.5), -(-len(loader) // accum))
     stage = run.stage(name, model=model, optimizer=opt, train_loader=loader, epochs=epochs, schedule=sched)
     for _ in stage.epochs():
         for x, y in stage.batches():
             with acc.accumulate(model):
-                loss = ((model(x) - y) ** 2).mean()
-                if nan_at is not None and stage.step == nan_at:
-                    loss = loss * float("nan")
-                acc.backward(loss)
-                opt.step()
-                opt.zero_grad()
+                loss = mse(model, x, y) * (float("nan") if stage.step == nan_at else 1.0)
+                backward_and_step(acc, opt, loss)
             stage.step_done(loss)
         stage.epoch_done()
     return acc.unwrap_model(model), stage
@@ -108,7 +118,7 @@ def test_keep_last_prunes_and_state_records_stage(tmp_path):
 def test_run_dir_safety(tmp_path):
     with Run(ToyConfig(), "toy", str(tmp_path / "run"), 0, RunConfig(progress=False)) as run:
         train(run, "s", epochs=1)
-    AcceleratorState._reset_state(True)
+    reset()
     with pytest.raises(UserError, match="--resume latest"):
         Run(ToyConfig(), "toy", str(tmp_path / "run"), 0, RunConfig(progress=False))
     with pytest.raises(CheckpointError, match="nothing to resume"):
@@ -168,9 +178,7 @@ def test_resume_mid_epoch_with_shuffled_sampler_and_per_epoch_dataset(tmp_path):
                 for x in stage.batches():
                     seen += [tuple(r) for r in x.tolist()]  # (index, dataset epoch) trained on
                     loss = model(x).pow(2).mean()
-                    run.accelerator.backward(loss)
-                    opt.step()
-                    opt.zero_grad()
+                    backward_and_step(run.accelerator, opt, loss)
                     stage.step_done(loss)
                 stage.epoch_done()
         reset()
@@ -209,9 +217,7 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
             for x, y in stage.batches():
                 out = model(x)
                 loss = ((out - y) ** 2).mean()
-                run.accelerator.backward(loss)
-                opt.step()
-                opt.zero_grad()
+                backward_and_step(run.accelerator, opt, loss)
                 counting[0] = 1 <= stage.step < 21
                 stage.step_done(loss, out_std=out.std())
                 counting[0] = False
@@ -253,9 +259,7 @@ class Counter:
 def step_loop(run, epochs=2, accum=2, grad_clip=None):
     """optimizer_step with accumulation: the after-step hook runs once per optimizer step and a
     checkpoint written at a step boundary already holds what it did."""
-    model, opt, loader = toy_parts()
-    acc = run.accelerator
-    model, opt, loader = acc.prepare(model, opt, loader)
+    acc, model, opt, loader = prepared_toy(run)
     stage = run.stage("s", model=model, optimizer=opt, train_loader=loader, epochs=epochs,
                       schedule=ScheduleConfig(epochs=99, warmup_epochs=0.5), grad_clip=grad_clip)
     counter = Counter(stage.total_steps)
@@ -264,8 +268,7 @@ def step_loop(run, epochs=2, accum=2, grad_clip=None):
     for _ in stage.epochs():
         for x, y in stage.batches():
             with acc.accumulate(model):
-                loss = ((model(x) - y) ** 2).mean()
-                acc.backward(loss)
+                loss = backward_mse(acc, model, x, y)
             if stage.optimizer_step(loss, half=loss / 2):
                 counter.n += 1
                 hooks.append(stage.step)
@@ -299,15 +302,13 @@ def test_optimizer_step_equals_a_hand_written_step_and_resumes_exactly(tmp_path)
     reset()
     # by hand: the same clipping and steps, via step_done
     with Run(ToyConfig(), "toy", str(tmp_path / "h"), 0, cfg) as run:
-        model, opt, loader = toy_parts()
-        acc = run.accelerator
-        model, opt, loader = acc.prepare(model, opt, loader)
+        acc, model, opt, loader = prepared_toy(run)
         stage = run.stage("s", model=model, optimizer=opt, train_loader=loader, epochs=2,
                           schedule=StepSchedule(opt, ScheduleConfig(epochs=2, warmup_epochs=0.5), 3))
         for _ in stage.epochs():
             for x, y in stage.batches():
                 with acc.accumulate(model):
-                    loss = ((model(x) - y) ** 2).mean()
+                    loss = mse(model, x, y)
                     acc.backward(loss)
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(model.parameters(), 0.05)

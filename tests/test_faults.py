@@ -8,22 +8,22 @@ import signal
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
-from test_engine import ToyConfig, toy_parts
+from helpers import reset_accelerate as reset
+from test_engine import ToyConfig, backward_and_step, mse, prepared_toy
 from visrep.engine import Run, RunConfig, ScheduleConfig, StepSchedule, list_checkpoints
 from visrep.engine.checkpoint import MANIFEST, verify, write_manifest
 from visrep.errors import CheckpointError, DiskWriteError, Preempted
 
 
-def reset():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
+def resume_fails(run_dir, cfg, resume: str, match: str) -> None:
+    """Resuming the toy run in ``run_dir`` from ``resume`` is a CheckpointError matching ``match``."""
+    with pytest.raises(CheckpointError, match=match):
+        with Run(ToyConfig(), "toy", str(run_dir), 0, cfg, resume=resume) as run:
+            train(run)
     reset()
 
 
@@ -31,9 +31,7 @@ def train(run, epochs=3, on_step=None, export=True):
     """A toy linear regression stage (6 optimizer steps per epoch) that exports on finish."""
     from safetensors.torch import save_file
 
-    model, opt, loader = toy_parts()
-    acc = run.accelerator
-    model, opt, loader = acc.prepare(model, opt, loader)
+    acc, model, opt, loader = prepared_toy(run)
     sched = StepSchedule(opt, ScheduleConfig(epochs=epochs, warmup_epochs=0.5), len(loader))
 
     def export_fn(d):
@@ -45,10 +43,8 @@ def train(run, epochs=3, on_step=None, export=True):
                       export=export_fn if export else None)
     for _ in stage.epochs():
         for x, y in stage.batches():
-            loss = ((model(x) - y) ** 2).mean()
-            acc.backward(loss)
-            opt.step()
-            opt.zero_grad()
+            loss = mse(model, x, y)
+            backward_and_step(acc, opt, loss)
             if on_step is not None:
                 on_step(stage)
             stage.step_done(loss)
@@ -125,15 +121,11 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     reset()
     for c in list_checkpoints(tmp_path / "b" / "checkpoints" / "s"):
         _damage(c, "truncate")
-    with pytest.raises(CheckpointError, match=r"no intact checkpoint of stage 's'.*step_00000010'.*"
-                                              r"model.safetensors' has 37 bytes.*step_00000008.*Delete"):
-        with Run(ToyConfig(), "toy", str(tmp_path / "b"), 0, cfg, resume="latest") as run:
-            train(run)
+    resume_fails(tmp_path / "b", cfg, "latest", r"no intact checkpoint of stage 's'.*step_00000010'.*"
+                                                r"model.safetensors' has 37 bytes.*step_00000008.*Delete")
     reset()
     explicit = tmp_path / "b" / "checkpoints" / "s" / "step_00000008"
-    with pytest.raises(CheckpointError, match=r"step_00000008' is damaged: 'model.safetensors' has 37 bytes"):
-        with Run(ToyConfig(), "toy", str(tmp_path / "c"), 0, cfg, resume=str(explicit)) as run:
-            train(run)
+    resume_fails(tmp_path / "c", cfg, str(explicit), r"step_00000008' is damaged: 'model.safetensors' has 37 bytes")
 
 
 def test_damaged_export_of_finished_stage_is_rebuilt_from_its_last_checkpoint(tmp_path, capsys):
@@ -259,7 +251,5 @@ def test_damaged_export_without_any_checkpoint_is_a_clear_error(tmp_path):
 
     shutil.rmtree(tmp_path / "a" / "checkpoints" / "s")
     (tmp_path / "a" / "models" / "s" / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"stage 's' is finished but its export .* is damaged and no intact "
-                                              r"checkpoint of it remains .*state.json"):
-        with Run(ToyConfig(), "toy", str(tmp_path / "a"), 0, cfg, resume="latest") as run:
-            train(run)
+    resume_fails(tmp_path / "a", cfg, "latest", r"stage 's' is finished but its export .* is damaged and no "
+                                                r"intact checkpoint of it remains .*state.json")

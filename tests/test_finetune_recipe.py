@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import run_recipe, write_preset
+from helpers import run_recipe, straight_and_stopped
 
 TINY = {
     "init": {"source": "train", "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
@@ -21,11 +21,6 @@ TINY = {
     "compare_scratch": True,
     "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_preset(tmp_path_factory.mktemp("presets") / "ft_tiny.yaml", TINY)
 
 
 @pytest.mark.slow
@@ -86,11 +81,8 @@ def test_start_from_a_backbone_state_dict(tiny, tmp_path):
 def test_gradual_l2sp_resume_mid_stage_equals_straight_run(tiny, tmp_path):
     args = ["--config", str(tiny), "--init.source", "scratch", "--finetune.strategy", "gradual",
             "--finetune.unfreeze-every", "1", "--compare-scratch", "False", "--schedule.epochs", "3"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_recipe("finetune", [*args, "--output-dir", str(a)])
     # 378 labels -> 11 batches of 32 per epoch: stop in epoch 2 (one stage unfrozen), then resume
-    p = run_recipe("finetune", [*args, "--output-dir", str(b), "--run.stop-after-steps", "15"])
-    assert "stopped after 15 optimizer steps" in p.stdout + p.stderr
+    a, b = straight_and_stopped("finetune", args, tmp_path, 15)
     ckpt = b / "checkpoints" / "finetune" / "step_00000015"
     assert torch.load(ckpt / "extra_unfreeze.pt", weights_only=True)["epoch"] == 1
     assert (ckpt / "extra_l2sp.pt").is_file()

@@ -512,8 +512,7 @@ def test_clip_run_pushed_and_loaded_back_from_the_hub(tmp_path, online, monkeypa
     """A CLIP export goes to the Hub with its config and loads back (both towers, same outputs) with
     load_clip_from_hub; loading it as a backbone, or a backbone as CLIP, says which loader to use."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
+    from helpers import reset_accelerate
     from visrep.clip import ClipModelConfig, TextTowerConfig, build_clip_model, export_clip, get_tokenizer, image_data_config
     from visrep.launch.hub import load_clip_from_hub
 
@@ -524,8 +523,7 @@ def test_clip_run_pushed_and_loaded_back_from_the_hub(tmp_path, online, monkeypa
         export_clip(Accelerator(cpu=True), model, run / "models" / "clip", model.cfg, image_data_config(model),
                     {"image_size": 16})
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "data": {"source": "digits"}}))
     (run / "results.json").write_text(json.dumps({"zero_shot_acc": 0.9, "num_processes": 1}))
     (run / "state.json").write_text(json.dumps({"recipe": "clip", "stages": {"clip": {"done": True}}}))
@@ -551,8 +549,8 @@ def test_adaptation_model_exported_for_the_hub_loads_back(tmp_path):
     """A domain-adaptation export (recipes/adapt.py's layout) goes through export_for_hub and loads back
     whole with load_adaptation_from_hub; as a backbone it is refused with the loader to use."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
+    from helpers import reset_accelerate
     from visrep.engine import BackboneConfig
     from visrep.engine.export import export_model
     from visrep.launch.hub import load_adaptation_from_hub
@@ -568,8 +566,7 @@ def test_adaptation_model_exported_for_the_hub_loads_back(tmp_path):
                      extra={"model_type": "AdaptationModel", "bottleneck_dim": 16, "discriminator_hidden": 16,
                             "method": "dann"})
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "method": "dann"}))
     (run / "results.json").write_text(json.dumps({"target_acc": 0.6, "method": "dann"}))
     (run / "state.json").write_text(json.dumps({"recipe": "adapt", "stages": {"adapt": {"done": True}}}))

@@ -154,7 +154,7 @@ class ToyConfig:
 def test_stage_resumes_a_stream_exactly(uneven, tmp_path):
     """The engine's resume (stop after 9 steps, then --resume latest) continues the stream with the very
     next batch: the batches trained on, and the weights, equal an uninterrupted run's."""
-    from accelerate.state import AcceleratorState, GradientState
+    from helpers import reset_accelerate
 
     from visrep.engine import Run, RunConfig
     from visrep.engine.config import OptimConfig
@@ -177,8 +177,7 @@ def test_stage_resumes_a_stream_exactly(uneven, tmp_path):
                     stage.optimizer_step(loss)
                 stage.epoch_done()
             state = {k: v.clone() for k, v in model.state_dict().items()}
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         return seen, state
 
     straight, w = go(tmp_path / "a")
@@ -350,33 +349,34 @@ def test_distill_on_shards_in_2_processes_stops_before_a_weaker_teacher(tmp_path
     assert not (out / "models" / "kd").exists() and (out / "models" / "scratch").exists()
 
 
+RUN = {"batch_size": 32, "eval_batch_size": 256, "progress": False, "log_every": 1}
+
+
+def train_in_process(recipe, preset, tmp_path, capsys, *args):
+    """``recipe`` with ``preset`` (one epoch, batch 32) in this process (no interpreter start-up): its results."""
+    from helpers import results, run_in_process, write_preset
+
+    preset = {"schedule": {"epochs": 1, "warmup_epochs": 0.2}, "run": RUN, **preset}
+    out = tmp_path / recipe
+    p = run_in_process(recipe, ["--config", str(write_preset(tmp_path / f"{recipe}.yaml", preset)),
+                                "--output-dir", str(out), *args], capsys)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return results(out)
+
+
 @pytest.mark.slow
 def test_byol_and_clip_train_on_packed_shards(packed, tmp_path, capsys):
-    from helpers import run_in_process, write_preset
-
-    def run_recipe(recipe, argv):  # in this process: no interpreter start-up
-        p = run_in_process(recipe, argv, capsys)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-
-    byol = write_preset(tmp_path / "b.yaml", {
+    r = train_in_process("byol", {
         "data": {"source": "shards", "data_dir": str(packed / "cls"), "image_size": 16, "hflip": 0.0},
         "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
         "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
-        "schedule": {"epochs": 1, "warmup_epochs": 0.2},
-        "eval": {"knn_k": 5, "linear_epochs": 2},
-        "run": {"batch_size": 32, "eval_batch_size": 256, "progress": False, "log_every": 1}})
-    run_recipe("byol", ["--config", str(byol), "--output-dir", str(tmp_path / "byol")])
-    r = json.loads((tmp_path / "byol" / "results.json").read_text())
+        "eval": {"knn_k": 5, "linear_epochs": 2}}, tmp_path, capsys)
     assert 0.0 < r["knn_acc"] <= 1.0
-    clip = write_preset(tmp_path / "c.yaml", {
+    r = train_in_process("clip", {
         "data": {"source": "shards", "data_dir": str(packed / "pairs"), "image_size": 8, "hflip": 0.0},
         "model": {"image": {"source": "zoo", "name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
                   "text": {"source": "small", "context_length": 12, "width": 32, "layers": 1, "heads": 2},
-                  "embed_dim": 16},
-        "schedule": {"epochs": 1, "warmup_epochs": 0.2},
-        "run": {"batch_size": 32, "eval_batch_size": 256, "progress": False, "log_every": 1}})
-    run_recipe("clip", ["--config", str(clip), "--output-dir", str(tmp_path / "clip")])
-    r = json.loads((tmp_path / "clip" / "results.json").read_text())
+                  "embed_dim": 16}}, tmp_path, capsys)
     assert r["chance_acc"] == 0.1 and "zero_shot_acc" in r  # class names and prompts came from the index
 
 
@@ -384,30 +384,18 @@ def test_byol_and_clip_train_on_packed_shards(packed, tmp_path, capsys):
 def test_adapt_and_finetune_train_on_packed_shards(packed, tmp_path, capsys):
     """Adaptation pairs two streams batch by batch (digits -> Digits-M shards, CORAL); fine-tuning streams
     its target (Digits-M shards) after a source stage on the in-memory digits."""
-    from helpers import run_in_process, write_preset
-
-    def run_recipe(recipe, argv):  # in this process: no interpreter start-up
-        p = run_in_process(recipe, argv, capsys)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-
     small = {"model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}}}
-    adapt = write_preset(tmp_path / "a.yaml", {
+    r = train_in_process("adapt", {
         "source": {"source": "shards", "data_dir": str(packed / "cls"), "image_size": 16, "hflip": 0.0},
         "target": {"source": "shards", "data_dir": str(packed / "dm"), "image_size": 16, "hflip": 0.0},
-        "target_domain": "config", **small, "adapt": {"bottleneck_dim": 16, "coral_weight": 10.0},
-        "schedule": {"epochs": 1, "warmup_epochs": 0.2},
-        "run": {"batch_size": 32, "eval_batch_size": 256, "progress": False, "log_every": 1}})
-    run_recipe("adapt", ["--config", str(adapt), "--method", "coral", "--output-dir", str(tmp_path / "adapt")])
-    r = json.loads((tmp_path / "adapt" / "results.json").read_text())
+        "target_domain": "config", **small, "adapt": {"bottleneck_dim": 16, "coral_weight": 10.0}},
+        tmp_path, capsys, "--method", "coral")
     assert 0.0 <= r["target_acc"] <= 1.0
     state = json.loads(next((tmp_path / "adapt" / "checkpoints" / "adapt").glob("*/trainer_state.json")).read_text())
     assert state["total_steps"] == 180 // 32 and set(state["data_layout"]) == {"first", "second"}
-    ft = write_preset(tmp_path / "f.yaml", {
+    r = train_in_process("finetune", {
         "init": {"source": "train", **small, "train_epochs": 1},
         "source_data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.1},
         "data": {"source": "shards", "data_dir": str(packed / "dm"), "image_size": 16, "hflip": 0.0},
-        "finetune": {"strategy": "full"}, "compare_scratch": False, "schedule": {"epochs": 1, "warmup_epochs": 0.2},
-        "run": {"batch_size": 32, "eval_batch_size": 256, "progress": False, "log_every": 1}})
-    run_recipe("finetune", ["--config", str(ft), "--output-dir", str(tmp_path / "ft")])
-    r = json.loads((tmp_path / "ft" / "results.json").read_text())
+        "finetune": {"strategy": "full"}, "compare_scratch": False}, tmp_path, capsys)
     assert r["train_labels"] == S.load_index(str(packed / "dm" / "train.json")).total and 0.0 <= r["target_acc"] <= 1.0

@@ -152,11 +152,22 @@ def test_ema_updates_zero3_shards_locally():
         EMAUpdater(10).update(bad_on, bad_tg)
 
 
+def byol_micro_step(acc, model, opt, ema, pairs, view1, view2):
+    """One micro-batch of BYOL as the recipe writes it; the target's EMA update (its tau) follows each
+    optimizer step only (None on the other micro-batches)."""
+    with acc.accumulate(model):
+        out = model(view1, view2)
+        acc.backward(byol_loss(*out["p"], *out["z_target"]))
+        opt.step()
+        opt.zero_grad()
+        return ema.update(*pairs) if acc.sync_gradients else None
+
+
 def test_ema_runs_once_per_optimizer_step_under_accumulation():
     """Accumulation 4: the recipe's update (``if accelerator.sync_gradients``) runs on micro-batches
     4 and 8 only, and the schedule counts optimizer steps."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    from helpers import reset_accelerate
 
     try:
         acc = Accelerator(cpu=True, gradient_accumulation_steps=4)
@@ -168,17 +179,11 @@ def test_ema_runs_once_per_optimizer_step_under_accumulation():
         online, target = model.ema_pairs()
         snapshots, taus = [], []
         for i in range(8):
-            with acc.accumulate(model):
-                out = model(torch.randn(8, 6), torch.randn(8, 6))
-                acc.backward(byol_loss(*out["p"], *out["z_target"]))
-                opt.step()
-                opt.zero_grad()
-                if acc.sync_gradients:
-                    taus.append(ema.update(online, target))
+            tau = byol_micro_step(acc, model, opt, ema, (online, target), torch.randn(8, 6), torch.randn(8, 6))
+            taus += [tau] if tau is not None else []
             snapshots.append([t.detach().clone() for t in target])
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     assert ema.step == 2 and taus == [pytest.approx(0.5), pytest.approx(0.75)]
     changed = [i for i in range(1, 8) if not all(torch.equal(a, b) for a, b in zip(snapshots[i], snapshots[i - 1]))]
     assert changed == [3, 7], changed
@@ -303,7 +308,7 @@ def test_linear_eval_separable_and_leaves_global_rng():
 
 def test_exported_backbone_loads_in_the_zoo_and_timm(tmp_path):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    from helpers import reset_accelerate
 
     from visrep.engine import BackboneConfig
     from visrep.engine.export import load_model
@@ -334,8 +339,7 @@ def test_exported_backbone_loads_in_the_zoo_and_timm(tmp_path):
                 ref = timm.create_model("resnet18", num_classes=0)
                 assert set(load_file(str(out / "backbone" / "model.safetensors"))) == set(ref.state_dict())
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
 
 
 def test_ema_of_a_bf16_target_moves_by_the_fp32_amount():

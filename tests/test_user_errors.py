@@ -30,11 +30,6 @@ def assert_one_clear_line(p, *needles):
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_preset(tmp_path_factory.mktemp("presets") / "tiny.yaml", TINY)
-
-
 def _corrupt_folder(root):
     for split in ("train", "test"):
         for cls in ("a", "b"):

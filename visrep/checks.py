@@ -3,6 +3,8 @@
 users, methods, engine, recipes) may use it."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from visrep.errors import UserError
@@ -12,6 +14,15 @@ class ConfigError(UserError, ValueError):
     """A configuration key or value is wrong; the message names it and says what is allowed."""
 
     same_on_every_rank = True
+
+
+def existing(path: str | os.PathLike, error: type[Exception], message: str, directory_too: bool = False) -> Path:
+    """``path`` as a :class:`Path` when it names a file (or, with ``directory_too``, a directory); else
+    ``error(message)``, the message naming the path and what to pass instead."""
+    path = Path(path)
+    if not (path.exists() if directory_too else path.is_file()):
+        raise error(message)
+    return path
 
 
 def check(ok: bool, key: str, value: Any, expected: str) -> None:

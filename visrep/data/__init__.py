@@ -3,40 +3,27 @@ backbone's data config; reproducible per-epoch order and augmentation."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from visrep.data.images import (CorruptImageError, EpochSampler, ImageDataset, build_transforms, collate, loader_options,
-                                decode_image, drop_unreadable)
+from visrep.data.images import (CorruptImageError, EpochSampler, ImageDataset, SplitLoaders, build_transforms, collate,
+                                loader_options, decode_image, drop_unreadable)
 from visrep.data.digits_m import load_digits_m_splits  # also registers data.source 'digits_m'
 from visrep.data.sources import DataConfig, ShardsConfig, class_names, digits_arrays, load_splits
 from visrep.data import shards
 
 
 @dataclasses.dataclass
-class ClassificationData:
-    """The three splits as torch datasets and (unprepared) loaders, plus what a recipe needs to know.
-    With a sharded source ``train`` is the stream (:class:`visrep.data.shards.ShardStream`) and
-    ``train_loader`` its :class:`~visrep.data.shards.StreamLoader`; ``sampler`` is then None."""
+class ClassificationData(SplitLoaders):
+    """The splits and loaders (:class:`SplitLoaders`), plus what a recipe needs to know."""
 
-    train: Any
-    val: ImageDataset
-    test: ImageDataset
-    train_loader: Any
-    val_loader: torch.utils.data.DataLoader
-    test_loader: torch.utils.data.DataLoader
-    sampler: Optional[EpochSampler]
-    classes: list[str]
+    classes: list[str] = dataclasses.field(default_factory=list)
     cfg: Optional[DataConfig] = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    @property
-    def epoch_setters(self) -> tuple:
-        return tuple(o for o in (self.sampler, self.train) if o is not None)
 
     def bank_split(self):
         """The training images (undecoded) with labels, for evaluation (a kNN bank, a linear probe): the
@@ -74,11 +61,8 @@ def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, bat
         train_loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **kw)
     val = ImageDataset(splits["val"], eval_tf, mode, "val")
     test = ImageDataset(splits["test"], eval_tf, mode, "test")
-    return ClassificationData(
-        train=train, val=val, test=test, train_loader=train_loader,
-        val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **kw),
-        test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **kw),
-        sampler=sampler, classes=class_names(splits), cfg=cfg)
+    return ClassificationData.build(train, train_loader, sampler, val, test, eval_batch_size, kw,
+                                    classes=class_names(splits), cfg=cfg)
 
 
 __all__ = ["DataConfig", "ShardsConfig", "shards", "ClassificationData", "CorruptImageError", "EpochSampler", "ImageDataset",

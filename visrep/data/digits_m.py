@@ -26,7 +26,8 @@ import hashlib
 import numpy as np
 
 from visrep.data.cache import cached_arrays
-from visrep.data.sources import DataConfig, digits_arrays, register_source, stratified_split, with_label_budget
+from visrep.data.sources import (DataConfig, digit_dataset, digits_arrays, register_source, stratified_split,
+                                 with_label_budget)
 
 PATCH_SEED = 1409_7495
 TRAIN_REGION = 0.7
@@ -92,13 +93,9 @@ def load_digits_m_splits(cfg: DataConfig, patch_seed: int = PATCH_SEED):
     ClassLabel) -- the form ``build_classification_data(..., splits=...)`` takes. ``cfg.channels=1``
     gives grey images (the loader converts); ``cfg.label_fraction`` is applied to train."""
     import datasets
-    from PIL import Image
 
     images, labels, idx = digits_m_arrays(cfg, patch_seed)
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
-    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(im) for im in images], "label": labels.tolist()},
-                                    features=features)
+    ds = digit_dataset(images, labels)
     d = datasets.DatasetDict({k: ds.select(v) for k, v in idx.items()})
     d = datasets.DatasetDict({k: v.cast_column("image", datasets.Image(decode=False)) for k, v in d.items()})
     return with_label_budget(d, cfg)

@@ -8,10 +8,11 @@ across ranks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -107,30 +108,21 @@ def epoch_of(index, default: int) -> int:
     return getattr(index, "epoch", default)
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label) pairs from a split with undecoded ``image`` and integer ``label``.
-
-    ``transform`` maps a PIL image to a tensor (or a tuple of tensors, e.g. two views). With
-    ``seed`` set, each sample's transform runs under its own RNG seeded by (seed, epoch, index).
-    The split's images are decoded once and kept in memory when they are small (``cache_bytes``).
-    """
+class LabelledImages(torch.utils.data.Dataset):
+    """A split with undecoded ``image`` and integer ``label`` columns, and what every dataset over one
+    does alike: decode an image (once, kept in memory, when the split is small: ``cache_bytes`` for the
+    decoded pixels, estimated), the epoch for per-epoch randomness, and ``transform`` (PIL image to a
+    tensor, or a tuple of tensors such as two views) run under an RNG seeded by (seed, epoch, index)
+    when ``seed`` is set."""
 
     def __init__(self, split_ds, transform: Callable, mode: str = "RGB", split: str = "train",
                  seed: Optional[int] = None, cache_bytes: int = 256 << 20):
-        self.ds = split_ds
-        self.transform = transform
-        self.mode = mode
-        self.split = split
-        self.seed = seed
-        self.epoch = 0
+        self.ds, self.transform, self.mode, self.split, self.seed, self.epoch = split_ds, transform, mode, split, seed, 0
         self.labels = np.asarray(split_ds["label"], dtype=np.int64)
-        self._cache: Optional[list] = None
-        images = split_ds["image"]
-        approx = sum(len(v["bytes"]) if isinstance(v, dict) and v.get("bytes") else 1 << 20 for v in images[:64])
-        if approx / max(1, min(64, len(images))) * len(images) * 4 < cache_bytes:
-            self._cache = [decode_image(v, mode, split, i) for i, v in enumerate(images)]
-        else:
-            self._images = images
+        self._images = split_ds["image"]
+        approx = sum(len(v["bytes"]) if isinstance(v, dict) and v.get("bytes") else 1 << 20 for v in self._images[:64])
+        small = approx / max(1, min(64, len(self._images))) * len(self._images) * 4 < cache_bytes
+        self._cache = [decode_image(v, mode, split, i) for i, v in enumerate(self._images)] if small else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -143,14 +135,53 @@ class ImageDataset(torch.utils.data.Dataset):
             return self._cache[index]
         return decode_image(self._images[index], self.mode, self.split, index)
 
+    def sample_seed(self, index) -> Optional[int]:
+        """The seed of sample ``index``'s randomness this epoch (None without ``seed``)."""
+        return None if self.seed is None else sample_seed(self.seed, epoch_of(index, self.epoch), index)
+
+    def transformed(self, index):
+        """Sample ``index``'s image through ``transform`` (seeded per sample when ``seed`` is set)."""
+        s = self.sample_seed(index)
+        if s is None:
+            return self.transform(self.image(index))
+        with seeded(s):
+            return self.transform(self.image(index))
+
+
+class ImageDataset(LabelledImages):
+    """(image tensor, label) pairs from a split (:class:`LabelledImages`)."""
+
     def __getitem__(self, index: int):
-        img = self.image(index)
-        if self.seed is None:
-            x = self.transform(img)
-        else:
-            with seeded(sample_seed(self.seed, epoch_of(index, self.epoch), index)):
-                x = self.transform(img)
-        return x, int(self.labels[index])
+        return self.transformed(index), int(self.labels[index])
+
+
+@dataclasses.dataclass
+class SplitLoaders:
+    """The three splits as torch datasets and their (unprepared) loaders. ``train`` may be a stream
+    (:class:`visrep.data.shards.ShardStream`, its loader a :class:`~visrep.data.shards.StreamLoader`);
+    ``sampler`` is then None."""
+
+    train: Any
+    val: LabelledImages
+    test: LabelledImages
+    train_loader: Any
+    val_loader: torch.utils.data.DataLoader
+    test_loader: torch.utils.data.DataLoader
+    sampler: Optional["EpochSampler"]
+
+    @property
+    def epoch_setters(self) -> tuple:
+        """What makes order and augmentation a function of the epoch (``set_epoch``): sampler and dataset."""
+        return tuple(o for o in (self.sampler, self.train) if o is not None)
+
+    @classmethod
+    def build(cls, train, train_loader, sampler, val, test, eval_batch_size: int, loader_kw: dict, **extra):
+        """With val / test loaders that keep the splits' order, ``eval_batch_size`` a batch."""
+        def in_order(ds):
+            return torch.utils.data.DataLoader(ds, batch_size=eval_batch_size, shuffle=False, **loader_kw)
+
+        return cls(train=train, val=val, test=test, train_loader=train_loader, val_loader=in_order(val),
+                   test_loader=in_order(test), sampler=sampler, **extra)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

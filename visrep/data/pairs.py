@@ -29,8 +29,7 @@ from typing import Callable, Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from visrep.data.images import (EpochSampler, build_transforms, decode_image, drop_unreadable, loader_options,
-                                epoch_of, sample_seed, seeded)
+from visrep.data.images import EpochSampler, LabelledImages, SplitLoaders, build_transforms, drop_unreadable, loader_options
 from visrep.data import shards
 from visrep.data.sources import DataConfig, load_splits
 from visrep.errors import DataError, MissingFileError, MissingKeyError
@@ -300,7 +299,7 @@ def load_pair_splits(cfg: PairsConfig) -> PairSplits:
 # ----------------------------------------------------------------------------------------------
 # Torch side
 # ----------------------------------------------------------------------------------------------
-class PairDataset(torch.utils.data.Dataset):
+class PairDataset(LabelledImages):
     """``(image, tokens, label, key)`` per sample. ``train=True``: one caption drawn at random per
     (seed, epoch, index) and augmentation under the same seed; else the first caption (digits: held-out
     template ``index mod T`` and class-name form ``index div T``). ``key`` marks interchangeable pairs
@@ -309,26 +308,14 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, split_ds, transform: Callable, tokenizer: Callable, mode: str = "RGB", split: str = "train",
                  train: bool = False, seed: int = 0, templates: Optional[Sequence[str]] = None,
                  classnames: Optional[Sequence[Sequence[str]]] = None):
-        self.transform, self.tokenizer, self.mode, self.split = transform, tokenizer, mode, split
-        self.train, self.seed, self.epoch = train, seed, 0
-        self.templates, self.classnames = templates, classnames
-        self.labels = np.asarray(split_ds["label"], dtype=np.int64)
+        super().__init__(split_ds, transform, mode, split, seed if train else None)
+        self.tokenizer, self.train, self.templates, self.classnames = tokenizer, train, templates, classnames
         self.captions = None if templates else list(split_ds["captions"])
-        images = split_ds["image"]
-        self._images = images
-        small = all(isinstance(v, dict) and v.get("bytes") is not None and len(v["bytes"]) < 65536 for v in images[:32])
-        self._cache = [decode_image(v, mode, split, i) for i, v in enumerate(images)] if small and len(images) < 200_000 else None
         if templates:
             self.keys = self.labels.copy()
         else:
             ids: dict[str, int] = {}
             self.keys = np.asarray([ids.setdefault(c[0], len(ids)) for c in self.captions], dtype=np.int64)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def caption(self, index: int, rng: Optional[np.random.Generator] = None) -> str:
         if self.templates:
@@ -341,16 +328,9 @@ class PairDataset(torch.utils.data.Dataset):
         return caps[rng.integers(len(caps))] if rng is not None and len(caps) > 1 else caps[0]
 
     def __getitem__(self, index: int):
-        img = self._cache[index] if self._cache is not None else decode_image(self._images[index], self.mode,
-                                                                                self.split, index)
-        if self.train:
-            s = sample_seed(self.seed, epoch_of(index, self.epoch), index)
-            text = self.caption(index, np.random.default_rng(s))
-            with seeded(s):
-                x = self.transform(img)
-        else:
-            text, x = self.caption(index), self.transform(img)
-        return x, self.tokenizer([text])[0], int(self.labels[index]), int(self.keys[index])
+        s = self.sample_seed(index)
+        text = self.caption(index, None if s is None else np.random.default_rng(s))
+        return self.transformed(index), self.tokenizer([text])[0], int(self.labels[index]), int(self.keys[index])
 
 
 def collate_pairs(batch):
@@ -359,21 +339,13 @@ def collate_pairs(batch):
 
 
 @dataclasses.dataclass
-class PairData:
-    train: PairDataset
-    val: PairDataset
-    test: PairDataset
-    train_loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader
-    test_loader: torch.utils.data.DataLoader
-    sampler: Optional[EpochSampler]
-    classnames: Optional[list]
-    templates: list[str]
-    train_templates: Optional[list[str]] = None
+class PairData(SplitLoaders):
+    """The splits and loaders of image-caption pairs (:class:`SplitLoaders`), with the class names and
+    prompt templates of zero-shot classification."""
 
-    @property
-    def epoch_setters(self) -> tuple:
-        return tuple(o for o in (self.sampler, self.train) if o is not None)
+    classnames: Optional[list] = None
+    templates: list[str] = dataclasses.field(default_factory=list)
+    train_templates: Optional[list[str]] = None
 
 
 def build_pair_data(cfg: PairsConfig, data_config: dict, tokenizer: Callable, seed: int, batch_size: int,
@@ -402,11 +374,8 @@ def build_pair_data(cfg: PairsConfig, data_config: dict, tokenizer: Callable, se
                                                    **lk)
     val = PairDataset(ps.splits["val"], eval_tf, split="val", templates=ps.eval_templates, **kw)
     test = PairDataset(ps.splits["test"], eval_tf, split="test", templates=ps.eval_templates, **kw)
-    return PairData(
-        train=train, val=val, test=test, train_loader=train_loader,
-        val_loader=torch.utils.data.DataLoader(val, batch_size=eval_batch_size, shuffle=False, **lk),
-        test_loader=torch.utils.data.DataLoader(test, batch_size=eval_batch_size, shuffle=False, **lk),
-        sampler=sampler, classnames=ps.classnames, templates=ps.templates, train_templates=ps.train_templates)
+    return PairData.build(train, train_loader, sampler, val, test, eval_batch_size, lk, classnames=ps.classnames,
+                          templates=ps.templates, train_templates=ps.train_templates)
 
 
 __all__ = ["PairsConfig", "PairSplits", "PairDataset", "PairData", "build_pair_data", "load_pair_splits",

@@ -42,6 +42,7 @@ from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
 from visrep.data.images import CorruptImageError, decode_image, sample_seed, seeded
+from visrep.checks import existing
 from visrep.errors import DataError, MissingFileError
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,8 @@ def load_index(spec: str, what: str = "data.shards") -> ShardIndex:
     """The shards named by ``spec``: an index JSON, or a brace pattern of local ``.tar`` files (each is
     read once to count its samples; a ``pipe:`` or remote pattern needs an index: ``visrep data index``)."""
     if spec.endswith(".json"):
-        path = Path(spec)
-        if not path.is_file():
-            raise MissingFileError(f"{what}: the shard index '{spec}' does not exist. Write one with "
-                                   f"`visrep data pack SRC OUT` or `visrep data index 'SHARDS' OUT.json`.")
+        path = existing(spec, MissingFileError, f"{what}: the shard index '{spec}' does not exist. Write one with "
+                        f"`visrep data pack SRC OUT` or `visrep data index 'SHARDS' OUT.json`.")
         try:
             doc = json.loads(path.read_text())
             entries = doc["shardlist"]

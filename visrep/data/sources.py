@@ -144,15 +144,22 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 
-def _digits(cfg: DataConfig):
+def digit_dataset(images: np.ndarray, labels: np.ndarray):
+    """A ``datasets.Dataset`` of digit images (uint8 arrays) with ClassLabel labels '0'..'9'."""
     import datasets
     from PIL import Image
 
-    images, labels = digits_arrays(cfg.image_size, cfg.channels)
     features = datasets.Features({"image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
-    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(im) for im in images], "label": labels.tolist()},
-                                    features=features)
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(im) for im in images], "label": labels.tolist()},
+                                      features=features)
+
+
+def _digits(cfg: DataConfig):
+    import datasets
+
+    images, labels = digits_arrays(cfg.image_size, cfg.channels)
+    ds = digit_dataset(images, labels)
     rest, test = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
     tr, va = stratified_split(labels[rest], val_share, cfg.split_seed)

@@ -18,13 +18,12 @@ import os
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import dacite
 import yaml
 
-from visrep.checks import ConfigError, check
+from visrep.checks import ConfigError, check, existing
 from visrep.engine.io import atomic_write_text
 
 T = TypeVar("T")
@@ -336,10 +335,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist. Pass --config with a YAML preset "
-                          f"(see recipes/configs/).")
+    path = existing(path, ConfigError, f"config file '{path}' does not exist. Pass --config with a YAML preset "
+                    f"(see recipes/configs/).")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -107,20 +107,24 @@ class JSONLTracker(GeneralTracker):
         self.start()
 
 
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """The (line, record) pairs of a ``metrics.jsonl``; a line cut short by an interruption is skipped."""
+    pairs = []
+    for line in (path.read_text().splitlines() if path.exists() else ()):
+        try:
+            pairs.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            continue
+    return pairs
+
+
 def truncate_metrics(path: Path, stage: str, after_step: int) -> None:
     """On resume, drop records of ``stage`` logged after the checkpoint being resumed, so the file
     reads as one uninterrupted run."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the interruption
-        if rec.get("stage") == stage and (rec.get("stage_step") or 0) > after_step:
-            continue
-        keep.append(line)
+    keep = [line for line, rec in read_metrics(path)
+            if not (rec.get("stage") == stage and (rec.get("stage_step") or 0) > after_step)]
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 

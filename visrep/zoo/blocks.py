@@ -202,7 +202,17 @@ class InvertedResidual(nn.Module):
         return x + y if self.use_res else y
 
 
-class SEBlock(nn.Module):
+class Gate(nn.Module):
+    """An attention gate: ``x * scale(x)``, with gates in (0, 1) from the subclass's ``scale``."""
+
+    def scale(self, x):
+        raise NotImplementedError
+
+    def forward(self, x):
+        return x * self.scale(x)
+
+
+class SEBlock(Gate):
     """Squeeze-and-Excitation: rescale channels by ``sigmoid(W2 relu(W1 avgpool(x)))``.
 
     Paper: Hu, Shen, Albanie, Sun, Wu, "Squeeze-and-Excitation Networks", 2017, arXiv:1709.01507.
@@ -220,11 +230,8 @@ class SEBlock(nn.Module):
         """Per-channel gates in (0, 1), shape (N, C, 1, 1)."""
         return torch.sigmoid(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
 
-    def forward(self, x):
-        return x * self.scale(x)
 
-
-class ChannelAttention(nn.Module):
+class ChannelAttention(Gate):
     """CBAM channel attention: ``sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))`` (shared MLP).
 
     Paper: Woo, Park, Lee, Kweon, "CBAM: Convolutional Block Attention Module", 2018, arXiv:1807.06521.
@@ -239,11 +246,8 @@ class ChannelAttention(nn.Module):
     def scale(self, x):
         return torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
 
-    def forward(self, x):
-        return x * self.scale(x)
 
-
-class SpatialAttention(nn.Module):
+class SpatialAttention(Gate):
     """CBAM spatial attention: ``sigmoid(conv7x7([mean_c(x); max_c(x)]))``.
 
     Paper: Woo, Park, Lee, Kweon, "CBAM: Convolutional Block Attention Module", 2018, arXiv:1807.06521.
@@ -257,9 +261,6 @@ class SpatialAttention(nn.Module):
     def scale(self, x):
         s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
         return torch.sigmoid(self.bn(self.conv(s)))
-
-    def forward(self, x):
-        return x * self.scale(x)
 
 
 class CBAM(nn.Module):

@@ -16,10 +16,15 @@ def register(subparsers) -> None:
 
 # ----------------------------------------------------------------------------- zoo
 
+def _group(subparsers, name: str, help: str, commands: str):
+    """A command group ``visrep NAME {COMMANDS}`` (its help when called alone): the subparsers to fill."""
+    group = subparsers.add_parser(name, help=help)
+    group.set_defaults(_parser=group)
+    return group.add_subparsers(dest=f"{name}_command", metavar="{%s}" % commands)
+
+
 def _register_zoo(subparsers):
-    zoo = subparsers.add_parser("zoo", help="list backbones, summarise one")
-    zoo.set_defaults(_parser=zoo)
-    sub = zoo.add_subparsers(dest="zoo_command", metavar="{list,summary}")
+    sub = _group(subparsers, "zoo", "list backbones, summarise one", "list,summary")
 
     p = sub.add_parser("list", help="registered backbones (PATTERN: glob; 'timm:vit*' / 'tv:res*' list a library)")
     p.add_argument("pattern", nargs="?", default=None)
@@ -72,8 +77,10 @@ def _zoo_summary(args) -> int:
 
 # ----------------------------------------------------------------------------- viz
 
-def _model_args(p: argparse.ArgumentParser):
+def _model_args(p: argparse.ArgumentParser, image_required: bool = False):
     p.add_argument("name", help="zoo backbone name")
+    p.add_argument("--image", required=image_required, default=None,
+                   help=None if image_required else "default: a synthetic test pattern")
     p.add_argument("--checkpoint", default=None, help="local .safetensors state dict (strict)")
     p.add_argument("--pretrained", action="store_true", help="weights through timm/torchvision")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -88,13 +95,10 @@ CAM_METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcamelem
 
 
 def _register_viz(subparsers):
-    viz = subparsers.add_parser("viz", help="Grad-CAM, feature maps, ViT attention as PNG")
-    viz.set_defaults(_parser=viz)
-    sub = viz.add_subparsers(dest="viz_command", metavar="{gradcam,features,attention}")
+    sub = _group(subparsers, "viz", "Grad-CAM, feature maps, ViT attention as PNG", "gradcam,features,attention")
 
     p = sub.add_parser("gradcam", help="Grad-CAM (or another CAM method) heatmap of a classifier for an image")
-    _model_args(p)
-    p.add_argument("--image", required=True)
+    _model_args(p, image_required=True)
     p.add_argument("--target-class", type=int, default=None, help="default: the predicted class")
     p.add_argument("--layer", default=None, help="module name (default: the last feature stage)")
     p.add_argument("--method", default="gradcam", metavar="METHOD",
@@ -104,14 +108,12 @@ def _register_viz(subparsers):
 
     p = sub.add_parser("features", help="grid of a layer's feature maps")
     _model_args(p)
-    p.add_argument("--image", default=None, help="default: a synthetic test pattern")
     p.add_argument("--layer", default=None, help="module name (default: the middle feature stage)")
     p.add_argument("--max-channels", type=int, default=32)
     p.set_defaults(func=_viz_features)
 
     p = sub.add_parser("attention", help="ViT attention maps (rollout and last-block heads)")
     _model_args(p)
-    p.add_argument("--image", default=None, help="default: a synthetic test pattern")
     p.add_argument("--max-heads", type=int, default=6)
     p.set_defaults(func=_viz_attention)
 
@@ -125,32 +127,30 @@ def _build(args):
     return model
 
 
-def _viz_gradcam(args) -> int:
-    from .viz import cam_method, prepare_input, save_gradcam
-    method = cam_method(args.method)  # before building (and maybe downloading) the model
+def _visualise(args, suffix: str, draw) -> int:
+    """Build the model, prepare the input image and print the path of the figure ``draw(model, x, display,
+    out)`` wrote (``--out``, default ``NAME_SUFFIX.png``)."""
+    from .viz import prepare_input
     model = _build(args)
     x, disp = prepare_input(model, args.image)
-    out = save_gradcam(model, x, disp, args.out or f"{args.name.replace(':', '_')}_{method}.png",
-                       args.target_class, args.layer, method=method)
-    print(out)
+    print(draw(model, x, disp, args.out or f"{args.name.replace(':', '_')}_{suffix}.png"))
     return 0
+
+
+def _viz_gradcam(args) -> int:
+    from .viz import cam_method, save_gradcam
+    method = cam_method(args.method)  # before building (and maybe downloading) the model
+    return _visualise(args, method, lambda model, x, disp, out: save_gradcam(model, x, disp, out, args.target_class,
+                                                                             args.layer, method=method))
 
 
 def _viz_features(args) -> int:
-    from .viz import prepare_input, save_feature_grid
-    model = _build(args)
-    x, _ = prepare_input(model, args.image)
-    out = save_feature_grid(model, x, args.out or f"{args.name.replace(':', '_')}_features.png", args.layer,
-                            args.max_channels)
-    print(out)
-    return 0
+    from .viz import save_feature_grid
+    return _visualise(args, "features", lambda model, x, disp, out: save_feature_grid(model, x, out, args.layer,
+                                                                                     args.max_channels))
 
 
 def _viz_attention(args) -> int:
-    from .viz import prepare_input, save_attention
-    model = _build(args)
-    x, disp = prepare_input(model, args.image)
-    out = save_attention(model, x, disp, args.out or f"{args.name.replace(':', '_')}_attention.png",
-                         args.max_heads)
-    print(out)
-    return 0
+    from .viz import save_attention
+    return _visualise(args, "attention", lambda model, x, disp, out: save_attention(model, x, disp, out,
+                                                                                   args.max_heads))

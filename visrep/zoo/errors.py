@@ -17,10 +17,14 @@ class CheckpointMismatchError(RuntimeError):
     user_error = True
 
 
-class UnknownBackboneError(KeyError):
-    """A backbone name that is not registered; the message lists close matches."""
+class UnknownNameError(KeyError):
+    """A name (of a backbone, a layer, ...) that is not there; the message lists close matches."""
 
     user_error = True
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownBackboneError(UnknownNameError):
+    """A backbone name that is not registered; the message lists close matches."""

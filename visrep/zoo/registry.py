@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import importlib
 import os
 import time
 import urllib.error
@@ -32,6 +34,9 @@ __all__ = ["BackboneEntry", "register_backbone", "create_backbone", "list_backbo
 
 
 _PREFIXES: dict[str, Callable[..., nn.Module]] = {}
+# the libraries whose every model is a backbone: prefix -> (module, its builder, library name)
+_LIBRARY_PREFIXES = {"timm:": (".timm_backbones", "create_timm_backbone", "timm"),
+                     "tv:": (".tv_backbones", "create_tv_backbone", "torchvision")}
 PREFIX_ENTRY_POINTS = "visrep.zoo_prefixes"
 
 
@@ -69,16 +74,12 @@ def _ensure_builtin():
 def get_backbone_entry(name: str) -> BackboneEntry:
     """The entry a name resolves to (prefixes ``timm:``, ``tv:``, ``visrep:`` included)."""
     _ensure_builtin()
-    if name.startswith("timm:"):
-        from .timm_backbones import create_timm_backbone
-        target = name[5:]
-        return BackboneEntry(name, lambda **kw: create_timm_backbone(target, **kw), "timm", target,
-                             f"timm model {target}", True)
-    if name.startswith("tv:"):
-        from .tv_backbones import create_tv_backbone
-        target = name[3:]
-        return BackboneEntry(name, lambda **kw: create_tv_backbone(target, **kw), "tv", target,
-                             f"torchvision model {target}", True)
+    for prefix, (module, builder, library) in _LIBRARY_PREFIXES.items():
+        if name.startswith(prefix):
+            create = getattr(importlib.import_module(module, __package__), builder)
+            target = name[len(prefix):]
+            return BackboneEntry(name, functools.partial(create, target), prefix[:-1], target,
+                                 f"{library} model {target}", True)
     plain = name[7:] if name.startswith("visrep:") else name
     if plain not in _REGISTRY:
         close = difflib.get_close_matches(plain, list(_REGISTRY), n=5)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .errors import UnknownNameError
 from .registry import get_data_config
 
 
@@ -68,13 +69,8 @@ class CamError(ValueError):
     user_error = True  # reported as one line without a traceback (visrep.errors; the zoo imports nothing of ours)
 
 
-class UnknownLayerError(KeyError):
+class UnknownLayerError(UnknownNameError):
     """A ``layer=`` name that is not a module of the model; the message lists close matches."""
-
-    user_error = True
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 def cam_method(method: str) -> str:

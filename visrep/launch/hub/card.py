@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from visrep.checks import existing
 from visrep.errors import MissingFileError
 from visrep.launch.hub.transport import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, _scrub_config
 from visrep.zoo import create_backbone, get_backbone_entry
@@ -39,10 +40,8 @@ def _find_run_dir(model_dir: Path) -> Optional[Path]:
 
 def _resolve_source(src: str | os.PathLike, stage: Optional[str]) -> tuple[Path, Optional[Path], Optional[str]]:
     """(model dir, run dir or None, stage name or None) for a run dir or an exported model dir."""
-    src = Path(src)
-    if not src.exists():
-        raise MissingFileError(f"'{src}' does not exist; pass a run directory (RUN_DIR with models/) or an "
-                                f"exported model directory ({WEIGHTS_NAME} + {CONFIG_NAME}).")
+    src = existing(src, MissingFileError, f"'{src}' does not exist; pass a run directory (RUN_DIR with models/) or an "
+                   f"exported model directory ({WEIGHTS_NAME} + {CONFIG_NAME}).", directory_too=True)
     if (src / "models").is_dir():
         models = src / "models"
         if stage is not None:

@@ -12,14 +12,17 @@ from visrep.zoo import create_backbone, register_prefix
 from visrep.zoo.errors import CheckpointMismatchError
 
 
-def _load_whole_model(repo_id_or_dir, token, revision, cache_dir, what: str, wrong_kind, loader):
-    """What the loaders of whole exported models share: locate the folder, refuse it when
-    ``wrong_kind(config, where, src)`` returns a message, rebuild it with ``loader(folder) -> (model,
-    config)`` (strict keys: a mismatch is a ``HubError`` naming ``what``), remember where it came from."""
+def _load_whole_model(repo_id_or_dir, token, revision, cache_dir, kind: str, what: str, refusal: str):
+    """What the loaders of whole exported models share: locate the folder, refuse it unless its export is
+    of ``kind`` (``refusal`` formatted with ``where`` and the ``kind`` found, then how to load it as a
+    backbone), rebuild it with the loader registered for ``kind`` (strict keys: a mismatch is a
+    ``HubError`` naming ``what``), remember where it came from."""
     src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
-    problem = wrong_kind(json.loads((folder / CONFIG_NAME).read_text()), where, src)
-    if problem:
-        raise HubError(problem)
+    found = export_kind(json.loads((folder / CONFIG_NAME).read_text()))
+    if found != kind:
+        raise HubError(refusal.format(where=where, kind=found)
+                       + f"; load backbones with visrep.zoo.create_backbone('{HUB_PREFIX}{src}').")
+    loader = kind_loader(kind)
     try:
         model, config = loader(folder)
     except RuntimeError as e:  # strict load_state_dict: missing / unexpected keys, wrong shapes
@@ -34,14 +37,8 @@ def load_clip_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str
     ``visrep.clip.load_clip`` and load its weights strictly; returns ``(model, config)``. The
     tokenizer follows from the model: ``visrep.clip.get_tokenizer(model)``. Same sources and rules as
     :func:`load_backbone_from_hub` (safetensors only; ``USER/REPO`` or a local folder)."""
-    def wrong_kind(config, where, src):
-        kind = export_kind(config)
-        if kind != "clip":
-            return (f"{where} holds a '{kind}' model, not a visrep CLIP model; "
-                    f"load backbones with visrep.zoo.create_backbone('hf-hub:{src}').")
-
-    return _load_whole_model(repo_id_or_dir, token, revision, cache_dir, "CLIP model", wrong_kind,
-                             kind_loader("clip"))
+    return _load_whole_model(repo_id_or_dir, token, revision, cache_dir, "clip", "CLIP model",
+                             "{where} holds a '{kind}' model, not a visrep CLIP model")
 
 
 def load_adaptation_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional[str] = None,
@@ -49,13 +46,8 @@ def load_adaptation_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Option
     """Rebuild a pushed domain-adaptation model (``recipes/adapt.py``: backbone, bottleneck, classifier
     and discriminator) with ``visrep.transfer.adapt.load_adaptation_model``, weights loaded strictly;
     returns ``(model, config)``. Same sources and rules as :func:`load_backbone_from_hub`."""
-    def wrong_kind(config, where, src):
-        if export_kind(config) != "adaptation":
-            return (f"{where} holds no domain-adaptation model (its {CONFIG_NAME} says kind "
-                    f"'{export_kind(config)}'); load backbones with visrep.zoo.create_backbone('hf-hub:{src}').")
-
-    return _load_whole_model(repo_id_or_dir, token, revision, cache_dir, "model", wrong_kind,
-                             kind_loader("adaptation"))
+    return _load_whole_model(repo_id_or_dir, token, revision, cache_dir, "adaptation", "model",
+                             "{where} holds no domain-adaptation model (its %s says kind '{kind}')" % CONFIG_NAME)
 
 
 def create_from_hub(name: str, num_classes: int = 0, in_chans: int = 3, small_input: bool = False, **kwargs):
