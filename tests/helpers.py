@@ -92,8 +92,18 @@ def write_preset(path: Path, data: dict) -> Path:
 
 def run_recipe(recipe: str, args: list[str], processes: int = 1, timeout: int = 600, check: bool = True,
                launcher_args: list[str] | None = None, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """``recipes/RECIPE.py ARGS``: with more than one process (or a launcher's arguments) under
+    ``accelerate launch``; with one process and ``extra_env`` in a subprocess of its own; else in this
+    process, as its ``__main__`` would run it (:func:`in_process`), which saves the interpreter's
+    start-up and imports."""
+    if processes == 1 and launcher_args is None and extra_env is None:
+        p = in_process(recipe, args)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{recipe} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                                 f"{p.stderr[-6000:]}")
+        return p
     script = str(ROOT / "recipes" / f"{recipe}.py")
-    if processes == 1 and launcher_args is None:
+    if processes == 1 and launcher_args is None:  # an environment read at import time (the Hub's endpoint)
         cmd = [sys.executable, script, *args]
     else:
         accelerate = shutil.which("accelerate", path=str(VENV_BIN)) or "accelerate"
@@ -106,6 +116,44 @@ def run_recipe(recipe: str, args: list[str], processes: int = 1, timeout: int = 
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
+
+
+def in_process(recipe: str, args: list[str]) -> subprocess.CompletedProcess:
+    """A 1-process run of ``recipes/RECIPE.py ARGS`` inside this process, set up as the subprocess would
+    be (its environment, one thread, the repository as the working directory, every warning shown) and
+    put back afterwards (Accelerate's state, threads, deterministic mode, environment): (exit status,
+    stdout, stderr)."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    from ds_helpers import load_recipe
+    from visrep.errors import run_cli
+
+    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update({k: v for k, v in _base_env().items() if k != "PYTHONPATH"})
+    torch.set_num_threads(1)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            try:
+                code = run_cli(load_recipe(recipe).main, list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(cwd)
+        reset_accelerate()
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def ddp_reference(recipe: str, preset: dict, tmp_path: Path) -> tuple[Path, Path]:

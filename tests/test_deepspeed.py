@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO on CPU (gloo): Accelerate and DeepSpeed agree on the world size, and a recipe
-trained under ZeRO-2 / ZeRO-3 -- including a ZeRO-3 stop and resume -- ends with exactly the weights
-of the same run under plain DDP."""
+trained under ZeRO-3 (with a stop and resume) or ZeRO-2 ends with exactly the weights of the same run
+under plain DDP; the logit-scale clamp reaches DeepSpeed's fp32 master copy."""
 import pytest
 
 from ds_helpers import assert_same_weights, deepspeed_args, without_use_cpu, zero_config_args
@@ -21,22 +21,22 @@ def same_weights(a, b):
 
 
 @pytest.mark.slow
-def test_zero2_and_zero3_with_resume_match_ddp(tmp_path, monkeypatch):
+def test_zero3_with_resume_matches_ddp(tmp_path, monkeypatch):
+    """Distillation (three stages, each a new DeepSpeed engine; a frozen teacher outside the engine) under
+    ZeRO-3, stopped inside a stage and resumed, ends with DDP's weights. (ZeRO-2 keeps parameters whole,
+    the easier case: it is compared with DDP in the CLIP recipe, and every recipe runs under ZeRO-2 bf16 in
+    tests/test_precision.py.)"""
     preset, ddp = ddp_reference("distill", TINY, tmp_path)
     without_use_cpu(monkeypatch)
-    z2 = tmp_path / "zero2"
-    run_recipe("distill", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, free_port()))
-    ckpt = sorted((z2 / "checkpoints" / "kd").iterdir())[-1]
-    assert (ckpt / "pytorch_model").is_dir(), "a DeepSpeed checkpoint (sharded engine state) was expected"
-    assert results(z2)["num_processes"] == 2
-    same_weights(ddp, z2)
-
     z3 = tmp_path / "zero3"
     args = ["--config", str(preset), "--output-dir", str(z3)]
     run_recipe("distill", args + ["--run.stop-after-steps", "6"], launcher_args=deepspeed_args(3, free_port()))
     assert not (z3 / "results.json").exists()
     run_recipe("distill", args + ["--resume", "latest"], launcher_args=deepspeed_args(3, free_port()))
+    ckpt = sorted((z3 / "checkpoints" / "kd").iterdir())[-1]
+    assert (ckpt / "pytorch_model").is_dir(), "a DeepSpeed checkpoint (sharded engine state) was expected"
     assert results(z3)["student_params"] == results(ddp)["student_params"] > 0
+    assert results(z3)["num_processes"] == 2
     same_weights(ddp, z3)
 
 

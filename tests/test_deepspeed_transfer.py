@@ -1,12 +1,14 @@
 """The transfer recipes under DeepSpeed (CPU, gloo) end with exactly the weights of the same runs under DDP:
 fine-tuning (source -> linear probe -> LP-FT with a frozen stem and per-stage learning rates -> scratch
-baseline, each stage a new DeepSpeed engine) under ZeRO-2 and ZeRO-3, and DANN (gradient reversal, domain
-discriminator, best-epoch selection) under ZeRO-3 stopped mid-epoch and resumed (a ZeRO-2 DANN run matched
-DDP as well when this test still ran it; dropped to keep the suite short). The ZeRO-3 runs partition
-every parameter (persistence threshold 0). What DeepSpeed cannot do is refused."""
+baseline, each stage a new DeepSpeed engine) under ZeRO-3, and DANN (gradient reversal, domain
+discriminator, best-epoch selection) under ZeRO-3 stopped mid-epoch and resumed. ZeRO-2 runs of both
+matched DDP as well when these tests still ran them; they were dropped to keep the suite within its
+budget (ZeRO-2 keeps parameters whole, the easier case; every recipe still runs under ZeRO-2 bf16 in
+tests/test_precision.py, and CLIP compares ZeRO-2 with DDP). The ZeRO-3 runs partition every
+parameter (persistence threshold 0). What DeepSpeed cannot do is refused."""
 import pytest
 
-from ds_helpers import (assert_same_weights, deepspeed_args, fake_accelerator, load_recipe, without_use_cpu,
+from ds_helpers import (assert_same_weights, fake_accelerator, load_recipe, without_use_cpu,
                         zero_config_args)
 from helpers import ddp_reference, free_port, results, run_recipe
 from test_finetune_recipe import TINY as FINETUNE_TINY
@@ -29,17 +31,15 @@ ADAPT = {
 
 
 @pytest.mark.slow
-def test_finetune_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
+def test_finetune_zero3_matches_ddp(tmp_path, monkeypatch):
     preset, ddp = ddp_reference("finetune", FINETUNE, tmp_path)
     without_use_cpu(monkeypatch)
-    z2 = tmp_path / "zero2"
-    run_recipe("finetune", ["--config", str(preset), "--output-dir", str(z2)], launcher_args=deepspeed_args(2, free_port()))
     z3 = tmp_path / "zero3"
     args = ["--config", str(preset), "--output-dir", str(z3)]
     run_recipe("finetune", args, launcher_args=zero_config_args("finetune", args, 3, free_port(),
                                                                 stage3_param_persistence_threshold=0))
     ref = results(ddp)
-    for run_dir in (z2, z3):
+    for run_dir in (z3,):
         for stage in ("source", "probe", "finetune", "scratch"):
             w = assert_same_weights(ddp / "models" / stage / "model.safetensors",
                                     run_dir / "models" / stage / "model.safetensors", label=f"{run_dir.name}/{stage}")

@@ -2,7 +2,10 @@
 
 Heavy models (VGG/AlexNet/ZFNet FC heads, the big ConvNeXt/ViT/Swin, ResNet-101/152, ...) run at
 full width under ``@pytest.mark.slow``; the default run covers them through cheap meta-device
-construction (parameter counts) and their ``small_input`` variants.
+construction (parameter counts) and their ``small_input`` variants. The larger siblings of a family
+whose smaller members already run at full width here (EfficientNet-B2..B7, ResNet-101/152, ...: the
+same classes with bigger multipliers) are marked ``exhaustive``: ``make test-all`` runs them, ``make
+test`` leaves them to the meta-device check, which keeps the suite within its time budget.
 """
 import pytest
 import torch
@@ -37,7 +40,18 @@ def _config(name):
 ALL = [n for n in list_backbones() if not n.startswith("test_")]
 
 
+# the larger siblings (same class, bigger width / depth multipliers) of a member tested at full width
+EXHAUSTIVE = {
+    "efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "resnet101", "resnet152", "seresnet101", "seresnet152", "resnet110", "convnext_small", "convnext_base",
+    "swin_base_patch4_window7_224", "vit_base_patch16_224", "vgg13", "vgg13_bn", "vgg19", "vgg19_bn",
+    "mobilenetv2_140",
+}
+
+
 def _param(name):
+    if name in EXHAUSTIVE:
+        return pytest.param(name, marks=[pytest.mark.slow, pytest.mark.exhaustive])
     return pytest.param(name, marks=pytest.mark.slow) if name in HEAVY else name
 
 

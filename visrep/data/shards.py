@@ -91,9 +91,9 @@ def is_local(url: str) -> bool:
 
 def expand_urls(spec: str) -> list[str]:
     """Brace patterns (``train-{000000..000099}.tar``), several joined by ``::`` (webdataset's syntax)."""
-    from webdataset.shardlists import expand_urls as wds_expand
+    from webdataset.shardlists import expand_urls as expand_braces
 
-    return list(wds_expand(spec))
+    return list(expand_braces(spec))
 
 
 def load_index(spec: str, what: str = "data.shards") -> ShardIndex:

@@ -7,7 +7,6 @@ keeps that separately (``head_hidden_size``: MobileNetV3, VGG).
 """
 from __future__ import annotations
 
-import timm
 import torch.nn as nn
 
 from .base import make_data_config
@@ -93,6 +92,8 @@ def finalize(model: nn.Module, *, small_input: bool = False, in_chans: int = 3, 
         model._timm_num_features = model.num_features
         model.__class__ = _prelogits_class(type(model))
         model.num_features = hidden
+    import timm.data
+
     cfg = timm.data.resolve_model_data_config(model)
     if img_size is not None:  # built for another resolution (ViT/Swin img_size=...)
         hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -111,6 +112,8 @@ def create_timm_backbone(name: str, pretrained: bool = False, num_classes: int =
     """``timm.create_model`` + the zoo contract."""
     if small_input:
         kwargs = _small_input_kwargs(name, kwargs)
+    import timm
+
     model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     model._zoo_source = "timm"
     if small_input:
