@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
         dc = get_data_config(backbone)
         bs, ebs, nw = cfg.run.batch_size, cfg.run.eval_batch_size, cfg.run.num_workers
         src = build_classification_data(cfg.source, dc, cfg.seed, bs, ebs, nw)
-        tgt_splits = (load_digits_m_splits(cfg.target) if cfg.target_domain == "digits_m" and cfg.target.source != "shards"
+        tgt_splits = (load_digits_m_splits(cfg.target) if cfg.target_domain == "digits_m" and not cfg.target.streamed
                       else None)
         tgt = build_classification_data(cfg.target, dc, cfg.seed + 1, bs, ebs, nw, splits=tgt_splits)
         if tgt.classes != src.classes:
@@ -116,11 +116,11 @@ def main(argv=None) -> dict:
                              f"adaptation needs one label space.")
         if cfg.method == "source_only":  # the very source batches the other methods see, no target decoding
             train_loader, epoch_setters = src.train_loader, src.epoch_setters
-        elif (cfg.source.source == "shards") != (cfg.target.source == "shards"):
-            raise ConfigError("source.source and target.source must both be 'shards' or both not: a stream and an "
-                              "in-memory split cannot be paired batch by batch. Pack the other one with "
-                              "`visrep data pack`.")
-        elif cfg.source.source == "shards":  # two streams, each split by rank and worker
+        elif cfg.source.streamed != cfg.target.streamed:
+            raise ConfigError("source and target must both be streamed (shards, or hf with streaming) or both not: "
+                              "a stream and an in-memory split cannot be paired batch by batch. Pack the other one "
+                              "with `visrep data pack`.")
+        elif cfg.source.streamed:  # two streams, each split by rank and worker
             train_loader, epoch_setters = ZippedStreams(src.train_loader, tgt.train_loader), ()
         else:
             train_loader, epoch_setters = paired_loader(src.train, tgt.train, cfg.seed, bs, nw)

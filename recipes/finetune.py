@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
         bs, ebs, nw = cfg.run.batch_size, cfg.run.eval_batch_size, cfg.run.num_workers
 
         # ---- target data (the label budget is data.label_fraction) --------------------------------
-        if cfg.data.source == "shards":  # streamed (target_domain does not apply); class names from the index
+        if cfg.data.streamed:  # target_domain does not apply; class names from the index
             splits, num_classes = None, len(shards.class_names_for(cfg.data))
         else:
             splits = load_digits_m_splits(cfg.data) if cfg.target_domain == "digits_m" else load_splits(cfg.data)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-CHEAP_MODULE_FIXTURES = {"tiny", "uneven", "packed"}  # presets, small shards: made again on another worker
+CHEAP_MODULE_FIXTURES = {"tiny", "uneven", "packed", "hf_parquet"}  # presets, small shards: made again on another worker
 
 
 def pytest_collection_modifyitems(config, items):

@@ -118,13 +118,14 @@ def run_recipe(recipe: str, args: list[str], processes: int = 1, timeout: int = 
     return p
 
 
-def in_process(recipe: str, args: list[str]) -> subprocess.CompletedProcess:
+def in_process(recipe: str, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     """A 1-process run of ``recipes/RECIPE.py ARGS`` inside this process, set up as the subprocess would
-    be (its environment, one thread, the repository as the working directory, every warning shown) and
-    put back afterwards (Accelerate's state, threads, deterministic mode, environment): (exit status,
-    stdout, stderr)."""
+    be (its environment and ``env``, one thread, the repository as the working directory, every warning
+    shown) and put back afterwards (Accelerate's state, threads, deterministic mode, the root logger's level,
+    environment): (exit status, stdout, stderr)."""
     import contextlib
     import io
+    import logging
     import warnings
 
     import torch
@@ -132,10 +133,10 @@ def in_process(recipe: str, args: list[str]) -> subprocess.CompletedProcess:
     from ds_helpers import load_recipe
     from visrep.errors import run_cli
 
-    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    saved_env, threads, log_level = dict(os.environ), torch.get_num_threads(), logging.getLogger().level
     deterministic = torch.are_deterministic_algorithms_enabled()
     out, err = io.StringIO(), io.StringIO()
-    os.environ.update({k: v for k, v in _base_env().items() if k != "PYTHONPATH"})
+    os.environ.update({k: v for k, v in _base_env().items() if k != "PYTHONPATH"}, **(env or {}))
     torch.set_num_threads(1)
     cwd = os.getcwd()
     os.chdir(ROOT)
@@ -151,6 +152,7 @@ def in_process(recipe: str, args: list[str]) -> subprocess.CompletedProcess:
         reset_accelerate()
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+        logging.getLogger().setLevel(log_level)
         os.environ.clear()
         os.environ.update(saved_env)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

@@ -1,4 +1,5 @@
 import dataclasses
+from dataclasses import field
 import re
 from typing import Literal, Optional
 
@@ -91,8 +92,8 @@ class Leaf:
 
 @dataclasses.dataclass
 class Mid:
-    leaf: Leaf = dataclasses.field(default_factory=Leaf)
-    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    leaf: Leaf = field(default_factory=Leaf)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import free_port, run_recipe, write_preset
+from helpers import free_port, write_preset
 from visrep.engine.precision import (cast_inputs_to_engine, fp32_norm_layers, norm_layers_count,
                                      resolve_mixed_precision)
 
@@ -76,16 +76,11 @@ def test_fp32_norm_forward_equals_torch_in_fp32():
 
 
 DS_BF16 = ["--use_deepspeed", "--num_processes", "1", "--zero_stage", "2", "--mixed_precision", "bf16"]
+RECIPES = ["distill", "byol", "clip", "finetune", "adapt"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["distill", "byol", "clip", "finetune", "adapt"])
-def test_every_recipe_under_deepspeed_zero2_bf16(recipe, tmp_path, monkeypatch):
-    """Before: 'Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the same' at
-    the first forward of every recipe. Now each trains, evaluates and exports (fp32 weights, from the
-    optimizer's fp32 master copies) in bf16, which the checkpoint records."""
-    pytest.importorskip("deepspeed")
-    from ds_helpers import without_use_cpu
+def one_epoch_presets() -> dict:
+    """Each recipe's test preset cut to one epoch (no L2-SP: refused under ZeRO-3, kept out here too)."""
     from test_adapt_recipe import TINY as ADAPT
     from test_clip_recipe import TINY as CLIP
     from test_deepspeed_byol import TINY as BYOL
@@ -93,16 +88,44 @@ def test_every_recipe_under_deepspeed_zero2_bf16(recipe, tmp_path, monkeypatch):
     from test_finetune_recipe import TINY as FINETUNE
 
     one = {"schedule": {"epochs": 1, "warmup_epochs": 0.5}}
-    preset = {"distill": dict(DISTILL, teacher=dict(DISTILL["teacher"], train_epochs=1), **one),
-              "byol": dict(BYOL, **one), "clip": dict(CLIP, **one),
-              "finetune": dict(FINETUNE, init=dict(FINETUNE["init"], train_epochs=1), compare_scratch=False,
-                               finetune={k: v for k, v in FINETUNE["finetune"].items() if not k.startswith("l2sp")},
-                               **one),
-              "adapt": dict(ADAPT, **one)}[recipe]
-    without_use_cpu(monkeypatch)
-    out = tmp_path / "run"
-    run_recipe(recipe, ["--config", str(write_preset(tmp_path / "p.yaml", preset)), "--output-dir", str(out)],
-               launcher_args=DS_BF16 + ["--main_process_port", str(free_port())])
+    return {"distill": dict(DISTILL, teacher=dict(DISTILL["teacher"], train_epochs=1), **one),
+            "byol": dict(BYOL, **one), "clip": dict(CLIP, **one),
+            "finetune": dict(FINETUNE, init=dict(FINETUNE["init"], train_epochs=1), compare_scratch=False,
+                             finetune={k: v for k, v in FINETUNE["finetune"].items() if not k.startswith("l2sp")},
+                             **one),
+            "adapt": dict(ADAPT, **one)}
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory):
+    """Every recipe trained under DeepSpeed ZeRO-2 bf16 (one process), all five in one launch of
+    tests/recipes_in_one_process_script.py: {recipe: run directory}."""
+    pytest.importorskip("deepspeed")
+    import shutil
+    import subprocess
+
+    import helpers
+
+    d = tmp_path_factory.mktemp("bf16")
+    pairs = [f"{r}={write_preset(d / f'{r}.yaml', p)}" for r, p in one_epoch_presets().items()]
+    accelerate = shutil.which("accelerate", path=str(helpers.VENV_BIN)) or "accelerate"
+    cmd = [accelerate, "launch", *DS_BF16, "--main_process_port", str(free_port()),
+           str(helpers.ROOT / "tests" / "recipes_in_one_process_script.py"), str(d / "status.json"), *pairs]
+    env = {k: v for k, v in helpers._base_env().items() if k != "ACCELERATE_USE_CPU"}  # which turns DeepSpeed off
+    p = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0 and (d / "status.json").exists(), p.stdout[-3000:] + p.stderr[-6000:]
+    status = json.loads((d / "status.json").read_text())
+    assert status == {r: 0 for r in RECIPES}, (status, p.stderr[-6000:])
+    return {r: d / r for r in RECIPES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_under_deepspeed_zero2_bf16(recipe, bf16_runs):
+    """Before: 'Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the same' at
+    the first forward of every recipe. Now each trains, evaluates and exports (fp32 weights, from the
+    optimizer's fp32 master copies) in bf16, which the checkpoint records."""
+    out = bf16_runs[recipe]
     assert json.loads((out / "results.json").read_text())
     ckpts = sorted((out / "checkpoints").glob("*/step_*"))
     assert ckpts and all(json.loads((c / "trainer_state.json").read_text())["mixed_precision"] == "bf16"
@@ -116,14 +139,19 @@ def test_every_recipe_under_deepspeed_zero2_bf16(recipe, tmp_path, monkeypatch):
         w = load_file(str(f))
         floats = [v for v in w.values() if v.is_floating_point()]
         assert floats and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats), f
-    if recipe != "adapt":
-        return
-    # the same run under Accelerate's bf16 autocast (the DDP path: fp32 weights, bf16 matmuls) trains alike:
-    # the same data and initial weights, per-step losses that differ by bf16 rounding only
-    amp = tmp_path / "amp"
-    run_recipe(recipe, ["--config", str(write_preset(tmp_path / "p.yaml", preset)), "--output-dir", str(amp)],
-               launcher_args=["--num_processes", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
-                              "--main_process_port", str(free_port())])
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_trains_like_autocast_bf16(bf16_runs, tmp_path):
+    """The adaptation run under DeepSpeed bf16 (bf16 weights, fp32 master copies) and the same run under
+    Accelerate's bf16 autocast (the DDP path: fp32 weights, bf16 matmuls) train alike: the same data and
+    initial weights, per-step losses that differ by bf16 rounding only."""
+    from helpers import in_process
+
+    out, amp = bf16_runs["adapt"], tmp_path / "amp"
+    p = in_process("adapt", ["--config", str(out.parent / "adapt.yaml"), "--output-dir", str(amp)],
+                   env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert p.returncode == 0, p.stderr[-4000:]
     ckpt = sorted((amp / "checkpoints").glob("*/step_*"))[-1]
     assert json.loads((ckpt / "trainer_state.json").read_text())["mixed_precision"] == "bf16"
     losses = [[r["train/loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())

@@ -399,3 +399,105 @@ def test_adapt_and_finetune_train_on_packed_shards(packed, tmp_path, capsys):
         "data": {"source": "shards", "data_dir": str(packed / "dm"), "image_size": 16, "hflip": 0.0},
         "finetune": {"strategy": "full"}, "compare_scratch": False}, tmp_path, capsys)
     assert r["train_labels"] == S.load_index(str(packed / "dm" / "train.json")).total and 0.0 <= r["target_acc"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face, streamed
+HF_SPLITS = {"train": [(0, 230), (230, 300)], "validation": [(300, 400)], "test": [(400, 500)]}
+
+
+@pytest.fixture(scope="module")
+def hf_parquet(tmp_path_factory):
+    """A local Hugging Face dataset as the Hub stores one: parquet data files per split (train in two
+    uneven files of 64-row groups), a ClassLabel with names, PNG bytes."""
+    import datasets
+    from PIL import Image
+
+    from visrep.data.sources import digits_arrays
+
+    root = tmp_path_factory.mktemp("hf") / "digits_parquet"
+    (root / "data").mkdir(parents=True)
+    images, labels = digits_arrays(16, 3)
+
+    def png(a):
+        b = io.BytesIO()
+        Image.fromarray(a).save(b, format="PNG")
+        return b.getvalue()
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"d{i}" for i in range(10)])})
+    for split, parts in HF_SPLITS.items():
+        for i, (lo, hi) in enumerate(parts):
+            rows = {"image": [{"bytes": png(a), "path": f"{j}.png"} for j, a in zip(range(lo, hi), images[lo:hi])],
+                    "label": labels[lo:hi].tolist()}
+            datasets.Dataset.from_dict(rows, features=feats).to_parquet(
+                str(root / "data" / f"{split}-{i:05d}-of-{len(parts):05d}.parquet"), batch_size=64)
+    return root
+
+
+def test_a_streamed_hf_dataset_is_its_parquet_files(hf_parquet):
+    """data.source hf with streaming: the parquet files are the shards (row counts from their footers,
+    class names from the ClassLabel); a slice reads only its row groups and equals the same rows of a
+    whole read; 2 ranks x 2 workers see every row once in equal batches, and a resumed pass continues."""
+    from visrep.data.sources import DataConfig
+
+    cfg = DataConfig(source="hf", name=str(hf_parquet), streaming=True)
+    assert cfg.streamed
+    index = S.split_index(cfg, "train")
+    assert index.counts == [230, 70] and index.classes == [f"d{i}" for i in range(10)]
+    url = index.shards[0].url
+    whole = list(S.iter_parquet(url, index.columns))
+    assert len(whole) == 230 and set(whole[0]) == {"__key__", "__url__", "png", "cls"}
+    for lo, hi in ((0, 5), (63, 65), (100, 230), (129, 192)):  # inside, across and on row-group edges
+        assert list(S.iter_parquet(url, index.columns, lo, hi)) == whole[lo:hi], (lo, hi)
+
+    def loader(rank, workers=2):
+        ds = S.ShardStream(index, lambda s, o, e: (s["__url__"][-20:], int(s["__key__"])), lambda b: b, 8,
+                           seed=3, rank=rank, world=2, shuffle_buffer=16)
+        return S.StreamLoader(ds, num_workers=workers)
+
+    per_rank = []
+    for r in (0, 1):
+        lo = loader(r)
+        lo.set_epoch(1)
+        per_rank.append([b for b in lo])
+    assert [len(b) for b in per_rank] == [18, 18]  # 300 rows // (2 x 8)
+    seen = [tuple(k) for batches in per_rank for b in batches for k in b]  # (file, row)
+    assert len(seen) == len(set(seen)) == 288
+    resumed = loader(1, workers=2)
+    resumed.set_epoch(1)
+    assert list(resumed.start_at(5)) == per_rank[1][5:]
+    ev, _ = S.eval_splits(cfg)
+    assert (len(ev["val"]), len(ev["test"])) == (100, 100) and ev["val"].features["label"].names[3] == "d3"
+    with pytest.raises(DataError, match="has no split 'valid'.*set data.train_split"):
+        S.split_index(dataclasses.replace(cfg, val_split="valid"), "val")
+    with pytest.raises(DataError, match="no column 'img'.*data.image_column"):
+        S.split_index(dataclasses.replace(cfg, image_column="img"), "train")
+
+
+@pytest.mark.slow
+def test_distill_streams_a_hf_dataset_and_resumes_exactly(hf_parquet, tmp_path, capsys):
+    """The distillation recipe trains on a streamed Hugging Face dataset (no download, no packing), and a
+    run stopped mid-stage and resumed ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from helpers import run_in_process, write_preset
+
+    small = {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}}
+    preset = write_preset(tmp_path / "p.yaml", {
+        "data": {"source": "hf", "name": str(hf_parquet), "streaming": True, "image_size": 16, "hflip": 0.0,
+                 "shards": {"shuffle_buffer": 50}},
+        "teacher": {"source": "train", "model": small, "train_epochs": 1},
+        "student": small, "kd": {"allow_weaker_teacher": True}, "schedule": {"epochs": 1, "warmup_epochs": 0.2},
+        "run": {"batch_size": 32, "eval_batch_size": 256, "progress": False, "log_every": 1}})
+    for out, extra in (("a", []), ("b", ["--run.stop-after-steps", "12"]), ("b", ["--resume", "latest"])):
+        p = run_in_process("distill", ["--config", str(preset), "--output-dir", str(tmp_path / out), *extra], capsys)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r = json.loads((tmp_path / "a" / "results.json").read_text())
+    rb = json.loads((tmp_path / "b" / "results.json").read_text())
+    for k in ("teacher_acc", "student_scratch_acc", "student_kd_acc", "student_kd_val_acc"):  # test split: 100 rows
+        assert r[k] == rb[k] and abs(r[k] * 100 - round(r[k] * 100)) < 1e-9, k
+    state = json.loads(next((tmp_path / "b" / "checkpoints" / "scratch").glob("*/trainer_state.json")).read_text())
+    assert state["total_steps"] == 9 and state["data_layout"]["samples"] == 300  # 300 rows // 32 a stage
+    for stage in ("teacher", "scratch", "kd"):  # the stop (12 steps) fell inside the second stage
+        wa, wb = (load_file(str(tmp_path / d / "models" / stage / "model.safetensors")) for d in ("a", "b"))
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=f"{stage}/{k}")

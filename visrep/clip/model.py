@@ -150,8 +150,12 @@ def create_open_clip(name: str, pretrained: Optional[str] = None, image_size: Op
     name = _open_clip_name(name)
     weights = resolve_pretrained(name, pretrained) if pretrained else None
     kw = {"force_image_size": image_size} if image_size else {}
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "no pretrained weights" notice
-    return open_clip.create_model(name, pretrained=weights, **kw)
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(max(level, logging.ERROR))  # open_clip's "no pretrained weights" notice, for this call only
+    try:
+        return open_clip.create_model(name, pretrained=weights, **kw)
+    finally:
+        root.setLevel(level)
 
 
 class OpenClipImage(nn.Module):

@@ -39,7 +39,7 @@ def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, bat
     """Loaders for the configured source. ``data_config`` is the backbone's (mean, std, ...); the
     training transform can be replaced (e.g. by two-view SSL augmentation). With ``data.source: shards``
     the training split is streamed (split by rank and worker) and val / test are read into memory."""
-    streamed = cfg.source == "shards" and splits is None
+    streamed = cfg.streamed and splits is None
     if splits is None:
         splits = shards.eval_splits(cfg)[0] if streamed else load_splits(cfg)
     mode = "RGB" if cfg.channels == 3 else "L"

@@ -283,10 +283,10 @@ def load_pair_splits(cfg: PairsConfig) -> PairSplits:
     """The three splits of the configured source, images undecoded (``shards``: val and test only)."""
     if cfg.source == "digits":
         out = _digits(cfg)
+    elif cfg.streamed:
+        out = _shards(cfg)
     elif cfg.source == "hf":
         out = _hf(cfg)
-    elif cfg.source == "shards":
-        out = _shards(cfg)
     else:
         out = _folder(cfg)
     if cfg.on_corrupt == "skip":
@@ -359,9 +359,9 @@ def build_pair_data(cfg: PairsConfig, data_config: dict, tokenizer: Callable, se
     eval_tf = build_transforms(dc, cfg.image_size, train=False)
     kw = dict(tokenizer=tokenizer, mode=mode, classnames=ps.classnames)
     lk = loader_options(num_workers, collate_pairs)
-    if cfg.source == "shards" and splits is None:  # streamed, split by rank and worker
+    if cfg.streamed and splits is None:  # split by rank and worker
         train_loader = shards.train_stream(cfg, shards.PairSamples(train_tf, tokenizer, mode, seed), collate_pairs,
-                                           batch_size, seed, lk["num_workers"], lk["pin_memory"])
+                                           batch_size, seed, lk["num_workers"], lk["pin_memory"], pairs=True)
         train, sampler = train_loader.dataset, None
     else:
         train = PairDataset(ps.splits["train"], train_tf, split="train", train=True, seed=seed,

@@ -68,6 +68,15 @@ class ShardIndex:
     (classification / pairs)."""
     source: str
     """What it was read from (for messages)."""
+    columns: Optional[dict] = None
+    """Set for the parquet files of a Hugging Face dataset (:func:`hf_index`): the columns holding the
+    ``image``, ``label`` and ``caption``; None for tar shards."""
+
+    def read(self, url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
+        """Samples ``start`` .. ``stop - 1`` of one of its shards, as webdataset-style dicts."""
+        if self.columns is not None:
+            return iter_parquet(url, self.columns, start, stop)
+        return iter_shard(url, start, stop)
 
     @property
     def total(self) -> int:
@@ -205,6 +214,103 @@ def iter_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator
                         f"(visrep data pack) or drop it from the index.") from None
 
 
+# ----------------------------------------------------------------------------------------------
+# A Hugging Face dataset streamed: its parquet data files are the shards
+# ----------------------------------------------------------------------------------------------
+def hf_index(cfg, split: str, pairs: bool = False) -> ShardIndex:
+    """Split ``split`` of the Hugging Face dataset ``cfg.name`` (``cfg.hf_config``) as shards: its parquet
+    data files (on the Hub or local), each file's row count read from its footer, class names from its
+    ``ClassLabel`` feature. Nothing else is downloaded: the stream reads the row groups it needs."""
+    import datasets
+    import fsspec
+    import pyarrow.parquet as pq
+
+    where = f"data.name '{cfg.name}'" + (f" (data.hf_config '{cfg.hf_config}')" if cfg.hf_config else "")
+    try:
+        builder = datasets.load_dataset_builder(cfg.name, cfg.hf_config)
+    except (ConnectionError, FileNotFoundError, ValueError) as e:
+        raise DataError(f"{where}: the dataset cannot be resolved ({type(e).__name__}: {e}). Check the name, "
+                        f"or the network (HF_HUB_OFFLINE).") from None
+    files = dict(builder.config.data_files or {})
+    if not files.get(split):
+        raise DataError(f"{where} has no split '{split}' (it has: {sorted(files)}); set data.train_split / "
+                        f"val_split / test_split.")
+    urls = [str(f) for f in files[split]]
+    other = [u for u in urls if not u.endswith(".parquet")]
+    if other:
+        raise DataError(f"{where}: streaming reads a dataset's parquet files, and '{other[0]}' is not one. Pack "
+                        f"the dataset once (`visrep data pack hf:{cfg.name} OUT --streaming`) and train on the "
+                        f"shards (data.source shards).")
+    counts, schema = [], None
+    for u in urls:
+        with fsspec.open(u, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            counts.append(pf.metadata.num_rows)
+            schema = schema or pf.schema_arrow
+    features = datasets.Features.from_arrow_schema(schema)
+    columns = {"image": cfg.image_column, "label": cfg.label_column,
+               "caption": getattr(cfg, "caption_column", None) if pairs else None}
+    for role, col in columns.items():
+        if col is not None and col not in features:
+            raise DataError(f"{where}: split '{split}' has no column '{col}' (its columns: {list(features)}); "
+                            f"set data.{role}_column.")
+    label = features.get(columns["label"]) if columns["label"] else None
+    meta = {"classes": list(label.names)} if isinstance(label, datasets.ClassLabel) else {}
+    return ShardIndex([Shard(u, n) for u, n in zip(urls, counts)], meta, f"hf:{cfg.name}/{split}", columns=columns)
+
+
+def iter_parquet(url: str, columns: dict, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
+    """Rows ``start`` .. ``stop - 1`` of a parquet file as webdataset-style samples (the image's bytes
+    under its extension, ``cls``, ``json`` captions): only the row groups holding them are read."""
+    import fsspec
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    names = [c for c in dict.fromkeys(columns.values()) if c]
+    try:
+        with fsspec.open(url, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            first = 0
+            for group in range(pf.num_row_groups):
+                n = pf.metadata.row_group(group).num_rows
+                if first + n <= start:  # a whole row group before the start: not read
+                    first += n
+                    continue
+                if stop is not None and first >= stop:
+                    return
+                for i, row in enumerate(pf.read_row_group(group, columns=names).to_pylist()):
+                    if first + i >= start and (stop is None or first + i < stop):
+                        yield _parquet_sample(row, columns, url, first + i)
+                first += n
+    except (OSError, pyarrow.ArrowException) as e:
+        raise DataError(f"the parquet file '{url}' cannot be read: {e}.") from None
+
+
+def _parquet_sample(row: dict, columns: dict, url: str, index: int) -> dict:
+    sample = {"__key__": f"{index:09d}", "__url__": url}
+    image = row.get(columns["image"])
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        ext = Path(image.get("path") or "").suffix.lstrip(".").lower()
+        sample[ext if ext in IMAGE_EXTS else "png"] = image["bytes"]
+    if columns.get("label") and row.get(columns["label"]) is not None:
+        sample["cls"] = str(int(row[columns["label"]])).encode()
+    if columns.get("caption") and row.get(columns["caption"]) is not None:
+        caps = row[columns["caption"]]
+        sample["json"] = json.dumps({"captions": caps if isinstance(caps, list) else [caps]}).encode()
+    return sample
+
+
+def split_index(cfg, split: str, pairs: bool = False) -> ShardIndex:
+    """The shards of ``split`` (train / val / test) of a streamed source: the tar shards' index, or the
+    parquet files of a Hugging Face dataset (``data.source: hf`` with ``data.streaming``)."""
+    if cfg.source == "hf":
+        name = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}[split]
+        if not name:
+            raise DataError(f"streaming data.name '{cfg.name}' needs its {split} split named: set data.{split}_split.")
+        return hf_index(cfg, name, pairs)
+    return load_index(cfg.shards.spec(split, cfg.data_dir), f"data.shards.{split}")
+
+
 def count_samples(url: str) -> int:
     return sum(1 for _ in iter_shard_keys(url))
 
@@ -212,13 +318,9 @@ def count_samples(url: str) -> int:
 def iter_shard_keys(url: str) -> Iterator[str]:
     """The sample keys of a shard, in order, without reading the members' contents (local files)."""
     tf = _open_tar(url)
-    key = None
     try:
-        with tf:
-            for k, _, _ in _sample_members(tf):
-                if k != key:
-                    key = k
-                    yield k
+        with tf:  # a sample's members are consecutive: its key once, in order
+            yield from dict.fromkeys(k for k, _, _ in _sample_members(tf))
     except (OSError, tarfile.TarError, EOFError) as e:
         raise DataError(f"shard '{url}' cannot be read: {e}.") from None
 
@@ -477,7 +579,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             url = self.index.shards[seg.shard].url
             expected = seg.start + start
             got = 0
-            for i, sample in enumerate(iter_shard(url, seg.start + start, seg.stop)):
+            for i, sample in enumerate(self.index.read(url, seg.start + start, seg.stop)):
                 yield seg.ordinal + start + i, sample
                 got += 1
             if got < len(seg) - start:
@@ -618,7 +720,7 @@ def read_split(index: ShardIndex, pairs: bool = False, limit: Optional[int] = No
 
     images, labels, captions = [], [], []
     for shard in index.shards:
-        for sample in iter_shard(shard.url):
+        for sample in index.read(shard.url):
             if limit is not None and len(images) >= limit:
                 break
             images.append(_image_value(sample))
@@ -647,10 +749,10 @@ def read_split(index: ShardIndex, pairs: bool = False, limit: Optional[int] = No
 
 
 def train_stream(cfg, sample_fn: Callable, collate_fn: Callable, batch_size: int, seed: int,
-                 num_workers: int, pin_memory: bool) -> StreamLoader:
-    """The training loader of ``cfg`` (a ``DataConfig`` with ``source='shards'``) for this process."""
+                 num_workers: int, pin_memory: bool, pairs: bool = False) -> StreamLoader:
+    """The training loader of ``cfg`` (a ``DataConfig`` whose training split is streamed) for this process."""
     sc = cfg.shards
-    index = load_index(sc.spec("train", cfg.data_dir), "data.shards.train")
+    index = split_index(cfg, "train", pairs)
     rank, world = rank_and_world()
     resampled = None
     if sc.resampled:
@@ -662,7 +764,7 @@ def train_stream(cfg, sample_fn: Callable, collate_fn: Callable, batch_size: int
 
 def class_names_for(cfg) -> list[str]:
     """The class names of ``cfg``'s shards: the validation index's, else ``0 .. max label``."""
-    index = load_index(cfg.shards.spec("val", cfg.data_dir), "data.shards.val")
+    index = split_index(cfg, "val")
     return index.classes or list(read_split(index, limit=cfg.shards.eval_max_samples).features["label"].names)
 
 
@@ -672,7 +774,7 @@ def eval_splits(cfg, pairs: bool = False) -> tuple[dict, dict]:
     sc = cfg.shards
     out, meta = {}, None
     for split in ("val", "test"):
-        index = load_index(sc.spec(split, cfg.data_dir), f"data.shards.{split}")
+        index = split_index(cfg, split, pairs)
         out[split] = read_split(index, pairs=pairs, limit=sc.eval_max_samples)
         meta = index.meta if meta is None else meta
     return out, meta or {}

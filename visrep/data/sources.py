@@ -62,6 +62,10 @@ class DataConfig:
     name: Optional[str] = None
     """Hugging Face dataset name (source=hf)."""
     hf_config: Optional[str] = None
+    streaming: bool = False
+    """source=hf: stream the training split from the dataset's parquet files (on the Hub or local) instead
+    of downloading it: split by rank and loader worker, exact resume, as data.source shards (whose
+    shuffle_buffer, resampled and eval_max_samples apply); val / test are read into memory (capped)."""
     data_dir: Optional[str] = None
     """Image folder root (source=imagefolder); the folder of train/val/test.json (source=shards)."""
     train_split: str = "train"
@@ -86,8 +90,16 @@ class DataConfig:
     """Keep this fraction of the training labels (stratified, seeded): the label budget."""
     shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the training split is streamed (split by rank and worker): tar shards, or a Hugging
+        Face dataset with ``streaming``."""
+        return self.source == "shards" or (self.source == "hf" and self.streaming)
+
     def validate(self, prefix: str) -> None:
         check(self.image_size >= 8, f"{prefix}image_size", self.image_size, "an integer >= 8")
+        check(not self.streaming or self.source == "hf", f"{prefix}streaming", self.streaming,
+              "false unless data.source is 'hf' (tar shards always stream: data.source shards)")
         check(0 < self.val_fraction < 1, f"{prefix}val_fraction", self.val_fraction, "a number in (0, 1)")
         check(0 < self.test_fraction < 1, f"{prefix}test_fraction", self.test_fraction, "a number in (0, 1)")
         check(0 <= self.hflip <= 1, f"{prefix}hflip", self.hflip, "a probability in [0, 1]")
@@ -96,14 +108,16 @@ class DataConfig:
               "a Hugging Face dataset name when data.source is 'hf'")
         check(self.source != "imagefolder" or bool(self.data_dir), f"{prefix}data_dir", self.data_dir,
               "a directory when data.source is 'imagefolder'")
-        if self.source == "shards":
+        if self.streamed:
             self.shards.validate(f"{prefix}shards.")
+            check(self.label_fraction == 1.0, f"{prefix}label_fraction", self.label_fraction,
+                  "1.0 when the training split is streamed (a label budget on a stream: pack the subset with "
+                  "`visrep data pack`)")
+        if self.source == "shards":
             for split in ("train", "val", "test"):
                 check(self.shards.spec(split, self.data_dir) is not None, f"{prefix}shards.{split}", None,
                       f"the {split} shards (an index JSON or a pattern), or data.data_dir holding {split}.json, "
                       f"when data.source is 'shards'")
-            check(self.label_fraction == 1.0, f"{prefix}label_fraction", self.label_fraction,
-                  "1.0 with data.source 'shards' (a label budget on a stream: pack the subset with `visrep data pack`)")
 
 
 def digits_arrays(image_size: int = 32, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
