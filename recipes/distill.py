@@ -24,11 +24,11 @@ from accelerate.utils import set_seed
 
 from visrep.checks import ConfigError, check
 from visrep.data import DataConfig, build_classification_data
-from visrep.distill import DistillationLoss, FrozenTeacher, KDConfig
+from visrep.distill import DistillationLoss, FrozenTeacher, KDConfig, check_teacher
 from visrep.engine import (BackboneConfig, OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer,
                            count_parameters, evaluate_classifier)
 from visrep.engine.export import export_model, load_model
-from visrep.errors import UserError, main_entry
+from visrep.errors import main_entry
 from visrep.launch import finish_run
 from visrep.zoo import create_backbone, get_data_config
 
@@ -147,7 +147,8 @@ def main(argv=None) -> dict:
         set_seed(cfg.seed)  # the same initial weights, data order and augmentation for both students
         _, scratch = train_classifier(run, cfg, data, "scratch", build(cfg.student, data.num_classes), cfg.student,
                                       cfg.optim, cfg.schedule.epochs)
-        check_teacher(run, cfg, teacher_val["top1"], scratch["val_acc"])
+        check_teacher(teacher_val["top1"], scratch["val_acc"], t.model.name, cfg.kd.allow_weaker_teacher, run.print,
+                      f"--resume latest --output-dir {run.run_dir} keeps the stages already trained")
 
         # ---- 3. the same student with KD ------------------------------------------------------------
         set_seed(cfg.seed)
@@ -172,28 +173,6 @@ def main(argv=None) -> dict:
             "num_processes": accelerator.num_processes,
         }
         return finish_run(run, results, format_table(results, cfg), cfg.push_to_hub)
-
-
-class WeakTeacherError(UserError):
-    """The teacher is no better than the student trained without it (every rank sees the same figures)."""
-
-    same_on_every_rank = True
-
-
-def check_teacher(run: Run, cfg: DistillRecipeConfig, teacher_val: float, scratch_val: float) -> None:
-    """Say how the teacher compares with the student from scratch (validation accuracy), and stop before
-    distilling from a weaker one unless ``kd.allow_weaker_teacher``."""
-    run.print(f"[distill] validation accuracy: teacher {teacher_val:.4f}, student from scratch {scratch_val:.4f}")
-    if teacher_val >= scratch_val:
-        return
-    msg = (f"the teacher ({cfg.teacher.model.name}) reaches validation accuracy {teacher_val:.4f}, below the student "
-           f"trained from scratch ({scratch_val:.4f}): distilling from it would pass on its errors.")
-    if cfg.kd.allow_weaker_teacher:
-        run.print(f"[distill] warning: {msg} Distilling anyway (kd.allow_weaker_teacher).")
-        return
-    raise WeakTeacherError(f"{msg} Train a stronger teacher (more teacher.train_epochs, another teacher.optim.lr, "
-                           f"or teacher.source pretrained/checkpoint), or pass --kd.allow-weaker-teacher True to distil "
-                           f"anyway; --resume latest --output-dir {run.run_dir} keeps the stages already trained.")
 
 
 def format_table(r: dict, cfg: DistillRecipeConfig) -> str:

@@ -64,13 +64,14 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def exit_cleanly(acc) -> None:
-    """The end of a script run by a launcher: wait for every rank, destroy the process group (no gloo
+def exit_cleanly(acc=None) -> None:
+    """The end of a script run by a launcher: wait for every rank (given ``acc``), destroy the process group (no gloo
     thread left behind) and exit without interpreter teardown, where a DDP/gloo object still alive can
     abort the process ("terminate called without an active exception") after the results are written."""
     import torch
 
-    acc.wait_for_everyone()
+    if acc is not None:
+        acc.wait_for_everyone()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     sys.stdout.flush()

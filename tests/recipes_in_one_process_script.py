@@ -9,7 +9,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ds_helpers import load_recipe
-from helpers import reset_accelerate
+from helpers import exit_cleanly, reset_accelerate
 from visrep.errors import run_cli
 
 
@@ -28,13 +28,4 @@ for pair in sys.argv[2:]:
     status[recipe] = run_cli(load_recipe(recipe).main, ["--config", preset, "--output-dir", str(out)])
     reset_accelerate()
 Path(sys.argv[1]).write_text(json.dumps(status))
-# no interpreter teardown with a process group alive (it can abort after the results are written)
-import os  # noqa: E402
-
-import torch  # noqa: E402
-
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+exit_cleanly()  # no interpreter teardown with a process group alive

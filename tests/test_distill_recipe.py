@@ -346,19 +346,15 @@ def test_full_disk_stops_cleanly_and_the_run_continues_once_space_is_freed(tiny,
 def test_check_teacher_refuses_a_weaker_teacher_unless_allowed(tmp_path):
     """The guard before the KD stage: equal or better passes; weaker stops with the figures and both ways
     out; kd.allow_weaker_teacher only warns."""
-    import dataclasses
-    import types
+    from visrep.distill import WeakTeacherError, check_teacher
 
-    mod = load_recipe("distill")
     printed = []
-    run = types.SimpleNamespace(print=printed.append, run_dir=tmp_path)
-    cfg = mod.DistillRecipeConfig()
-    mod.check_teacher(run, cfg, 0.9, 0.9)
-    with pytest.raises(mod.WeakTeacherError, match=r"validation accuracy 0\.6200, below the student trained from "
-                                                  r"scratch \(0\.8900\).*--kd.allow-weaker-teacher True") as e:
-        mod.check_teacher(run, cfg, 0.62, 0.89)
+    check_teacher(0.9, 0.9, "resnet56", False, printed.append)
+    with pytest.raises(WeakTeacherError, match=r"\(resnet56\) reaches validation accuracy 0\.6200, below the student "
+                                               r"trained from scratch \(0\.8900\).*--kd.allow-weaker-teacher True") as e:
+        check_teacher(0.62, 0.89, "resnet56", False, printed.append, f"--resume latest --output-dir {tmp_path}")
     assert e.value.same_on_every_rank and str(tmp_path) in str(e.value)
-    mod.check_teacher(run, dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, allow_weaker_teacher=True)), 0.62, 0.89)
+    check_teacher(0.62, 0.89, "resnet56", True, printed.append)
     assert "Distilling anyway" in printed[-1] and printed[0].startswith("[distill] validation accuracy: teacher 0.9000")
 
 

@@ -1,11 +1,13 @@
 """The frozen teacher."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from visrep.errors import UserError
 
 
 class FrozenTeacher(nn.Module):
@@ -51,3 +53,27 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.inputs(x))
+
+
+class WeakTeacherError(UserError):
+    """The teacher is no better than the student trained without it (every rank sees the same figures)."""
+
+    same_on_every_rank = True
+
+
+def check_teacher(teacher_val: float, scratch_val: float, teacher_name: str, allow_weaker: bool,
+                  say: Callable[[str], None], resume_hint: str = "") -> None:
+    """Say (``say``) how the teacher compares with the student trained from scratch (validation
+    accuracy), and stop with a :class:`WeakTeacherError` before distilling from a weaker one unless
+    ``allow_weaker`` (``kd.allow_weaker_teacher``), which only warns. ``resume_hint``: how to continue."""
+    say(f"[distill] validation accuracy: teacher {teacher_val:.4f}, student from scratch {scratch_val:.4f}")
+    if teacher_val >= scratch_val:
+        return
+    msg = (f"the teacher ({teacher_name}) reaches validation accuracy {teacher_val:.4f}, below the student "
+           f"trained from scratch ({scratch_val:.4f}): distilling from it would pass on its errors.")
+    if allow_weaker:
+        say(f"[distill] warning: {msg} Distilling anyway (kd.allow_weaker_teacher).")
+        return
+    raise WeakTeacherError(f"{msg} Train a stronger teacher (more teacher.train_epochs, another teacher.optim.lr, "
+                           f"or teacher.source pretrained/checkpoint), or pass --kd.allow-weaker-teacher True to distil "
+                           f"anyway{'; ' + resume_hint if resume_hint else ''}.")
