@@ -18,8 +18,8 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/accelerate launch recipes/distill.py --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-# two workers: most recipe runs are one process on one core, start-up included (tests/conftest.py
-# keeps a module's tests, and all DeepSpeed tests, on one worker)
+# two workers: the 2-process launches leave a core idle while they start and wait (tests/conftest.py keeps
+# the tests that share a reference run on one worker, so the run is made once)
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
 
 # what CI runs; `test-all` adds the zoo's larger family siblings at full width (tests/test_zoo_coverage.py)

@@ -26,6 +26,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 CHEAP_MODULE_FIXTURES = {"tiny", "uneven", "packed", "hf_parquet"}  # presets, small shards: made again on another worker
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the mark into the group
 def pytest_collection_modifyitems(config, items):
     """For ``pytest -n 2 --dist loadgroup`` (``make test``): tests that share an expensive module-scoped
     fixture (a reference run) stay on one worker, so the run is made once; every other test goes
