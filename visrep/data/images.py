@@ -119,10 +119,11 @@ class LabelledImages(torch.utils.data.Dataset):
                  seed: Optional[int] = None, cache_bytes: int = 256 << 20):
         self.ds, self.transform, self.mode, self.split, self.seed, self.epoch = split_ds, transform, mode, split, seed, 0
         self.labels = np.asarray(split_ds["label"], dtype=np.int64)
-        self._images = split_ds["image"]
-        approx = sum(len(v["bytes"]) if isinstance(v, dict) and v.get("bytes") else 1 << 20 for v in self._images[:64])
-        small = approx / max(1, min(64, len(self._images))) * len(self._images) * 4 < cache_bytes
-        self._cache = [decode_image(v, mode, split, i) for i, v in enumerate(self._images)] if small else None
+        images = split_ds["image"]
+        approx = sum(len(v["bytes"]) if isinstance(v, dict) and v.get("bytes") else 1 << 20 for v in images[:64])
+        small = approx / max(1, min(64, len(images))) * len(images) * 4 < cache_bytes
+        self._cache = [decode_image(v, mode, split, i) for i, v in enumerate(images)] if small else None
+        self._images = None if small else images  # the encoded bytes are kept only when not decoded
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
