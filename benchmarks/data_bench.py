@@ -1,9 +1,12 @@
 """Input-pipeline throughput on JPEG webdataset shards: visrep's stream vs open_clip's webdataset pipeline
-vs timm's webdataset reader, same shards, same workers, same decode + augmentation at 224 px; and a
-training epoch fed by the stream vs the same steps on batches already in memory.
+vs timm's webdataset reader, same shards, same workers, same decode + augmentation at 224 px; the same
+samples as a Hugging Face parquet dataset, streamed by visrep (data.streaming) vs by `datasets`' own
+streaming IterableDataset; and a training epoch fed by the stream vs the same steps on batches already
+in memory.
 
     python benchmarks/data_bench.py                      # 2 workers, 1,536 samples in 12 shards, 5 rounds
     python benchmarks/data_bench.py --workers 4 --samples 4096 --rounds 5
+    python benchmarks/data_bench.py --only-hf --rounds 3 # the parquet comparison alone
 
 The shards: random 220-420 px crops of scikit-learn's two sample photos resized to 320 px (JPEG, q 90,
 ~30 KB each) with a class and a caption. Every pipeline decodes with PIL and applies the same callable:
@@ -50,6 +53,7 @@ def make_shards(folder: Path, n: int, per_shard: int) -> Path:
             Image.fromarray(np.ascontiguousarray(p[y:y + s, x:x + s])).resize((320, 320)).save(buf, "JPEG", quality=90)
             yield {"jpg": buf.getvalue(), "cls": str(i % 2).encode(), "txt": f"a photo, number {i}".encode()}
 
+    folder.mkdir(parents=True, exist_ok=True)
     shards = write_shards(rows(), folder, "train", per_shard)
     write_index(folder / "train.json", shards, {"classes": ["china", "flower"]})
     return folder
@@ -141,6 +145,72 @@ def pipeline_table(folder: Path, args, n_shards: int) -> list[str]:
     return lines
 
 
+def make_parquet(folder: Path, shards: Path, n_files: int) -> Path:
+    """The same samples as a Hugging Face dataset laid out as the Hub lays one out: data/train-*.parquet
+    (``image`` with the JPEG bytes, ``label`` a ClassLabel)."""
+    import datasets
+
+    from visrep.data.shards import iter_shard, load_index
+
+    rows = [s for sh in load_index(str(shards / "train.json")).shards for s in iter_shard(sh.url)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["china", "flower"])})
+    (folder / "data").mkdir(parents=True)
+    per = math.ceil(len(rows) / n_files)
+    for i in range(n_files):
+        part = rows[i * per:(i + 1) * per]
+        datasets.Dataset.from_dict({"image": [{"bytes": r["jpg"], "path": f"{r['__key__']}.jpg"} for r in part],
+                                    "label": [int(r["cls"]) for r in part]}, features=feats).to_parquet(
+            str(folder / "data" / f"train-{i:05d}-of-{n_files:05d}.parquet"), batch_size=64)
+    return folder
+
+
+def visrep_hf_loader(folder: Path, batch: int, workers: int):
+    from visrep.data.images import collate
+    from visrep.data.shards import ImageSamples, ShardStream, StreamLoader, split_index
+    from visrep.data.sources import DataConfig
+
+    index = split_index(DataConfig(source="hf", name=str(folder), streaming=True), "train")
+    return StreamLoader(ShardStream(index, ImageSamples(transform()), collate, batch, seed=0), num_workers=workers)
+
+
+def datasets_loader(folder: Path, batch: int, workers: int):
+    """`datasets`' streaming IterableDataset (files split over the loader workers, a shuffle buffer of
+    1,000 as visrep's), decoded with PIL and the same transform in the workers (its best case: no
+    `split_dataset_by_node`, one process)."""
+    import datasets
+
+    from visrep.data.images import decode_image
+
+    tf = transform()
+    ds = datasets.load_dataset(str(folder), split="train", streaming=True)
+    ds = ds.cast_column("image", datasets.Image(decode=False)).shuffle(seed=0, buffer_size=1000)
+    # decoded and augmented in the collate function, which runs in the workers (a `map` returning tensors
+    # would have `datasets` convert each image to Python lists and back)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True,
+                                       collate_fn=lambda rs: (torch.stack([tf(decode_image(r["image"])) for r in rs]),
+                                                              torch.tensor([r["label"] for r in rs])))
+
+
+def hf_table(folder: Path, args, n_files: int) -> list[str]:
+    makers = {"visrep hf stream": lambda: visrep_hf_loader(folder, args.batch_size, args.workers),
+              "datasets stream": lambda: datasets_loader(folder, args.batch_size, args.workers)}
+    rates: dict[str, list[float]] = {k: [] for k in makers}
+    counts: dict[str, int] = {}
+    for r in range(args.rounds + 1):
+        for name, make in makers.items():
+            rate, counts[name] = epoch_rate(make())
+            if r > 0:
+                rates[name].append(rate)
+    ours = statistics.median(rates["visrep hf stream"])
+    lines = [f"the same samples as a Hugging Face parquet dataset ({n_files} files), streamed: decode + augment at "
+             f"224 px, batch {args.batch_size}, {args.workers} worker(s), {args.rounds} interleaved rounds (medians)",
+             f"{'pipeline':<18}{'samples/s':>12}{'per epoch':>12}{'visrep / this':>15}", "-" * 57]
+    for name, rs in rates.items():
+        m = statistics.median(rs)
+        lines.append(f"{name:<18}{m:>12.1f}{counts[name]:>12}{ours / m:>14.2f}x")
+    return lines
+
+
 def epoch_overhead(folder: Path, args) -> list[str]:
     """A training epoch (ResNet-18, SGD) fed by the stream vs by the same batches already in memory."""
     from visrep.zoo import create_backbone
@@ -189,14 +259,18 @@ def epoch_overhead(folder: Path, args) -> list[str]:
 def main(argv=None) -> int:
     ap = bench_parser(__doc__, samples=1536, per_shard=128, batch_size=64, workers=2, rounds=5, train_steps=6)
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--only-hf", action="store_true", help="only the Hugging Face parquet comparison")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_shards(Path(tmp), args.samples, args.per_shard)
+        folder = make_shards(Path(tmp) / "wds", args.samples, args.per_shard)
         n_shards = math.ceil(args.samples / args.per_shard)
-        for line in pipeline_table(folder, args, n_shards):
+        if not args.only_hf:
+            for line in pipeline_table(folder, args, n_shards):
+                print(line, flush=True)
+        for line in hf_table(make_parquet(Path(tmp) / "hf", folder, max(2, n_shards // 2)), args, max(2, n_shards // 2)):
             print(line, flush=True)
-        if not args.skip_training:
+        if not args.skip_training and not args.only_hf:
             for line in epoch_overhead(folder, args):
                 print(line, flush=True)
     return 0
