@@ -121,28 +121,32 @@ def epoch_rate(loader) -> tuple[float, int]:
     return count / (time.perf_counter() - t0), count
 
 
-def pipeline_table(folder: Path, args, n_shards: int) -> list[str]:
-    makers = {
-        "visrep stream": lambda: visrep_loader(folder, args.batch_size, args.workers),
-        "open_clip wds": lambda: open_clip_loader(folder, args.batch_size, args.workers, args.samples, n_shards),
-        "timm wds": lambda: timm_loader(folder, args.batch_size, args.workers, args.samples, n_shards),
-    }
+def rounds_table(makers: dict, args, title: str) -> list[str]:
+    """One epoch of each loader (``makers``: name -> a fresh loader, visrep's first) per round, rounds
+    interleaved, the first a warm-up (page cache, imports): the medians and visrep's ratio to each."""
     rates: dict[str, list[float]] = {k: [] for k in makers}
     counts: dict[str, int] = {}
     for r in range(args.rounds + 1):
         for name, make in makers.items():
-            rate, count = epoch_rate(make())
-            counts[name] = count
-            if r > 0:  # round 0: warm-up (page cache, imports)
+            rate, counts[name] = epoch_rate(make())
+            if r > 0:
                 rates[name].append(rate)
-    ours = statistics.median(rates["visrep stream"])
-    lines = [f"decode + augment at 224 px, {args.samples} JPEG samples in {n_shards} shards, batch {args.batch_size}, "
-             f"{args.workers} worker(s), {args.rounds} interleaved rounds (medians)",
-             f"{'pipeline':<16}{'samples/s':>12}{'per epoch':>12}{'visrep / this':>15}", "-" * 55]
+    ours = statistics.median(next(iter(rates.values())))
+    w = max(16, max(map(len, makers)) + 2)
+    lines = [f"{title}, batch {args.batch_size}, {args.workers} worker(s), {args.rounds} interleaved rounds (medians)",
+             f"{'pipeline':<{w}}{'samples/s':>12}{'per epoch':>12}{'visrep / this':>15}", "-" * (w + 39)]
     for name, rs in rates.items():
         m = statistics.median(rs)
-        lines.append(f"{name:<16}{m:>12.1f}{counts[name]:>12}{ours / m:>14.2f}x")
+        lines.append(f"{name:<{w}}{m:>12.1f}{counts[name]:>12}{ours / m:>14.2f}x")
     return lines
+
+
+def pipeline_table(folder: Path, args, n_shards: int) -> list[str]:
+    return rounds_table({
+        "visrep stream": lambda: visrep_loader(folder, args.batch_size, args.workers),
+        "open_clip wds": lambda: open_clip_loader(folder, args.batch_size, args.workers, args.samples, n_shards),
+        "timm wds": lambda: timm_loader(folder, args.batch_size, args.workers, args.samples, n_shards),
+    }, args, f"decode + augment at 224 px, {args.samples} JPEG samples in {n_shards} shards")
 
 
 def make_parquet(folder: Path, shards: Path, n_files: int) -> Path:
@@ -192,23 +196,10 @@ def datasets_loader(folder: Path, batch: int, workers: int):
 
 
 def hf_table(folder: Path, args, n_files: int) -> list[str]:
-    makers = {"visrep hf stream": lambda: visrep_hf_loader(folder, args.batch_size, args.workers),
-              "datasets stream": lambda: datasets_loader(folder, args.batch_size, args.workers)}
-    rates: dict[str, list[float]] = {k: [] for k in makers}
-    counts: dict[str, int] = {}
-    for r in range(args.rounds + 1):
-        for name, make in makers.items():
-            rate, counts[name] = epoch_rate(make())
-            if r > 0:
-                rates[name].append(rate)
-    ours = statistics.median(rates["visrep hf stream"])
-    lines = [f"the same samples as a Hugging Face parquet dataset ({n_files} files), streamed: decode + augment at "
-             f"224 px, batch {args.batch_size}, {args.workers} worker(s), {args.rounds} interleaved rounds (medians)",
-             f"{'pipeline':<18}{'samples/s':>12}{'per epoch':>12}{'visrep / this':>15}", "-" * 57]
-    for name, rs in rates.items():
-        m = statistics.median(rs)
-        lines.append(f"{name:<18}{m:>12.1f}{counts[name]:>12}{ours / m:>14.2f}x")
-    return lines
+    return rounds_table({
+        "visrep hf stream": lambda: visrep_hf_loader(folder, args.batch_size, args.workers),
+        "datasets stream": lambda: datasets_loader(folder, args.batch_size, args.workers),
+    }, args, f"the same samples as a Hugging Face parquet dataset ({n_files} files), streamed: decode + augment at 224 px")
 
 
 def epoch_overhead(folder: Path, args) -> list[str]:
