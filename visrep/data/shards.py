@@ -27,6 +27,7 @@ stores, http) and writes them; what is here is the part no peer has, the determi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -217,6 +218,16 @@ def iter_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator
 # ----------------------------------------------------------------------------------------------
 # A Hugging Face dataset streamed: its parquet data files are the shards
 # ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _hf_data_files(name: str, config: Optional[str]) -> dict:
+    """split -> data file URLs of a Hugging Face dataset, resolved once per process (train, val and test
+    share it)."""
+    import datasets
+
+    builder = datasets.load_dataset_builder(name, config)
+    return {k: [str(f) for f in v] for k, v in (builder.config.data_files or {}).items()}
+
+
 def hf_index(cfg, split: str, pairs: bool = False) -> ShardIndex:
     """Split ``split`` of the Hugging Face dataset ``cfg.name`` (``cfg.hf_config``) as shards: its parquet
     data files (on the Hub or local), each file's row count read from its footer, class names from its
@@ -227,11 +238,10 @@ def hf_index(cfg, split: str, pairs: bool = False) -> ShardIndex:
 
     where = f"data.name '{cfg.name}'" + (f" (data.hf_config '{cfg.hf_config}')" if cfg.hf_config else "")
     try:
-        builder = datasets.load_dataset_builder(cfg.name, cfg.hf_config)
+        files = _hf_data_files(cfg.name, cfg.hf_config)
     except (ConnectionError, FileNotFoundError, ValueError) as e:
         raise DataError(f"{where}: the dataset cannot be resolved ({type(e).__name__}: {e}). Check the name, "
                         f"or the network (HF_HUB_OFFLINE).") from None
-    files = dict(builder.config.data_files or {})
     if not files.get(split):
         raise DataError(f"{where} has no split '{split}' (it has: {sorted(files)}); set data.train_split / "
                         f"val_split / test_split.")
