@@ -109,8 +109,9 @@ def timm_loader(folder: Path, batch: int, workers: int, n: int, n_shards: int):
     ds = create_dataset("wds/bench", root=str(folder), split=f"train-{{000000..{n_shards - 1:06d}}}.tar",
                         is_training=True, batch_size=batch, num_samples=n, seed=0)
     ds.transform = transform()
+    # persistent workers: the default of timm's create_loader
     return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True,
-                                       persistent_workers=False)
+                                       persistent_workers=workers > 0)
 
 
 def epoch_rate(loader) -> tuple[float, int]:
@@ -122,13 +123,18 @@ def epoch_rate(loader) -> tuple[float, int]:
 
 
 def rounds_table(makers: dict, args, title: str) -> list[str]:
-    """One epoch of each loader (``makers``: name -> a fresh loader, visrep's first) per round, rounds
-    interleaved, the first a warm-up (page cache, imports): the medians and visrep's ratio to each."""
+    """One epoch of each loader (``makers``: name -> a loader, visrep's first; each built once, as a
+    training run builds it, its workers persistent where the library makes them so) per round, rounds
+    interleaved, the first a warm-up (workers, page cache, imports): the medians and visrep's ratio to
+    each."""
+    loaders = {name: make() for name, make in makers.items()}
     rates: dict[str, list[float]] = {k: [] for k in makers}
     counts: dict[str, int] = {}
     for r in range(args.rounds + 1):
-        for name, make in makers.items():
-            rate, counts[name] = epoch_rate(make())
+        for name, loader in loaders.items():
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(r)
+            rate, counts[name] = epoch_rate(loader)
             if r > 0:
                 rates[name].append(rate)
     ours = statistics.median(next(iter(rates.values())))
@@ -191,6 +197,7 @@ def datasets_loader(folder: Path, batch: int, workers: int):
     # decoded and augmented in the collate function, which runs in the workers (a `map` returning tensors
     # would have `datasets` convert each image to Python lists and back)
     return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True,
+                                       persistent_workers=workers > 0,
                                        collate_fn=lambda rs: (torch.stack([tf(decode_image(r["image"])) for r in rs]),
                                                               torch.tensor([r["label"] for r in rs])))
 
@@ -203,13 +210,16 @@ def hf_table(folder: Path, args, n_files: int) -> list[str]:
 
 
 def epoch_overhead(folder: Path, args) -> list[str]:
-    """A training epoch (ResNet-18, SGD) fed by the stream vs by the same batches already in memory."""
+    """A training epoch (ResNet-18, SGD, channels_last) fed by the stream vs by the same batches already
+    in memory; the stream built once (as a run builds it) and read with 0 workers (what
+    ``run.num_workers: -1`` gives on a host without a GPU: workers would take the training's cores)
+    and with ``--workers``."""
     from visrep.zoo import create_backbone
 
-    loader = visrep_loader(folder, args.batch_size, args.workers)
-    steps = min(args.train_steps, len(loader))
+    streams = {w: visrep_loader(folder, args.batch_size, w) for w in sorted({0, args.workers})}
+    steps = min(args.train_steps, len(streams[0]))
     cached = []
-    for i, (x, y) in enumerate(loader):
+    for i, (x, y) in enumerate(streams[0]):
         if i >= steps:
             break
         cached.append((x, y))
@@ -222,35 +232,36 @@ def epoch_overhead(folder: Path, args) -> list[str]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def from_stream():
+    def timed(batches) -> float:
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(visrep_loader(folder, args.batch_size, args.workers)):
+        for i, (x, y) in enumerate(batches):
             if i >= steps:
                 break
             step(x, y)
         return time.perf_counter() - t0
 
-    def from_memory():
-        t0 = time.perf_counter()
-        for x, y in cached:
-            step(x, y)
-        return time.perf_counter() - t0
-
     step(*cached[0])  # warm-up
-    ts, tm = [], []
-    for _ in range(args.rounds):
-        ts.append(from_stream())
-        tm.append(from_memory())
-    s, m = statistics.median(ts), statistics.median(tm)
-    return [f"training, ResNet-18 at 224 px, {steps} steps of {args.batch_size}, {args.rounds} interleaved rounds:",
-            f"  batches in memory {m:7.2f} s   streamed from shards {s:7.2f} s   input pipeline costs "
-            f"{100 * (s - m) / m:+.1f}%"]
+    times: dict = {"memory": [], **{w: [] for w in streams}}
+    for r in range(args.rounds + 1):
+        for w, loader in streams.items():
+            loader.set_epoch(r)
+            times[w].append(timed(loader))
+        times["memory"].append(timed(cached))
+    m = statistics.median(times.pop("memory")[1:])
+    lines = [f"training, ResNet-18 at 224 px, {steps} steps of {args.batch_size}, {args.rounds} interleaved rounds "
+             f"after a warm-up (medians): batches in memory {m:.2f} s"]
+    for w, ts in times.items():
+        s = statistics.median(ts[1:])
+        lines.append(f"  streamed from shards, {w} worker(s){' (the CPU default)' if w == 0 else ''}: {s:7.2f} s, "
+                     f"input pipeline costs {100 * (s - m) / m:+.1f}%")
+    return lines
 
 
 def main(argv=None) -> int:
     ap = bench_parser(__doc__, samples=1536, per_shard=128, batch_size=64, workers=2, rounds=5, train_steps=6)
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--only-hf", action="store_true", help="only the Hugging Face parquet comparison")
+    ap.add_argument("--skip-hf", action="store_true", help="without the Hugging Face parquet comparison")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,7 +270,8 @@ def main(argv=None) -> int:
         if not args.only_hf:
             for line in pipeline_table(folder, args, n_shards):
                 print(line, flush=True)
-        for line in hf_table(make_parquet(Path(tmp) / "hf", folder, max(2, n_shards // 2)), args, max(2, n_shards // 2)):
+        for line in [] if args.skip_hf else hf_table(make_parquet(Path(tmp) / "hf", folder, max(2, n_shards // 2)),
+                                                     args, max(2, n_shards // 2)):
             print(line, flush=True)
         if not args.skip_training and not args.only_hf:
             for line in epoch_overhead(folder, args):

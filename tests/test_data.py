@@ -1,3 +1,4 @@
+import io
 import logging
 import os
 import pickle
@@ -202,3 +203,50 @@ def test_loader_options_for_the_host(monkeypatch):
     assert o["num_workers"] == 7 and o["pin_memory"] is True  # 16 CPUs / 2 local processes, less one each
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert loader_options(-1, collate)["num_workers"] == 8  # at most 8
+
+
+def _encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_tensor_decoding_gives_pils_pixels_for_every_kind_of_image(tmp_path, monkeypatch):
+    """decode_tensor (torchvision.io, and its PIL fallback) against PIL's convert: the same uint8 values."""
+    from sklearn.datasets import load_sample_images
+
+    from visrep.data import images as I
+
+    photo = Image.fromarray(load_sample_images().images[1][100:160, 200:248])
+    cases = {"rgb.jpg": _encoded(photo, "JPEG"), "grey.jpg": _encoded(photo.convert("L"), "JPEG"),
+             "rgb.png": _encoded(photo, "PNG"), "rgba.png": _encoded(photo.convert("RGBA"), "PNG"),
+             "palette.png": _encoded(photo.convert("P"), "PNG"), "grey.bmp": _encoded(photo.convert("L"), "BMP")}
+    (tmp_path / "on_disk.jpg").write_bytes(cases["rgb.jpg"])
+    values = [{"bytes": b, "path": name} for name, b in cases.items()] + [{"bytes": None, "path": str(tmp_path / "on_disk.jpg")}]
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(I, "_tensor_decoder", lambda: None)
+        for value in values:
+            for mode in ("RGB", "L"):
+                want = np.asarray(Image.open(io.BytesIO(value["bytes"] or cases["rgb.jpg"])).convert(mode))
+                got = I.decode_tensor(value, mode)
+                assert got.dtype == torch.uint8 and got.shape[0] == len(mode), (value["path"], mode)
+                assert np.array_equal(got.permute(1, 2, 0).squeeze(-1).numpy(), want), (value["path"], mode, fallback)
+    with pytest.raises(CorruptImageError, match="'broken.jpg'"):
+        I.decode_tensor({"bytes": cases["rgb.jpg"][:300], "path": "broken.jpg"})
+
+
+def test_scale_normalize_is_todtype_then_normalize():
+    from torchvision.transforms import v2 as T
+
+    from visrep.data.images import ScaleNormalize
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = torch.randint(0, 256, (3, 17, 9), dtype=torch.uint8)
+    ref = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])(T.ToImage()(x))
+    for inp in (x, T.ToImage()(x), x.permute(0, 2, 1).contiguous().permute(0, 2, 1)):
+        out = ScaleNormalize(mean, std)(inp)
+        assert type(out) is torch.Tensor and out.dtype == torch.float32 and out.is_contiguous()
+        torch.testing.assert_close(out, ref.as_subclass(torch.Tensor), atol=2e-6, rtol=0)
+    f = x.float() / 255
+    torch.testing.assert_close(ScaleNormalize(mean, std)(f), ref.as_subclass(torch.Tensor), atol=2e-6, rtol=0)

@@ -4,6 +4,7 @@ and clear errors."""
 import dataclasses
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -104,6 +105,37 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_sequence(uneven, workers)
     for k in (1, 2, 7, 13, 26):
         assert epoch_batches(stream(uneven, rank=1, workers=workers), 1, start=k) == whole[k:], k
     assert epoch_batches(loader, 1) == whole, "start_at applies to one pass only"
+
+
+def key_and_pid(sample, ordinal, epoch):
+    return int(sample["__key__"]), os.getpid()
+
+
+def test_workers_persist_across_passes_and_follow_epoch_and_resume(uneven):
+    """One loader, its two workers started once: every pass (a whole epoch, one abandoned after 3
+    batches, one resumed at batch 5, the next epoch) gives what a fresh loader gives."""
+    index = S.load_index(str(uneven / "train.json"))
+    ds = S.ShardStream(index, key_and_pid, keys_collate, 4, seed=7, rank=1, world=2, shuffle_buffer=10)
+    loader, pids = S.StreamLoader(ds, num_workers=2), set()
+
+    def keys(batches):
+        pids.update(pid for b in batches for pid in b[:, 1].tolist())
+        return [b[:, 0].tolist() for b in batches]
+
+    loader.set_epoch(0)
+    assert keys(list(loader)) == epoch_batches(stream(uneven, rank=1), 0)
+    loader.set_epoch(1)
+    first = []
+    for b in loader:
+        first.append(b)
+        if len(first) == 3:
+            break
+    whole = epoch_batches(stream(uneven, rank=1), 1)
+    assert keys(first) == whole[:3]
+    assert keys(list(loader.start_at(5))) == whole[5:]
+    loader.set_epoch(2)
+    assert keys(list(loader)) == epoch_batches(stream(uneven, rank=1), 2)
+    assert len(pids) == 2 and os.getpid() not in pids, "the same two workers served every pass"
 
 
 def test_resampled_mode_draws_fixed_epochs_and_resumes_exactly(uneven):
@@ -212,7 +244,7 @@ def test_samples_decode_to_images_and_name_a_corrupt_one(tmp_path):
     Image.new("RGB", (6, 6), (200, 10, 10)).save(buf, format="PNG")
     write_tar(tmp_path / "a.tar", ["10", "11"], {"png": buf.getvalue()})
     write_tar(tmp_path / "b.tar", ["12"], {"png": b"not a png"})
-    fn = S.ImageSamples(lambda im: torch.tensor(im.getpixel((0, 0))), seed=0)
+    fn = S.ImageSamples(lambda im: im[:, 0, 0].long(), seed=0)  # a uint8 CHW tensor
     x, y = fn(next(S.iter_shard(str(tmp_path / "a.tar"))), 0, 0)
     assert x.tolist() == [200, 10, 10] and y == 0
     with pytest.raises(Exception, match=r"b\.tar#12\.png"):
@@ -223,6 +255,46 @@ def test_samples_decode_to_images_and_name_a_corrupt_one(tmp_path):
                        on_corrupt="skip")
     (batch,) = list(S.StreamLoader(ds))
     assert batch.shape == (3, 3)
+
+
+def test_stream_normalises_into_the_batch_what_the_transform_gives(tmp_path):
+    """ImageSamples defers the transform's normalisation to collate, which writes each image into its
+    place in the batch (shared memory in a worker): the same values as the transform run eagerly on the
+    decoded image, bitwise, with 0 and 2 workers; labels and two-view transforms alike."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from visrep.data.images import build_transforms, collate, decode_tensor, seeded
+    from visrep.ssl.transforms import SSLAugmentConfig, byol_transforms
+
+    photo = load_sample_images().images[0]
+    jpgs = []
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(photo[40 * i:40 * i + 90, 50 * i:50 * i + 120]).save(buf, format="JPEG", quality=90)
+        jpgs.append(buf.getvalue())
+    with tarfile.open(tmp_path / "p.tar", "w") as tar:
+        for i, data in enumerate(jpgs):
+            for ext, value in (("jpg", data), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{i:02d}.{ext}")
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+    tfs = {"one view": build_transforms({}, 40, train=True, hflip=0.5),
+           "two views": byol_transforms(SSLAugmentConfig(), 24, (0.5,) * 3, (0.25,) * 3)}
+    for name, tf in tfs.items():
+        samples = S.ImageSamples(tf, seed=3)
+        for workers in (0, 2):
+            ds = S.ShardStream(S.load_index(str(tmp_path / "p.tar")), samples, collate, 3, seed=5, shuffle=False)
+            batches = list(S.StreamLoader(ds, num_workers=workers))
+            assert len(batches) == 2
+            for b, (x, y) in enumerate(batches):
+                assert y.tolist() == [1, 1, 1]
+                views = x if isinstance(x, (tuple, list)) else (x,)
+                for j in range(3):
+                    with seeded(S.sample_seed(3, 0, 3 * b + j)):
+                        want = tf(decode_tensor({"bytes": jpgs[3 * b + j]}))
+                    for got, w in zip(views, want if isinstance(want, tuple) else (want,)):
+                        assert got.dtype == torch.float32 and torch.equal(got[j], w), (name, workers, b, j)
 
 
 def test_clear_errors(uneven, tmp_path):

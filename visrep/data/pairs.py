@@ -29,7 +29,8 @@ from typing import Callable, Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from visrep.data.images import EpochSampler, LabelledImages, SplitLoaders, build_transforms, drop_unreadable, loader_options
+from visrep.data.images import (EpochSampler, LabelledImages, SplitLoaders, build_transforms, drop_unreadable,
+                                loader_options, stack)
 from visrep.data import shards
 from visrep.data.sources import DataConfig, load_splits
 from visrep.errors import DataError, MissingFileError, MissingKeyError
@@ -335,7 +336,7 @@ class PairDataset(LabelledImages):
 
 def collate_pairs(batch):
     x, tok, y, k = zip(*batch)
-    return torch.stack(x), torch.stack(tok), torch.as_tensor(y, dtype=torch.long), torch.as_tensor(k, dtype=torch.long)
+    return stack(x), stack(tok), torch.as_tensor(y, dtype=torch.long), torch.as_tensor(k, dtype=torch.long)
 
 
 @dataclasses.dataclass

@@ -42,7 +42,7 @@ import torch
 from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
-from visrep.data.images import CorruptImageError, decode_image, sample_seed, seeded
+from visrep.data.images import CorruptImageError, decode_tensor, defer_normalize, sample_seed, seeded
 from visrep.checks import existing
 from visrep.errors import DataError, MissingFileError
 
@@ -458,10 +458,10 @@ class ImageSamples:
     """A classification sample: ``(image tensor, label)``; the transform runs under the sample's seed."""
 
     def __init__(self, transform: Callable, mode: str = "RGB", seed: Optional[int] = 0):
-        self.transform, self.mode, self.seed = transform, mode, seed
+        self.transform, self.mode, self.seed = defer_normalize(transform), mode, seed  # normalised by collate
 
     def __call__(self, sample: dict, ordinal: int, epoch: int):
-        img = decode_image(_image_value(sample), self.mode, "train")
+        img = decode_tensor(_image_value(sample), self.mode, "train")
         y = sample_label(sample)
         with seeded(sample_seed(self.seed, epoch, ordinal)):
             x = self.transform(img)
@@ -473,10 +473,10 @@ class PairSamples:
     place) and the augmentation under the same seed; ``key`` identifies the caption (retrieval)."""
 
     def __init__(self, transform: Callable, tokenizer: Callable, mode: str = "RGB", seed: int = 0):
-        self.transform, self.tokenizer, self.mode, self.seed = transform, tokenizer, mode, seed
+        self.transform, self.tokenizer, self.mode, self.seed = defer_normalize(transform), tokenizer, mode, seed
 
     def __call__(self, sample: dict, ordinal: int, epoch: int):
-        img = decode_image(_image_value(sample), self.mode, "train")
+        img = decode_tensor(_image_value(sample), self.mode, "train")
         caps = sample_captions(sample)
         s = sample_seed(self.seed, epoch, ordinal)
         text = caps[int(np.random.default_rng(s).integers(len(caps)))] if len(caps) > 1 else caps[0]
@@ -493,7 +493,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     """The batches of one rank, collated in the loader workers. Yields ``(batch, (worker, n))``: the
     logical worker and its batch number, which :class:`StreamLoader` checks against the round-robin
     order. ``epoch`` and ``skip`` (batches of the epoch already consumed) are set by the loader before
-    each pass (the workers are started per pass, so they see them)."""
+    each pass; they live in a shared-memory tensor, so persistent loader workers, each holding its own
+    copy of this object, read the values of the pass they are asked for."""
 
     def __init__(self, index: ShardIndex, sample_fn: Callable, collate_fn: Callable, batch_size: int, *,
                  seed: int, rank: int = 0, world: int = 1, shuffle: bool = True, shuffle_buffer: int = 1000,
@@ -502,7 +503,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.shuffle, self.shuffle_buffer = shuffle, max(1, shuffle_buffer)
         self.resampled_batches, self.on_corrupt = resampled_batches, on_corrupt
-        self.epoch, self.skip = 0, 0
+        self._pass = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, skip
         n = self.batches_per_epoch()
         if n == 0:
             raise DataError(f"'{index.source}' holds {index.total} samples, fewer than one batch per rank "
@@ -517,6 +518,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             return self.resampled_batches
         return rank_batches(self.index.total, self.world, self.batch_size)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._pass[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._pass[0] = value
+
+    @property
+    def skip(self) -> int:
+        return int(self._pass[1])
+
+    @skip.setter
+    def skip(self, value: int) -> None:
+        self._pass[1] = value
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -525,14 +542,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         physical, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         # a pass resumed after `skip` batches starts at the worker that was next: physical worker 0
         # plays logical worker skip % nw, so the round-robin continues where it stopped
-        worker = (physical + self.skip) % nw
-        return self.worker_batches(worker, nw)
+        epoch, skip = self._pass.tolist()  # read once: the pass's values
+        return self.worker_batches((physical + skip) % nw, nw, epoch, skip)
 
-    def worker_batches(self, worker: int, num_workers: int) -> Iterator[tuple[Any, tuple[int, int]]]:
+    def worker_batches(self, worker: int, num_workers: int, epoch: int,
+                       skip: int) -> Iterator[tuple[Any, tuple[int, int]]]:
         n_b = self.batches_per_epoch()
         _, nb = worker_span(n_b, num_workers, worker)
-        done = min(nb, delivered(self.skip, num_workers, worker))
-        segments = plan_worker(self.index.counts, epoch=self.epoch, seed=self.seed, world=self.world,
+        done = min(nb, delivered(skip, num_workers, worker))
+        segments = plan_worker(self.index.counts, epoch=epoch, seed=self.seed, world=self.world,
                                rank=self.rank, num_workers=num_workers, worker=worker, batch_size=self.batch_size,
                                shuffle=self.shuffle, resampled_batches=self.resampled_batches)
         start = done * self.batch_size
@@ -545,13 +563,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         pos = window * S
         while pos < total:
             chunk = [next(raw) for _ in range(min(S, total - pos))]
-            order = window_order(len(chunk), self.seed, self.epoch, self.rank, worker, window, self.shuffle)
+            order = window_order(len(chunk), self.seed, epoch, self.rank, worker, window, self.shuffle)
             items = [chunk[i] for i in order]
             if pos < start:
                 items = items[start - pos:]
             for ordinal, sample in items:
                 try:
-                    out = self.sample_fn(sample, ordinal, self.epoch)
+                    out = self.sample_fn(sample, ordinal, epoch)
                 except CorruptImageError as e:
                     if self.on_corrupt != "skip":
                         raise
@@ -614,6 +632,7 @@ class StreamLoader(DataLoaderStateMixin):
         self.track_gradient_state = track_gradient_state
         self.device: Optional[torch.device] = None
         self._start = 0
+        self._loader: Optional[torch.utils.data.DataLoader] = None
 
     def __len__(self) -> int:
         return self.dataset.batches_per_epoch()
@@ -638,9 +657,11 @@ class StreamLoader(DataLoaderStateMixin):
         ds, nw = self.dataset, max(1, self.num_workers)
         ds.skip, self._start = self._start, 0
         total = len(self)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                             pin_memory=self.pin_memory,
-                                             prefetch_factor=2 if self.num_workers else None)
+        if self._loader is None:  # the workers persist from pass to pass (they read epoch and skip per pass)
+            self._loader = torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0, prefetch_factor=2 if self.num_workers else None)
+        loader = self._loader
         if self.track_gradient_state:
             self.gradient_state = GradientState()
             self.begin()

@@ -27,7 +27,9 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from visrep.checks import check
+from visrep.data.images import ScaleNormalize
 
 
 @dataclasses.dataclass
@@ -95,7 +97,7 @@ def _norm_stats(mean: Sequence[float], std: Sequence[float], channels: int):
 
 
 def byol_view_transform(cfg: SSLAugmentConfig, view: int, image_size: int, mean, std, channels: int = 3):
-    """torchvision v2 pipeline of one view (0 or 1), PIL image -> normalised float tensor."""
+    """torchvision v2 pipeline of one view (0 or 1), uint8 image tensor (or PIL image) -> normalised float tensor."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
 
@@ -117,12 +119,11 @@ def byol_view_transform(cfg: SSLAugmentConfig, view: int, image_size: int, mean,
                                  p=cfg.blur_prob[view]))
     if cfg.solarize_prob[view] > 0:
         ops.append(T.RandomSolarize(threshold=128, p=cfg.solarize_prob[view]))
-    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
-    return T.Compose(ops)
+    return T.Compose(ops + [ScaleNormalize(mean, std)])
 
 
 def byol_transforms(cfg: SSLAugmentConfig, image_size: int, mean, std, channels: int = 3) -> TwoViews:
-    """The loader-side two-view transform: PIL image -> (view 1, view 2)."""
+    """The loader-side two-view transform: uint8 image tensor (or PIL image) -> (view 1, view 2)."""
     return TwoViews(byol_view_transform(cfg, 0, image_size, mean, std, channels),
                     byol_view_transform(cfg, 1, image_size, mean, std, channels))
 
