@@ -40,9 +40,9 @@ class TeacherConfig:
     source: Literal["train", "checkpoint", "pretrained"] = "train"
     """train: trained by this recipe first; checkpoint: an exported model of this project
     (RUN_DIR/models/STAGE); pretrained: model.name with pretrained weights (timm / torchvision)."""
-    model: BackboneConfig = dataclasses.field(default_factory=lambda: BackboneConfig(name="resnet56"))
+    model: BackboneConfig = dataclasses.field(default_factory=lambda: BackboneConfig(name="resnet20"))
     checkpoint: Optional[str] = None
-    train_epochs: int = 15
+    train_epochs: int = 30
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
     def validate(self, prefix: str) -> None:

@@ -222,7 +222,8 @@ def test_tensor_decoding_gives_pils_pixels_for_every_kind_of_image(tmp_path, mon
              "rgb.png": _encoded(photo, "PNG"), "rgba.png": _encoded(photo.convert("RGBA"), "PNG"),
              "palette.png": _encoded(photo.convert("P"), "PNG"), "grey.bmp": _encoded(photo.convert("L"), "BMP")}
     (tmp_path / "on_disk.jpg").write_bytes(cases["rgb.jpg"])
-    values = [{"bytes": b, "path": name} for name, b in cases.items()] + [{"bytes": None, "path": str(tmp_path / "on_disk.jpg")}]
+    values = [{"bytes": b, "path": name} for name, b in cases.items()]
+    values.append({"bytes": None, "path": str(tmp_path / "on_disk.jpg")})
     for fallback in (False, True):
         if fallback:
             monkeypatch.setattr(I, "_tensor_decoder", lambda: None)

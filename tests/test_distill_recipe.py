@@ -367,4 +367,4 @@ def test_default_preset_scales_the_learning_rates_with_the_global_batch():
     cfg = load_yaml(mod.DistillRecipeConfig, ROOT / "recipes" / "configs" / "digits.yaml")
     assert [cfg.teacher.optim.peak_lr(32 * w) for w in (1, 2)] == [0.025, 0.05]
     assert [cfg.optim.peak_lr(32 * w) for w in (1, 2)] == [0.05, 0.1]
-    assert cfg.schedule.warmup_steps == 40 and (cfg.kd.temperature, cfg.kd.kd_weight) == (2.0, 0.5)
+    assert cfg.schedule.warmup_steps == 40 and (cfg.kd.temperature, cfg.kd.kd_weight) == (2.0, 0.25)

@@ -149,8 +149,8 @@ def defer_normalize(transform: Callable) -> Callable:
     deferred to :func:`collate`; any other transform as it is."""
     from torchvision.transforms import v2 as T
 
-    if isinstance(transform, T.Compose) and transform.transforms and isinstance(transform.transforms[-1], ScaleNormalize):
-        last = transform.transforms[-1]
+    last = transform.transforms[-1] if isinstance(transform, T.Compose) and transform.transforms else None
+    if isinstance(last, ScaleNormalize):
         return T.Compose([*transform.transforms[:-1], ScaleNormalize(last.mean, last.std, deferred=True)])
     if hasattr(transform, "view1") and hasattr(transform, "view2"):
         return type(transform)(defer_normalize(transform.view1), defer_normalize(transform.view2))
@@ -231,9 +231,9 @@ def epoch_of(index, default: int) -> int:
 class LabelledImages(torch.utils.data.Dataset):
     """A split with undecoded ``image`` and integer ``label`` columns, and what every dataset over one
     does alike: decode an image (once, kept in memory, when the split is small: ``cache_bytes`` for the
-    decoded pixels, estimated), the epoch for per-epoch randomness, and ``transform`` (image to a
-    tensor, or a tuple of tensors such as two views; it receives a uint8 CHW tensor, :func:`decode_tensor`) run under an RNG seeded by (seed, epoch, index)
-    when ``seed`` is set."""
+    decoded pixels, estimated), the epoch for per-epoch randomness, and ``transform`` (a uint8 CHW
+    tensor, :func:`decode_tensor`, to a float tensor, or to a tuple of them such as two views) run under
+    an RNG seeded by (seed, epoch, index) when ``seed`` is set."""
 
     def __init__(self, split_ds, transform: Callable, mode: str = "RGB", split: str = "train",
                  seed: Optional[int] = None, cache_bytes: int = 256 << 20):
