@@ -64,6 +64,12 @@ class OptimConfig:
     exclude_bias_and_norm: bool = True
     """LARS: biases and normalisation parameters get no trust ratio (nor weight decay)."""
     grad_clip: Optional[float] = None
+    implementation: Literal["torch", "auto", "fused", "foreach", "loop"] = "torch"
+    """How SGD and AdamW update the weights: ``fused`` (torch's fused kernels: one pass over each group's
+    tensors, CPU and CUDA), ``foreach`` (multi-tensor ops), ``loop`` (one parameter at a time, torch's
+    reference); ``auto``: fused where torch has the kernel for the parameters' device, else foreach;
+    ``torch``: torch's own choice (foreach on CUDA, the loop on a CPU). They agree to float rounding
+    (tests/test_optim.py); ``benchmarks/fast_paths_bench.py`` measures them. LARS is foreach."""
 
     def peak_lr(self, global_batch: Optional[int] = None) -> float:
         """The peak rate for ``global_batch`` samples per optimizer step."""
@@ -136,6 +142,10 @@ class RunConfig:
     """Seconds a collective may wait for the other ranks before the job fails (NCCL's default is 600)."""
     save_on_each_node: bool = False
     """Write checkpoints and exports on every node (node-local disks) instead of once (shared filesystem)."""
+    channels_last: bool = False
+    """Convolutional models prepared by the run are stored channels_last (NHWC; the inputs follow at the
+    first convolution): the layout oneDNN and cuDNN run fastest. The same step to float rounding
+    (tests/test_engine.py)."""
 
     def validate(self, prefix: str) -> None:
         for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_last"):

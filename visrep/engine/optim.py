@@ -1,12 +1,14 @@
 """Optimizers and learning-rate schedules, both counted in optimizer steps."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
+from visrep.checks import ConfigError
 from visrep.engine.config import OptimConfig, ScheduleConfig
 
 
@@ -103,11 +105,8 @@ def build_optimizer(params: nn.Module | Iterable, cfg: OptimConfig,
     for g in groups:
         if cfg.name != "lars":
             g.pop("lars_exclude", None)
-    if cfg.name == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                              weight_decay=cfg.weight_decay)
-    elif cfg.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.name in ("sgd", "adamw"):
+        opt = _torch_optimizer(cfg, groups, lr)
     elif cfg.name == "lars":
         opt = LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta)
     else:  # pragma: no cover - the config type admits no other value
@@ -115,6 +114,29 @@ def build_optimizer(params: nn.Module | Iterable, cfg: OptimConfig,
     for g in opt.param_groups:
         g.setdefault("initial_lr", g["lr"])
     return opt
+
+
+def _torch_optimizer(cfg: OptimConfig, groups: list, lr: float) -> torch.optim.Optimizer:
+    """SGD or AdamW in ``cfg.implementation`` (auto: fused, or foreach where torch refuses fused for
+    these parameters: a device without the kernel, or a torch without the argument; torch: torch's
+    default)."""
+    if cfg.name == "sgd":
+        make = functools.partial(torch.optim.SGD, groups, lr=lr, momentum=cfg.momentum,
+                                 nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    else:
+        make = functools.partial(torch.optim.AdamW, groups, lr=lr, betas=tuple(cfg.betas),
+                                 weight_decay=cfg.weight_decay)
+    impl = cfg.implementation
+    if impl == "torch":
+        return make()
+    if impl in ("auto", "fused"):
+        try:
+            return make(fused=True)
+        except (RuntimeError, TypeError, ValueError) as e:
+            if impl == "fused":
+                raise ConfigError(f"optim.implementation 'fused' is not available here ({e}); use 'auto' (fused "
+                                  f"where it can be, else foreach) or 'foreach'.") from None
+    return make(foreach=impl != "loop")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",

@@ -268,9 +268,13 @@ class Run:
         self.accelerator.log(values, step=self.global_step if step is None else step)
 
     def prepare(self, *objs, grad_clip: Optional[float] = None):
-        """``accelerator.prepare`` with the recipe's gradient clipping written into the DeepSpeed
-        config when DeepSpeed is on (Accelerate would otherwise fill its "auto" with 1.0 and clip
-        where DDP does not). Under DeepSpeed the engine clips; ``accelerator.clip_grad_norm_`` is a no-op."""
+        """``accelerator.prepare`` (convolutional models channels_last first, with ``run.channels_last``)
+        with the recipe's gradient clipping written into the DeepSpeed config when DeepSpeed is on
+        (Accelerate would otherwise fill its "auto" with 1.0 and clip where DDP does not). Under DeepSpeed the engine clips; ``accelerator.clip_grad_norm_`` is a no-op."""
+        if self.run_cfg.channels_last:
+            for o in objs:
+                if isinstance(o, torch.nn.Module) and any(isinstance(m, torch.nn.Conv2d) for m in o.modules()):
+                    o.to(memory_format=torch.channels_last)
         configure_engine(self.accelerator, [o for o in objs if isinstance(o, torch.nn.Module)], grad_clip)
         # a sharded stream splits itself by rank; Accelerate would read it on one process and scatter it
         streams = {i: o for i, o in enumerate(objs) if hasattr(o, "start_at")}
