@@ -45,10 +45,11 @@ def test_zero3_byol_equals_ddp_with_a_resume(tmp_path, monkeypatch):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=k)
     res, ref_res = results(z3), results(ddp)
-    # the same weights and, with rank 0's BatchNorm statistics on every rank, the same figures; the
-    # SGD-trained linear probe may flip one test sample (the weights agree to 1e-6, not bitwise)
-    for key in ("final_tau", "knn_acc"):
-        assert res[key] == ref_res[key], (key, res[key], ref_res[key])
+    # the same weights and, with rank 0's BatchNorm statistics on every rank, the same figures, up to a
+    # near tie: the weights agree to 1e-6, not bitwise, so a kNN vote may flip one of the 270 test
+    # digits (seen once in CI) and the SGD-trained linear probe a few
+    assert res["final_tau"] == ref_res["final_tau"]
+    assert abs(res["knn_acc"] - ref_res["knn_acc"]) <= 1.5 / 270, (res, ref_res)
     assert abs(res["linear_acc"] - ref_res["linear_acc"]) <= 1 / 100, (res, ref_res)
 
 
