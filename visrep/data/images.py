@@ -164,9 +164,9 @@ def stack(items: Sequence) -> torch.Tensor:
     if not isinstance(items[0], PendingImage):
         return torch.utils.data.default_collate(items)
     shape = (len(items), *items[0].shape)
-    out = torch.empty(0, dtype=torch.float32)
-    if torch.utils.data.get_worker_info() is not None and hasattr(out, "_typed_storage"):
-        out = out.new(out._typed_storage()._new_shared(int(np.prod(shape)))).resize_(shape)  # as default_collate
+    proto = torch.empty(0, dtype=torch.float32)
+    if torch.utils.data.get_worker_info() is not None and hasattr(proto, "_typed_storage"):  # as default_collate
+        out = proto.new(proto._typed_storage()._new_shared(int(np.prod(shape)))).resize_(shape)
     else:
         out = torch.empty(shape, dtype=torch.float32)
     for o, p in zip(out, items):

@@ -489,6 +489,14 @@ class PairSamples:
 # ----------------------------------------------------------------------------------------------
 # The stream and its loader
 # ----------------------------------------------------------------------------------------------
+def _pass_field(i: int, doc: str) -> property:
+    """An integer kept in element ``i`` of the stream's shared-memory ``_pass`` tensor."""
+    def set_(self, value: int) -> None:
+        self._pass[i] = value
+
+    return property(lambda self: int(self._pass[i]), set_, doc=doc)
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """The batches of one rank, collated in the loader workers. Yields ``(batch, (worker, n))``: the
     logical worker and its batch number, which :class:`StreamLoader` checks against the round-robin
@@ -518,21 +526,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             return self.resampled_batches
         return rank_batches(self.index.total, self.world, self.batch_size)
 
-    @property
-    def epoch(self) -> int:
-        return int(self._pass[0])
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self._pass[0] = value
-
-    @property
-    def skip(self) -> int:
-        return int(self._pass[1])
-
-    @skip.setter
-    def skip(self, value: int) -> None:
-        self._pass[1] = value
+    epoch = _pass_field(0, "The epoch of the next pass.")
+    skip = _pass_field(1, "Batches of the epoch already consumed when the next pass starts.")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

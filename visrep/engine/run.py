@@ -270,7 +270,8 @@ class Run:
     def prepare(self, *objs, grad_clip: Optional[float] = None):
         """``accelerator.prepare`` (convolutional models channels_last first, with ``run.channels_last``)
         with the recipe's gradient clipping written into the DeepSpeed config when DeepSpeed is on
-        (Accelerate would otherwise fill its "auto" with 1.0 and clip where DDP does not). Under DeepSpeed the engine clips; ``accelerator.clip_grad_norm_`` is a no-op."""
+        (Accelerate would otherwise fill its "auto" with 1.0 and clip where DDP does not). Under
+        DeepSpeed the engine clips; ``accelerator.clip_grad_norm_`` is a no-op."""
         if self.run_cfg.channels_last:
             for o in objs:
                 if isinstance(o, torch.nn.Module) and any(isinstance(m, torch.nn.Conv2d) for m in o.modules()):
