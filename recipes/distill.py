@@ -67,7 +67,8 @@ class DistillRecipeConfig(RecipeConfig):
 
 def build(bb: BackboneConfig, num_classes: int) -> torch.nn.Module:
     return create_backbone(bb.name, pretrained=bb.pretrained, num_classes=num_classes, checkpoint=bb.checkpoint,
-                           small_input=bb.small_input, **bb.kwargs)
+                           small_input=bb.small_input, **bb.kwargs,
+                           grad_checkpointing=bb.grad_checkpointing)
 
 
 def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model: torch.nn.Module,
@@ -84,6 +85,8 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
                       schedule=cfg.schedule, grad_clip=optim_cfg.grad_clip, epoch_setters=data.epoch_setters,
                       export=lambda d: export_model(accelerator, model, d, backbone, data.num_classes, data_config))
     kd_loss = DistillationLoss(cfg.kd)
+    if teacher is not None and stage.compiled:  # the teacher's forward on the training batch, compiled too
+        teacher.compile_inference()
 
     for epoch in stage.epochs():
         model.train()

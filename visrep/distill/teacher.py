@@ -1,7 +1,7 @@
 """The frozen teacher."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +50,19 @@ class FrozenTeacher(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return x
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.inputs(x))
+        # inference mode: no autograd bookkeeping at all (no version counters, no views tracked); the
+        # clone is an ordinary tensor the student's loss may save for its backward
+        with torch.inference_mode():
+            out = self.model(self.inputs(x))
+        return out.clone()
+
+    def compile_inference(self, **options: Any) -> "FrozenTeacher":
+        """Compile the teacher's inference forward in place (``torch.compile``): one graph, no backward.
+        Compile after evaluating the teacher on other batch sizes, so the graph is built for the
+        training batch. Returns ``self``."""
+        self.model.compile(**options)
+        return self
 
 
 class WeakTeacherError(UserError):

@@ -41,6 +41,9 @@ class BackboneConfig:
     checkpoint: Optional[str] = None
     small_input: bool = True
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    grad_checkpointing: bool = False
+    """Recompute each stage's activations in the backward instead of keeping them: a larger batch or model
+    in the same memory, for about one more forward of compute (the zoo's models and timm's)."""
 
 
 @dataclasses.dataclass
@@ -146,8 +149,17 @@ class RunConfig:
     """Convolutional models prepared by the run are stored channels_last (NHWC; the inputs follow at the
     first convolution): the layout oneDNN and cuDNN run fastest. The same step to float rounding
     (tests/test_engine.py)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the training forward and backward of the model each stage trains (evaluation runs
+    eager). auto: when the stage runs at least compile_min_steps optimizer steps and a compiler is present
+    (else eager, said once; a compiler failure falls back to eager); on: always, an error if it cannot;
+    off: eager. Not under DeepSpeed. See visrep.engine.fast."""
+    compile_min_steps: int = 400
+    """auto compiles stages of at least this many optimizer steps: compiling a CIFAR ResNet costs tens of
+    seconds on a CPU, won back after a few hundred steps (benchmarks/fast_paths_bench.py)."""
 
     def validate(self, prefix: str) -> None:
+        check(self.compile_min_steps >= 0, f"{prefix}compile_min_steps", self.compile_min_steps, "an integer >= 0")
         for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_last"):
             check(getattr(self, key) >= 1, f"{prefix}{key}", getattr(self, key), "an integer >= 1")
         check(self.checkpoint_every >= 0, f"{prefix}checkpoint_every", self.checkpoint_every, "an integer >= 0")

@@ -30,14 +30,15 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
-                              broadcast_object_list, set_seed)
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs,
+                              ProjectConfiguration, broadcast_object_list, set_seed)
 
 from visrep.engine.checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, newest_intact, verify,
                                      write_dir_atomically)
 from visrep.engine.config import RunConfig, ScheduleConfig, diff_configs, parse_config, save_yaml, to_dict
 from visrep.engine.distributed import configure_engine, deepspeed_on_cpu, engine_precision
 from visrep.engine.export import load_full_state_dict
+from visrep.engine.fast import compile_decision, compile_training_forward, cuda_fast_math
 from visrep.engine.io import atomic_write_json, atomic_write_text, is_writer
 from visrep.engine.optim import StepSchedule
 from visrep.engine.precision import autocast, cast_inputs_to_engine, fp32_norm_layers, resolve_mixed_precision
@@ -206,6 +207,7 @@ class Run:
         self.accelerator.init_trackers(recipe, config=_flat_hparams(to_dict(cfg)))
         if run_cfg.deterministic:
             set_deterministic()
+        cuda_fast_math(run_cfg.deterministic)
         set_seed(seed)
         self.stop_request = StopRequest().install()  # SIGTERM / SIGUSR1: checkpoint after this step, exit 75
 
@@ -419,6 +421,20 @@ class Stage:
             else:
                 ckpt = None
             self._resume_from = ckpt
+        self.compiled = False
+        if not self.done:
+            self._compile()
+
+    def _compile(self) -> None:
+        """``run.compile``: the training forward of the stage's model compiled in place (visrep.engine.fast)."""
+        cfg = self.run.run_cfg
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.compiled, why = compile_decision(cfg.compile, self.total_steps, cfg.compile_min_steps,
+                                              self.accelerator.device, deepspeed)
+        if self.compiled:
+            compile_training_forward(self.model, fallback=cfg.compile == "auto", say=self.run.print)
+        elif cfg.compile != "off":
+            self.run.print(f"[visrep] stage '{self.name}' runs eager: {why}")
 
     def track(self, **objects) -> None:
         """Add objects to the checkpointed state (``extra_state``); before the first epoch, so a resumed
