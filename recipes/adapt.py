@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
         # ---- data: labelled source, unlabelled target (train), target test for scoring only ------
         backbone = create_backbone(cfg.model.name, pretrained=cfg.model.pretrained, num_classes=0,
                                    checkpoint=cfg.model.checkpoint, small_input=cfg.model.small_input,
-                                   **cfg.model.kwargs)
+                                   grad_checkpointing=cfg.model.grad_checkpointing, **cfg.model.kwargs)
         dc = get_data_config(backbone)
         bs, ebs, nw = cfg.run.batch_size, cfg.run.eval_batch_size, cfg.run.num_workers
         src = build_classification_data(cfg.source, dc, cfg.seed, bs, ebs, nw)

@@ -64,7 +64,8 @@ class BYOLRecipeConfig(RecipeConfig):
 
 def build_backbone(bb: BackboneConfig) -> torch.nn.Module:
     return create_backbone(bb.name, pretrained=bb.pretrained, num_classes=0, checkpoint=bb.checkpoint,
-                           small_input=bb.small_input, **bb.kwargs)
+                           small_input=bb.small_input, **bb.kwargs,
+                           grad_checkpointing=bb.grad_checkpointing)
 
 
 def eval_loaders(cfg: BYOLRecipeConfig, data, data_config: dict):

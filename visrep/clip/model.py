@@ -52,6 +52,8 @@ class ImageTowerConfig:
     image_size: Optional[int] = None
     """open_clip: force this input size (default: data.image_size, set by the recipe)."""
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    grad_checkpointing: bool = False
+    """zoo: recompute the tower's activations in the backward (visrep.engine.BackboneConfig)."""
 
 
 @dataclasses.dataclass
@@ -361,7 +363,8 @@ def build_clip_model(cfg: ClipModelConfig, image_size: Optional[int] = None, in_
     if ic.source == "zoo":
         image = create_backbone(ic.name, pretrained=bool(ic.pretrained) and load_pretrained, num_classes=0,
                                 in_chans=in_chans, checkpoint=ic.checkpoint if load_pretrained else None,
-                                small_input=ic.small_input, **ic.kwargs)
+                                small_input=ic.small_input, **ic.kwargs,
+                                grad_checkpointing=ic.grad_checkpointing)
     else:
         image = OpenClipImage(oc(ic.name, ic.pretrained, ic.image_size or image_size))
     tc = cfg.text

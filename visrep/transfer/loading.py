@@ -77,7 +77,8 @@ def build_start_model(init: InitConfig, num_classes: int) -> tuple[nn.Module, Ba
     else:  # train (the recipe trains it afterwards), scratch, pretrained, safetensors
         bb = dataclasses.replace(init.model, pretrained=init.source == "pretrained", checkpoint=None)
         model = create_backbone(bb.name, pretrained=bb.pretrained, num_classes=num_classes,
-                                small_input=bb.small_input, **bb.kwargs)
+                                small_input=bb.small_input, **bb.kwargs,
+                                grad_checkpointing=bb.grad_checkpointing)
         info = {"from": init.source}
         if init.source == "safetensors":
             info.update(load_backbone_weights(model, init.path), **{"from": str(init.path)})

@@ -1,7 +1,9 @@
 """The uniform model API, for backbones written here (``ZooModel``), and data configs."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,9 +51,24 @@ class ZooModel(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.reset_classifier(num_classes)
 
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing (timm's method name): in training, each stage keeps only its input and
+        recomputes its activations during the backward -- activation memory of about one stage, for
+        roughly one more forward of compute. The same gradients (tests/test_zoo.py)."""
+        self.grad_checkpointing = bool(enable)
+
+    def run_stages(self, x):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for stage in self.stages:
+                x = checkpoint(stage, x, use_reentrant=False)
+            return x
+        return self.stages(x)
+
     def forward_features(self, x):
         """Unpooled feature map (N, C, H, W) of the last stage."""
-        return self.stages(self.stem(x))
+        return self.run_stages(self.stem(x))
 
     def forward_head(self, x, pre_logits: bool = False):
         """Pool (and pre-logits MLP); then the classifier unless ``pre_logits``."""

@@ -133,7 +133,7 @@ class GoogLeNet(ZooModel):
         stage4 = self.stages[3]
         stage4.record = self.training and self.aux1 is not None
         try:
-            x = self.stages(self.stem(x))
+            x = self.run_stages(self.stem(x))
             taps = getattr(stage4, "tapped", [])
             self.aux_logits = (self.aux1(taps[0]), self.aux2(taps[1])) if stage4.record and len(taps) == 2 else None
         finally:

@@ -242,7 +242,7 @@ _CONTRACT = ("num_classes", "num_features", "forward_features", "forward_head", 
 
 def create_backbone(name: str, pretrained: bool = False, num_classes: int = 0, in_chans: int = 3,
                     features_only: bool = False, out_indices=None, checkpoint: str | os.PathLike | None = None,
-                    small_input: bool = False, **kwargs) -> nn.Module:
+                    small_input: bool = False, grad_checkpointing: bool = False, **kwargs) -> nn.Module:
     """Build a backbone by name (see the module docstring for how names resolve).
 
     ``num_classes=0``: no classifier, ``forward`` returns pooled ``num_features``-wide features.
@@ -250,14 +250,17 @@ def create_backbone(name: str, pretrained: bool = False, num_classes: int = 0, i
     ``pretrained``: weights through timm/torchvision, else ``PretrainedWeightsUnavailable``.
     ``checkpoint``: a local ``.safetensors`` state dict loaded strictly (after construction).
     ``features_only``: a ``FeatureExtractor`` returning the feature maps of ``out_indices``.
+    ``grad_checkpointing``: recompute activations in the backward (``model.set_grad_checkpointing``, which
+    the zoo's own models and timm's have); a model without it is a ValueError naming it.
     Extra ``kwargs`` go to the builder (timm kwargs such as ``drop_rate``, ``img_size``; ``width``).
     """
     found = _prefix_loader(name)
     if found is not None:  # e.g. hf-hub:USER/REPO, registered by the code that knows the Hub
         if pretrained or checkpoint is not None:
             raise ValueError(f"{name!r} loads its own weights ({found[0]} names); drop pretrained=/checkpoint=")
-        return found[1](name, num_classes=num_classes, in_chans=in_chans, small_input=small_input,
-                        features_only=features_only, out_indices=out_indices, **kwargs)
+        return _checkpointed(found[1](name, num_classes=num_classes, in_chans=in_chans, small_input=small_input,
+                                      features_only=features_only, out_indices=out_indices, **kwargs),
+                             name, grad_checkpointing)
     entry = get_backbone_entry(name)
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True or checkpoint=..., not both")
@@ -287,9 +290,20 @@ def create_backbone(name: str, pretrained: bool = False, num_classes: int = 0, i
     model.zoo_name = name
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
+    _checkpointed(model, name, grad_checkpointing)
     if features_only:
         model = FeatureExtractor(model, out_indices)
         model.zoo_name = name
+    return model
+
+
+def _checkpointed(model: nn.Module, name: str, enable: bool) -> nn.Module:
+    if enable:
+        target = getattr(model, "model", model)  # a FeatureExtractor's backbone
+        if not callable(getattr(target, "set_grad_checkpointing", None)):
+            raise ValueError(f"{name!r} ({type(target).__name__}) has no gradient checkpointing; set "
+                             f"grad_checkpointing false for it")
+        target.set_grad_checkpointing(True)
     return model
 
 
