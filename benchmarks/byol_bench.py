@@ -12,13 +12,27 @@ as ``4 + 2 * (ncs(p0, z1) + ncs(p1, z0))``, which equals BYOL's ``sum of 2 - 2 c
 uses ``0.5 * (...)``, the same objective up to an affine map, i.e. another learning rate).
 
 1. Throughput: training steps (two views, target forward, loss, backward, optimizer, EMA) timed in
-   alternating rounds, so drift in machine load hits both alike; median step time -> images/s.
+   alternating rounds, so drift in machine load hits all alike; median step time -> images/s. Rows:
+
+   - visrep fast: ours at the recipes' fast defaults: the BYOL module channels_last (it has
+     convolutions), its whole training forward (the EMA target's under ``no_grad`` included)
+     compiled with ``visrep.engine.fast.compile_training_forward(model, fallback=False)``, foreach SGD;
+   - visrep eager: ours as the recipe ran before those switches (the reference);
+   - lightly default: the peer as lightly's example runs it (eager, NCHW, torch's default SGD);
+   - lightly compiled: the peer with the same switches: channels_last, ``nn.Module.compile()`` on the
+     modules its step calls (the online network backbone -> projection -> prediction in one, the
+     momentum backbone and projection head each), foreach SGD.
+
+   Ratios (throughput): visrep fast / lightly default (target >= 1.25), visrep fast / lightly compiled
+   (target >= 1.0), visrep fast / visrep eager. Warm-up steps (compilation included) are untimed; their
+   seconds are printed per row. ``--no-compile-variants``: the two eager rows only (quick runs).
 2. Accuracy: each trained with the BYOL recipe's digits preset (same backbone, heads, two-view
    loader, LARS at the scaled rate with the predictor's rate multiplier, warm-up + cosine, cosine
    tau) from the same initial weights, then weighted kNN on the test split; over several seeds
    (mean +- std), next to the untrained backbone.
 
     python benchmarks/byol_bench.py                                   # CPU defaults
+    python benchmarks/byol_bench.py --epochs 0 --no-compile-variants  # eager throughput only, quick
     python benchmarks/byol_bench.py --backbone resnet18 --proj-hidden 4096 --proj-dim 256 \
         --image-size 32 --batch-size 256 --device cuda --precision bf16 --epochs 20
 """
@@ -33,6 +47,14 @@ import torch
 
 from timing import bench_parser, time_steps, update
 
+# throughput rows: key -> label
+VARIANTS = {
+    "visrep fast": "visrep fast (channels_last + compile + foreach)",
+    "visrep": "visrep eager (BYOL + byol_loss + EMAUpdater)",
+    "lightly": "lightly default (BYOL blocks, eager)",
+    "lightly compiled": "lightly + channels_last + compile + foreach",
+}
+
 
 def make_backbone(args, seed: int = 0):
     from visrep.zoo import create_backbone
@@ -40,6 +62,13 @@ def make_backbone(args, seed: int = 0):
     torch.manual_seed(seed)
     return create_backbone(args.backbone, num_classes=0, small_input=True, width=args.width) \
         if args.width is not None else create_backbone(args.backbone, num_classes=0, small_input=True)
+
+
+def channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` stored channels_last where it has convolutions (what ``run.channels_last`` does)."""
+    if any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
+        module.to(memory_format=torch.channels_last)
+    return module
 
 
 def autocast(args):
@@ -50,13 +79,20 @@ def autocast(args):
 # ----------------------------------------------------------------------------------------------
 # The two implementations. Each returns (step(v1, v2, k, total), online_encoder, params)
 # ----------------------------------------------------------------------------------------------
-def ours(args, backbone, make_opt, accelerator, seed: int = 0):
+def ours(args, backbone, make_opt, accelerator, seed: int = 0, fast: bool = False):
+    """``fast``: channels_last and the training forward compiled, as the recipe's fast defaults do
+    (the optimizer is ``make_opt``'s)."""
+    from visrep.engine.fast import compile_training_forward
     from visrep.ssl import BYOL, EMAUpdater, byol_loss
 
     torch.manual_seed(1 + seed)
     model = BYOL(copy.deepcopy(backbone), args.proj_hidden, args.proj_dim, args.proj_hidden)
+    if fast:
+        channels_last(model)
     opt = make_opt(model)
     model, opt = accelerator.prepare(model, opt)
+    if fast:
+        compile_training_forward(model, fallback=False)
     net = accelerator.unwrap_model(model)
     online, target = net.ema_pairs()
     ema = EMAUpdater(args.total_steps, args.base_tau)
@@ -72,7 +108,8 @@ def ours(args, backbone, make_opt, accelerator, seed: int = 0):
     return step, net.backbone, model, opt
 
 
-def peer(args, backbone, make_opt, heads_from):
+def peer(args, backbone, make_opt, heads_from, fast: bool = False):
+    """``fast``: channels_last and ``nn.Module.compile()`` on every module the step calls."""
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -103,6 +140,12 @@ def peer(args, backbone, make_opt, heads_from):
         theirs.layers.load_state_dict(mine.state_dict())
     model.projection_head_momentum.load_state_dict(model.projection_head.state_dict())
     model = model.to(device)
+    if fast:
+        channels_last(model)
+        # the step calls model(x) (backbone -> projection -> prediction) and forward_momentum, a plain
+        # method that calls the two momentum modules: compile those three
+        for m in (model, model.backbone_momentum, model.projection_head_momentum):
+            m.compile()
     opt = make_opt(model)
     criterion = NegativeCosineSimilarity()
     k = [0]
@@ -123,23 +166,36 @@ def peer(args, backbone, make_opt, heads_from):
 
 # ----------------------------------------------------------------------------------------------
 def throughput(args, backbone, accelerator, make_opt):
+    """Images/s and ms per step of each row of ``VARIANTS`` (the fast ones unless
+    ``--no-compile-variants``), the warm-up seconds of each, and the EMA update alone."""
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     batches = [(torch.randn(*shape, generator=g).to(dev), torch.randn(*shape, generator=g).to(dev)) for _ in range(3)]
     args.total_steps = 10_000
+    fast = args.compile_variants
+    # every variant is built before any steps, so the peer copies ours' *initial* heads
     ours_step, _, ours_model, _ = ours(args, backbone, make_opt, accelerator)
-    peer_step, _, peer_model, _ = peer(args, backbone, make_opt, accelerator.unwrap_model(ours_model))
-    steps = {"visrep": ours_step, "lightly": peer_step}
-    for step in steps.values():
+    heads = accelerator.unwrap_model(ours_model)
+    steps = {}
+    if fast:
+        steps["visrep fast"] = ours(args, backbone, lambda m: make_opt(m, foreach=True), accelerator, fast=True)[0]
+    steps["visrep"] = ours_step
+    steps["lightly"], _, peer_model, _ = peer(args, backbone, make_opt, heads)
+    if fast:
+        steps["lightly compiled"] = peer(args, backbone, lambda m: make_opt(m, foreach=True), heads, fast=True)[0]
+    warm = {}
+    for name, step in steps.items():  # untimed: compilation happens here
+        t0 = time.perf_counter()
         time_steps(step, batches, args.warmup, args.device)
+        warm[name] = time.perf_counter() - t0
     times = {name: [] for name in steps}
-    for r in range(args.rounds):  # alternate who goes first, so drift in machine load hits both alike
+    for r in range(args.rounds):  # alternate the order, so drift in machine load hits all alike
         for name, step in (list(steps.items()) if r % 2 == 0 else reversed(list(steps.items()))):
             times[name] += time_steps(step, batches, args.steps, args.device)
     return {k: args.batch_size / statistics.median(v) for k, v in times.items()}, \
-        {k: 1000 * statistics.median(v) for k, v in times.items()}, \
-        ema_times(args, accelerator.unwrap_model(ours_model), peer_model)
+        {k: 1000 * statistics.median(v) for k, v in times.items()}, warm, \
+        ema_times(args, heads, peer_model)
 
 
 def ema_times(args, ours_net, peer_net) -> dict:
@@ -243,19 +299,28 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None,
                    help="accuracy: pre-training epochs on the digits (default: the preset's; 0: skip accuracy)")
     p.add_argument("--seeds", type=int, default=3, help="accuracy: runs with seeds 0..N-1 (init, data order)")
+    p.add_argument("--no-compile-variants", dest="compile_variants", action="store_false",
+                   help="throughput: skip the compiled rows (visrep fast, lightly compiled); quick runs")
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_variants:
+        from visrep.engine.fast import compiler_missing
+
+        missing = compiler_missing(args.device)
+        if missing:
+            p.error(f"the compiled rows need torch.compile, but {missing}; --no-compile-variants skips them")
     args.width = None if args.width is not None and args.width < 0 else args.width
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(args.precision, args.precision),
                               cpu=args.device == "cpu")
     backbone = make_backbone(args)
 
-    def make_opt(m):
-        return torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=0.01, momentum=0.9)
+    def make_opt(m, foreach=None):  # foreach=None: torch's default (the per-parameter loop on a CPU)
+        return torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=0.01, momentum=0.9,
+                               foreach=foreach)
 
-    ips, ms, ema_ms = throughput(args, backbone, accelerator, make_opt)
+    ips, ms, warm, ema_ms = throughput(args, backbone, accelerator, make_opt)
     runs = [accuracy(args, accelerator, seed) for seed in range(args.seeds)] if args.epochs != 0 else []
     acc = {name: ([r[name][0] for r, _ in runs], statistics.mean(r[name][1] for r, _ in runs))
            for name in ("visrep", "lightly", "random init")} if runs else None
@@ -268,27 +333,34 @@ def main(argv=None):
           f"{args.rounds}x{args.steps} timed steps each (interleaved rounds)")
     if acc:
         print(f"kNN: the BYOL recipe's preset (recipes/configs/byol_digits.yaml), {acc_epochs} epochs, seeds 0..{args.seeds - 1}")
-    head = f"{'implementation':<40}{'step ms':>10}{'images/s':>10}"
+    head = f"{'implementation':<48}{'step ms':>10}{'images/s':>10}{'warm-up s':>11}"
     if acc:
         head += f"{'kNN acc (mean +- std)':>24}{'per seed':>24}{'train s':>9}"
     print(head)
     mean = {k: statistics.mean(v[0]) for k, v in acc.items()} if acc else {}
-    for name, label in (("visrep", "visrep (BYOL + byol_loss + EMAUpdater)"), ("lightly", "lightly BYOL blocks"),
-                        ("random init", "untrained backbone (floor)")):
-        if name not in ips and not acc:
+    for name, label in (*VARIANTS.items(), ("random init", "untrained backbone (floor)")):
+        if name not in ips and not (acc and name in acc):
             continue
-        row = f"{label:<40}" + (f"{ms[name]:>10.1f}{ips[name]:>10.1f}" if name in ips else f"{'-':>10}{'-':>10}")
-        if acc:
+        row = f"{label:<48}" + (f"{ms[name]:>10.1f}{ips[name]:>10.1f}{warm[name]:>11.1f}" if name in ips
+                                else f"{'-':>10}{'-':>10}{'-':>11}")
+        if acc and name in acc:
             accs = acc[name][0]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             row += f"{f'{mean[name]:.4f} +- {std:.4f}':>24}{' '.join(f'{a:.3f}' for a in accs):>24}{acc[name][1]:>9.1f}"
+        elif acc:
+            row += f"{'-':>24}{'-':>24}{'-':>9}"  # accuracy is trained eager (the same math)
         print(row)
     print(f"EMA update alone ({ema_ms['params'] / 1e6:.2f}M tracked parameters): "
           f"visrep {ema_ms['visrep']:.2f} ms, lightly {ema_ms['lightly']:.2f} ms, "
           f"ratio {ema_ms['lightly'] / ema_ms['visrep']:.2f}x")
-    print(f"ratio visrep / lightly: throughput {ips['visrep'] / ips['lightly']:.3f}" +
+    print(f"ratio visrep eager / lightly default: throughput {ips['visrep'] / ips['lightly']:.3f}" +
           (f", mean kNN accuracy {mean['visrep'] / max(mean['lightly'], 1e-9):.3f} ({args.seeds} seeds, "
            f"{acc_epochs} epochs, the recipe's digits preset)" if acc else ""))
+    if args.compile_variants:
+        fast = ips["visrep fast"]
+        print(f"throughput ratio visrep fast / lightly default: {fast / ips['lightly']:.3f} (target >= 1.25)")
+        print(f"throughput ratio visrep fast / lightly compiled: {fast / ips['lightly compiled']:.3f} (target >= 1.0)")
+        print(f"throughput ratio visrep fast / visrep eager: {fast / ips['visrep']:.3f}")
     return ips, acc
 
 

@@ -6,6 +6,22 @@
   3. a full training step (forward of both towers, loss, backward, AdamW) of a small CLIP model,
      the same model, data and optimizer, only the loss differs; and the same step with open_clip's
      loss on both sides (an A/A control: how far from 1.00 the ratio moves by noise alone).
+     The step also gets a table of its own, one interleaved run of four rows:
+
+     - visrep fast: at the recipes' fast defaults: the model channels_last (its image tower has
+       convolutions), its training forward compiled with
+       ``visrep.engine.fast.compile_training_forward(model, fallback=False)``, foreach AdamW;
+     - visrep eager: ours as in 3. (the reference);
+     - open_clip default: the peer as in 3. (eager, NCHW, torch's default AdamW);
+     - open_clip compiled: the peer with the same switches: channels_last, ``nn.Module.compile()``,
+       foreach AdamW.
+
+     Ratios (throughput): visrep fast / open_clip default (target >= 1.25), visrep fast / open_clip
+     compiled (target >= 1.0), visrep fast / visrep eager. Warm-up steps (compilation included) are
+     untimed; their seconds are printed per row. The two sides train the same model (only the loss
+     differs), so the compiled peer reuses the graphs compiled for visrep fast (torch.compile caches
+     per code, with the parameters as graph inputs): its warm-up shows no compilation. Under
+     ``--no-compile-variants``: the eager rows only.
 
 Timings alternate between the two implementations (so drift in machine load hits both alike); the
 median is reported. Memory: on CUDA the peak allocated during forward + backward; on CPU (no
@@ -29,7 +45,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from timing import bench_parser  # noqa: E402
+from timing import bench_parser, time_steps, update  # noqa: E402
+
+# the training-step rows: key -> label ("ours" and "open_clip" are the eager steps of the main table)
+STEP_VARIANTS = {
+    "ours fast": "visrep fast (channels_last + compile + foreach)",
+    "ours": "visrep eager",
+    "open_clip": "open_clip default (eager)",
+    "open_clip compiled": "open_clip + channels_last + compile + foreach",
+}
+FAST_STEPS = ("ours fast", "open_clip compiled")
 
 
 class SavedBytes:
@@ -94,13 +119,25 @@ def bench_loss(args, device, rank: int = 0, world: int = 1) -> dict:
     return {k: (statistics.median(v), mem[k]) for k, v in times.items()}
 
 
-def bench_step(args, device, control: bool = False) -> dict:
+def channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` stored channels_last where it has convolutions (what ``run.channels_last`` does)."""
+    if any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def bench_step(args, device, control: bool = False, compile_variants: bool = False) -> tuple[dict, dict]:
     """A full training step; ``control``: open_clip's loss on *both* sides (an A/A run: the ratio it
-    gives is the noise floor of this measurement)."""
+    gives is the noise floor of this measurement); ``compile_variants``: also the fast rows of
+    ``STEP_VARIANTS``. Returns the median seconds per step (and no memory figure) of each row, and
+    the seconds of each row's untimed warm-up steps."""
+    import copy
+
     from open_clip.loss import ClipLoss
 
     from visrep.clip import ClipModelConfig, TextTowerConfig, build_clip_model, clip_loss, get_tokenizer
     from visrep.data.pairs import DIGIT_NAMES, DIGIT_TRAIN_TEMPLATES
+    from visrep.engine.fast import compile_training_forward
 
     cfg = ClipModelConfig(text=TextTowerConfig(context_length=16, width=64, layers=2, heads=2), embed_dim=64)
     torch.manual_seed(0)
@@ -110,25 +147,39 @@ def bench_step(args, device, control: bool = False) -> dict:
     caps = [DIGIT_TRAIN_TEMPLATES[i % 10].format(DIGIT_NAMES[i % 10][0]) for i in range(n)]
     images, tokens = torch.randn(n, 3, 16, 16, device=device), tok(caps).to(device)
     oc = ClipLoss(cache_labels=True)
-    impls = {"ours": lambda o: (oc if control else clip_loss)(o["image_features"], o["text_features"], o["logit_scale"]),
-             "open_clip": lambda o: oc(o["image_features"], o["text_features"], o["logit_scale"])}
-    import copy
 
+    def ours(o):
+        return (oc if control else clip_loss)(o["image_features"], o["text_features"], o["logit_scale"])
+
+    def peer(o):
+        return oc(o["image_features"], o["text_features"], o["logit_scale"])
+
+    impls = {"ours": ours, "open_clip": peer}
+    if compile_variants and not control:
+        impls = {"ours fast": ours, **impls, "open_clip compiled": peer}
     models = {k: copy.deepcopy(base) for k in impls}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    if "ours fast" in models:
+        compile_training_forward(channels_last(models["ours fast"]), fallback=False)
+        channels_last(models["open_clip compiled"]).compile()
+    # foreach=None: torch's default (the per-parameter loop on a CPU)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True if k in FAST_STEPS else None)
+            for k, m in models.items()}
+
+    def make_step(name):
+        model, opt, loss_fn = models[name], opts[name], impls[name]
+        return lambda x, t: update(opt, loss_fn(model(x, t)))
+
+    steps = {k: make_step(k) for k in impls}
+    warm = {}
+    for name, step in steps.items():  # untimed: compilation happens here
+        t0 = time.perf_counter()
+        time_steps(step, [(images, tokens)], args.warmup, args.device)
+        warm[name] = time.perf_counter() - t0
     times = {k: [] for k in impls}
-    for r in range(args.warmup + args.step_rounds):
-        for name in (impls if r % 2 == 0 else reversed(list(impls))):
-            sync(device)
-            t0 = time.perf_counter()
-            loss = impls[name](models[name](images, tokens))
-            loss.backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            sync(device)
-            if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v), None) for k, v in times.items()}
+    for r in range(args.step_rounds):  # one step of each per round, the order alternating
+        for name in (steps if r % 2 == 0 else reversed(list(steps))):
+            times[name] += time_steps(steps[name], [(images, tokens)], 1, args.device)
+    return {k: (statistics.median(v), None) for k, v in times.items()}, warm
 
 
 def _dist_worker(rank, world, args, port, out):
@@ -169,9 +220,17 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=256, help="loss benchmark: embedding width")
     ap.add_argument("--step-batch", type=int, default=128, help="training-step benchmark: batch")
     ap.add_argument("--skip-dist", action="store_true")
+    ap.add_argument("--no-compile-variants", dest="compile_variants", action="store_false",
+                    help="training step: skip the compiled rows (visrep fast, open_clip compiled); quick runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.compile_variants:
+        from visrep.engine.fast import compiler_missing
+
+        missing = compiler_missing(device)
+        if missing:
+            ap.error(f"the compiled rows need torch.compile, but {missing}; --no-compile-variants skips them")
 
     rows = [(f"loss fwd+bwd, 1 process (B={args.batch_size}, D={args.width})", bench_loss(args, device))]
     if not args.skip_dist:
@@ -179,8 +238,11 @@ def main(argv=None):
             print("[clip_bench] 2-process CUDA run needs 2 GPUs; skipped", file=sys.stderr)
         else:
             rows.append((f"loss fwd+bwd, 2 processes, local loss (B={args.batch_size}/rank)", bench_dist(args)))
-    rows.append((f"train step, small CLIP (resnet20 16px + 2-layer text, B={args.step_batch})", bench_step(args, device)))
-    rows.append(("  A/A control: open_clip's loss on both sides (noise floor)", bench_step(args, device, control=True)))
+    step, step_warm = bench_step(args, device, compile_variants=args.compile_variants)
+    step_name = f"train step, small CLIP (resnet20 16px + 2-layer text, B={args.step_batch})"
+    rows.append((step_name, step))
+    control = bench_step(args, device, control=True)[0]
+    rows.append(("  A/A control: open_clip's loss on both sides (noise floor)", control))
 
     mem_kind = "peak alloc" if args.device == "cuda" else "saved for bwd"
     head = (f"{'case':<62}{'ours ms':>10}{'open_clip ms':>14}{'speed x':>9}"
@@ -194,6 +256,21 @@ def main(argv=None):
         print(f"{name:<62}{to * 1e3:>10.2f}{tc * 1e3:>14.2f}{tc / to:>9.2f}{fmt_mem(mo):>22}{fmt_mem(mc):>27}"
               f"{mem_ratio:>8}")
     print("speed x = open_clip time / ours (>= 1: ours faster); mem x = ours / open_clip (<= 1: ours no more)")
+
+    print(f"\n{step_name}: {args.step_rounds} interleaved rounds x 1 step (medians), {args.warmup} warm-up steps each")
+    head = f"{'variant':<50}{'ms / step':>10}{'images/s':>10}{'warm-up s':>11}"
+    print(head)
+    print("-" * len(head))
+    for key, label in STEP_VARIANTS.items():
+        if key in step:
+            t = step[key][0]
+            print(f"{label:<50}{t * 1e3:>10.2f}{args.step_batch / t:>10.1f}{step_warm[key]:>11.1f}")
+    if args.compile_variants:
+        fast = step["ours fast"][0]
+        print(f"throughput ratio visrep fast / open_clip default: {step['open_clip'][0] / fast:.3f} (target >= 1.25)")
+        print(f"throughput ratio visrep fast / open_clip compiled: {step['open_clip compiled'][0] / fast:.3f} "
+              f"(target >= 1.0)")
+        print(f"throughput ratio visrep fast / visrep eager: {step['ours'][0] / fast:.3f}")
     return rows
 
 

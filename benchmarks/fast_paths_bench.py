@@ -1,19 +1,24 @@
-"""The fast-path switches one at a time, on the recipes' own models: the optimizer implementation
-(``optim.implementation``: torch's per-parameter loop, foreach, fused) and the memory layout
-(``run.channels_last``), measured on a full training step (forward, backward, SGD with momentum and
-weight decay) against the eager default (NCHW, the per-parameter loop: what torch picks on a CPU).
+"""The fast-path switches, one at a time and together, on the recipes' own models: the optimizer
+implementation (``optim.implementation``), the memory layout (``run.channels_last``) and
+``torch.compile`` (``run.compile``, the recipes' own ``compile_training_forward``), measured on a full
+training step (forward, backward, SGD with momentum and weight decay) against the eager default
+(NCHW, the per-parameter loop: what torch picks on a CPU).
 
     python benchmarks/fast_paths_bench.py                  # CPU, 5 interleaved rounds
     python benchmarks/fast_paths_bench.py --device cuda --batch-size 256
 
 Rounds interleave the variants (one block of ``--steps`` steps of each per round, after ``--warmup``
-untimed steps); the table gives the median step time and each variant's speed-up over the default.
-A switch is on by default in the recipes only where this table shows it wins.
+untimed steps, which include compilation: its cost is printed apart); the table gives the median step
+time, each variant's speed-up over the default, and the fraction of the GEMM peak it reaches: the
+step's FLOPs (``torch.utils.flop_counter`` on the eager step: forward and backward) per second over a
+large fp32 matrix product's FLOPs per second, measured in the same run. A switch is on by default in
+the recipes only where this table shows it wins.
 """
 from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,17 +34,19 @@ MODELS = {
     "ResNet-20 (teacher)": dict(name="resnet20"),
     "ResNet-56": dict(name="resnet56"),
 }
-VARIANTS = {  # name -> (optimizer implementation, channels_last)
-    "default (loop, NCHW)": ("loop", False),
-    "foreach": ("foreach", False),
-    "fused": ("fused", False),
-    "channels_last": ("loop", True),
-    "fused + channels_last": ("fused", True),
+VARIANTS = {  # name -> (optimizer implementation, channels_last, compile)
+    "default (loop, NCHW)": ("loop", False, False),
+    "foreach": ("foreach", False, False),
+    "fused": ("fused", False, False),
+    "channels_last": ("loop", True, False),
+    "compile": ("foreach", False, True),
+    "compile + channels_last": ("foreach", True, True),
 }
 
 
-def make_step(spec: dict, impl: str, channels_last: bool, device: str, classes: int = 10):
+def make_step(spec: dict, impl: str, channels_last: bool, compiled: bool, device: str, classes: int = 10):
     from visrep.engine.config import OptimConfig
+    from visrep.engine.fast import compile_training_forward
     from visrep.engine.optim import build_optimizer
     from visrep.zoo import create_backbone
 
@@ -48,40 +55,67 @@ def make_step(spec: dict, impl: str, channels_last: bool, device: str, classes: 
     model = create_backbone(spec.pop("name"), num_classes=classes, small_input=True, **spec).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compiled:
+        compile_training_forward(model, fallback=False)
     opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.05, implementation=impl))
 
     def step(x, y):
         return update(opt, torch.nn.functional.cross_entropy(model(x), y))
 
-    return step
+    return step, model
+
+
+def step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of one forward + backward (matrix products and convolutions: what the counter counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def gemm_peak(device: str, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n x n x n fp32 matrix product (median of ``reps``): the peak the step is measured against."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = time_steps(lambda: torch.mm(a, b), [()], reps + 2, device)[2:]
+    return 2 * n ** 3 / statistics.median(times)
 
 
 def main(argv=None) -> int:
     ap = bench_parser(__doc__, device="auto", rounds=5, steps=5, warmup=3, batch_size=128, image_size=32,
                       threads=None)
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(args.device),
                 torch.randint(0, 10, (args.batch_size,), generator=g).to(args.device)) for _ in range(2)]
+    peak = gemm_peak(args.device)
     print(f"train step (fwd + bwd + SGD), batch {args.batch_size} at {args.image_size} px, {args.device}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds x {args.steps} steps (medians)")
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds x {args.steps} steps (medians); "
+          f"fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s")
     w = max(map(len, VARIANTS)) + 2
-    for model_name, spec in MODELS.items():
-        steps = {v: make_step(spec, impl, cl, args.device) for v, (impl, cl) in VARIANTS.items()}
-        for step in steps.values():
-            time_steps(step, batches, args.warmup, args.device)
+    for model_name in args.models:
+        spec = MODELS[model_name]
+        steps, setup = {}, {}
+        for v, (impl, cl, comp) in VARIANTS.items():
+            steps[v], model = make_step(spec, impl, cl, comp, args.device)
+            t = time.perf_counter()
+            time_steps(steps[v], batches, args.warmup, args.device)
+            setup[v] = time.perf_counter() - t
+        flops = step_flops(make_step(spec, "loop", False, False, args.device)[1], *batches[0])
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for _ in range(args.rounds):
             for v, step in steps.items():
                 times[v].append(statistics.median(time_steps(step, batches, args.steps, args.device)))
         base = statistics.median(times["default (loop, NCHW)"])
-        print(f"\n{model_name}")
-        print(f"  {'variant':<{w}}{'ms / step':>10}{'speed-up':>10}")
+        print(f"\n{model_name}: {flops / 1e9:.2f} GFLOP per step")
+        print(f"  {'variant':<{w}}{'ms / step':>10}{'speed-up':>10}{'of peak':>9}{'warm-up s':>11}")
         for v, ts in times.items():
             m = statistics.median(ts)
-            print(f"  {v:<{w}}{1e3 * m:>10.1f}{base / m:>9.2f}x")
+            print(f"  {v:<{w}}{1e3 * m:>10.1f}{base / m:>9.2f}x{100 * flops / m / peak:>8.0f}%{setup[v]:>11.1f}")
     return 0
 
 
