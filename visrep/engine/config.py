@@ -154,9 +154,11 @@ class RunConfig:
     eager). auto: when the stage runs at least compile_min_steps optimizer steps and a compiler is present
     (else eager, said once; a compiler failure falls back to eager); on: always, an error if it cannot;
     off: eager. Not under DeepSpeed. See visrep.engine.fast."""
-    compile_min_steps: int = 400
-    """auto compiles stages of at least this many optimizer steps: compiling a CIFAR ResNet costs tens of
-    seconds on a CPU, won back after a few hundred steps (benchmarks/fast_paths_bench.py)."""
+    compile_min_steps: int = 1000
+    """auto compiles stages of at least this many optimizer steps. Compiling a CIFAR ResNet costs 20-70 s on
+    a 2-core CPU (benchmarks/fast_paths_bench.py); at batch 32 the full-width ResNet-20 won it back
+    after ~200 steps, the half-width one only after ~1,200 (its steps are mostly overhead that eager
+    already keeps small)."""
 
     def validate(self, prefix: str) -> None:
         check(self.compile_min_steps >= 0, f"{prefix}compile_min_steps", self.compile_min_steps, "an integer >= 0")
