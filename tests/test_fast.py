@@ -193,5 +193,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
 def test_gradient_checkpointing_on_a_model_without_it_is_a_clear_error():
     from visrep.zoo import registry
 
-    with pytest.raises(ValueError, match="'plain' \\(Linear\\) has no gradient checkpointing; set grad_checkpointing false"):
+    msg = "'plain' \\(Linear\\) has no gradient checkpointing; set grad_checkpointing false"
+    with pytest.raises(ValueError, match=msg):
         registry._checkpointed(torch.nn.Linear(2, 2), "plain", True)

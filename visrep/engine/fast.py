@@ -3,7 +3,7 @@
 ``run.compile`` compiles the *training* forward of the model a stage trains (and, through AOTAutograd,
 its backward). Evaluation (the module in eval mode) runs eager: its batch shapes differ from the
 training batch and it runs a few times an epoch, so a second graph would cost more than it saves. A
-frozen teacher is compiled for inference on its own (:meth:`visrep.distill.FrozenTeacher.compile`).
+frozen teacher is compiled for inference on its own (:meth:`visrep.distill.FrozenTeacher.compile_inference`).
 
 - ``off``: eager.
 - ``on``: compiled; a missing compiler is a :class:`ConfigError` that says what is missing.
@@ -84,8 +84,9 @@ def compile_training_forward(module: nn.Module, fallback: bool, say: Callable[[s
         except Exception as e:  # the compiler, not the model: the eager call below re-raises a model error
             state["failed"] = True
             cause = getattr(e, "inner_exception", None) or e.__cause__ or e
-            say(f"[visrep] warning: torch.compile failed ({type(cause).__name__}: {str(cause).splitlines()[0][:200]}); "
-                f"continuing eager (set run.compile off to skip the attempt)")
+            first = str(cause).splitlines()[0][:200] if str(cause) else ""
+            say(f"[visrep] warning: torch.compile failed ({type(cause).__name__}: {first}); continuing eager "
+                f"(set run.compile off to skip the attempt)")
             return eager(*args, **kwargs)
 
     # nn.Module.__call__ routes through _compiled_call_impl when it is set (what nn.Module.compile does)
@@ -98,8 +99,8 @@ def is_compiled(module: nn.Module) -> bool:
 
 
 def cuda_fast_math(deterministic: bool) -> None:
-    """On CUDA: TF32 for fp32 matmuls and convolutions (Ampere and newer; ~10 bits of mantissa, what
-    timm and open_clip train with), and cuDNN autotuning unless ``run.deterministic``."""
+    """On CUDA: TF32 for fp32 matmuls and convolutions (Ampere and newer; ~10 bits of mantissa), and cuDNN
+    autotuning unless ``run.deterministic``."""
     if not torch.cuda.is_available():
         return
     torch.backends.cuda.matmul.allow_tf32 = True
