@@ -64,13 +64,6 @@ def make_backbone(args, seed: int = 0):
         if args.width is not None else create_backbone(args.backbone, num_classes=0, small_input=True)
 
 
-def channels_last(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` stored channels_last where it has convolutions (what ``run.channels_last`` does)."""
-    if any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
-        module.to(memory_format=torch.channels_last)
-    return module
-
-
 def autocast(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
@@ -82,13 +75,13 @@ def autocast(args):
 def ours(args, backbone, make_opt, accelerator, seed: int = 0, fast: bool = False):
     """``fast``: channels_last and the training forward compiled, as the recipe's fast defaults do
     (the optimizer is ``make_opt``'s)."""
-    from visrep.engine.fast import compile_training_forward
+    from visrep.engine.fast import compile_training_forward, to_channels_last
     from visrep.ssl import BYOL, EMAUpdater, byol_loss
 
     torch.manual_seed(1 + seed)
     model = BYOL(copy.deepcopy(backbone), args.proj_hidden, args.proj_dim, args.proj_hidden)
     if fast:
-        channels_last(model)
+        to_channels_last(model)
     opt = make_opt(model)
     model, opt = accelerator.prepare(model, opt)
     if fast:
@@ -114,6 +107,8 @@ def peer(args, backbone, make_opt, heads_from, fast: bool = False):
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from lightly.utils.scheduler import cosine_schedule
+
+    from visrep.engine.fast import to_channels_last
 
     device = torch.device(args.device)
 
@@ -141,7 +136,7 @@ def peer(args, backbone, make_opt, heads_from, fast: bool = False):
     model.projection_head_momentum.load_state_dict(model.projection_head.state_dict())
     model = model.to(device)
     if fast:
-        channels_last(model)
+        to_channels_last(model)
         # the step calls model(x) (backbone -> projection -> prediction) and forward_momentum, a plain
         # method that calls the two momentum modules: compile those three
         for m in (model, model.backbone_momentum, model.projection_head_momentum):

@@ -119,13 +119,6 @@ def bench_loss(args, device, rank: int = 0, world: int = 1) -> dict:
     return {k: (statistics.median(v), mem[k]) for k, v in times.items()}
 
 
-def channels_last(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` stored channels_last where it has convolutions (what ``run.channels_last`` does)."""
-    if any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
-        module.to(memory_format=torch.channels_last)
-    return module
-
-
 def bench_step(args, device, control: bool = False, compile_variants: bool = False) -> tuple[dict, dict]:
     """A full training step; ``control``: open_clip's loss on *both* sides (an A/A run: the ratio it
     gives is the noise floor of this measurement); ``compile_variants``: also the fast rows of
@@ -137,7 +130,7 @@ def bench_step(args, device, control: bool = False, compile_variants: bool = Fal
 
     from visrep.clip import ClipModelConfig, TextTowerConfig, build_clip_model, clip_loss, get_tokenizer
     from visrep.data.pairs import DIGIT_NAMES, DIGIT_TRAIN_TEMPLATES
-    from visrep.engine.fast import compile_training_forward
+    from visrep.engine.fast import compile_training_forward, to_channels_last
 
     cfg = ClipModelConfig(text=TextTowerConfig(context_length=16, width=64, layers=2, heads=2), embed_dim=64)
     torch.manual_seed(0)
@@ -159,8 +152,8 @@ def bench_step(args, device, control: bool = False, compile_variants: bool = Fal
         impls = {"ours fast": ours, **impls, "open_clip compiled": peer}
     models = {k: copy.deepcopy(base) for k in impls}
     if "ours fast" in models:
-        compile_training_forward(channels_last(models["ours fast"]), fallback=False)
-        channels_last(models["open_clip compiled"]).compile()
+        compile_training_forward(to_channels_last(models["ours fast"]), fallback=False)
+        to_channels_last(models["open_clip compiled"]).compile()
     # foreach=None: torch's default (the per-parameter loop on a CPU)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True if k in FAST_STEPS else None)
             for k, m in models.items()}

@@ -46,7 +46,7 @@ VARIANTS = {  # name -> (optimizer implementation, channels_last, compile)
 
 def make_step(spec: dict, impl: str, channels_last: bool, compiled: bool, device: str, classes: int = 10):
     from visrep.engine.config import OptimConfig
-    from visrep.engine.fast import compile_training_forward
+    from visrep.engine.fast import compile_training_forward, to_channels_last
     from visrep.engine.optim import build_optimizer
     from visrep.zoo import create_backbone
 
@@ -54,7 +54,7 @@ def make_step(spec: dict, impl: str, channels_last: bool, compiled: bool, device
     spec = dict(spec)
     model = create_backbone(spec.pop("name"), num_classes=classes, small_input=True, **spec).to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     if compiled:
         compile_training_forward(model, fallback=False)
     opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.05, implementation=impl))

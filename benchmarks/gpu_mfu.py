@@ -58,12 +58,11 @@ def build(which: str, name: str, classes: int) -> torch.nn.Module:
 
 
 def make_step(which: str, name: str, classes: int):
-    from visrep.engine.fast import compile_training_forward
+    from visrep.engine.fast import compile_training_forward, to_channels_last
 
     torch.manual_seed(0)
     model = build(which, name, classes).cuda()
-    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-        model = model.to(memory_format=torch.channels_last)
+    to_channels_last(model)
     flops_model = model
     if which == "visrep":
         compile_training_forward(model, fallback=False)

@@ -94,6 +94,14 @@ def compile_training_forward(module: nn.Module, fallback: bool, say: Callable[[s
     return module
 
 
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """``module`` stored channels_last (NHWC) in place when it has convolutions (``run.channels_last``);
+    a model without any is left as it is. Returns ``module``."""
+    if any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
 def is_compiled(module: nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 

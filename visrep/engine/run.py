@@ -38,7 +38,7 @@ from visrep.engine.checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, newes
 from visrep.engine.config import RunConfig, ScheduleConfig, diff_configs, parse_config, save_yaml, to_dict
 from visrep.engine.distributed import configure_engine, deepspeed_on_cpu, engine_precision
 from visrep.engine.export import load_full_state_dict
-from visrep.engine.fast import compile_decision, compile_training_forward, cuda_fast_math
+from visrep.engine.fast import compile_decision, compile_training_forward, cuda_fast_math, to_channels_last
 from visrep.engine.io import atomic_write_json, atomic_write_text, is_writer
 from visrep.engine.optim import StepSchedule
 from visrep.engine.precision import autocast, cast_inputs_to_engine, fp32_norm_layers, resolve_mixed_precision
@@ -276,8 +276,8 @@ class Run:
         DeepSpeed the engine clips; ``accelerator.clip_grad_norm_`` is a no-op."""
         if self.run_cfg.channels_last:
             for o in objs:
-                if isinstance(o, torch.nn.Module) and any(isinstance(m, torch.nn.Conv2d) for m in o.modules()):
-                    o.to(memory_format=torch.channels_last)
+                if isinstance(o, torch.nn.Module):
+                    to_channels_last(o)
         configure_engine(self.accelerator, [o for o in objs if isinstance(o, torch.nn.Module)], grad_clip)
         # a sharded stream splits itself by rank; Accelerate would read it on one process and scatter it
         streams = {i: o for i, o in enumerate(objs) if hasattr(o, "start_at")}

@@ -56,7 +56,7 @@ class ZooModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing (timm's method name): in training, each stage keeps only its input and
         recomputes its activations during the backward -- activation memory of about one stage, for
-        roughly one more forward of compute. The same gradients (tests/test_zoo.py)."""
+        roughly one more forward of compute. The same gradients (tests/test_fast.py)."""
         self.grad_checkpointing = bool(enable)
 
     def run_stages(self, x):
