@@ -1,9 +1,16 @@
-"""Self-supervised pre-training: BYOL (Grill et al. 2020, arXiv:2006.07733).
+"""Self-supervised pre-training: BYOL (Grill et al. 2020, arXiv:2006.07733), and the objectives of SimCLR,
+MoCo v3, DINO, VICReg and Barlow Twins.
 
 Heads and the online/target pair (``BYOL``, ``MLPHead``), the loss (``byol_loss``), the target's EMA
 on a cosine momentum schedule counted in optimizer steps (``EMAUpdater``), two-view augmentations
 (``byol_transforms``, ``BatchedBYOLAugment``), LARS and the scaled-rate optimizer set-up
 (``build_ssl_optimizer``), and evaluation on frozen features (weighted kNN, linear evaluation).
+
+Other methods' objectives, each over the global batch across ranks (``visrep.ssl.objectives``): SimCLR's
+NT-Xent (``nt_xent_loss``, arXiv:2002.05709); MoCo v3's loss and query / momentum-key pair (``mocov3_loss``,
+``MoCoV3``, ``MoCoV3MLP``, arXiv:2104.02057); DINO's head, loss with its centre, and teacher-temperature
+schedule (``DINOHead``, ``DINOLoss``, ``teacher_temp_schedule``, arXiv:2104.14294); VICReg (``vicreg_loss``,
+arXiv:2105.04906); Barlow Twins (``barlow_twins_loss``, arXiv:2103.03230).
 """
 from visrep.ssl.ema import EMAUpdater, cosine_tau
 from visrep.ssl.evaluate import (SSLEvalConfig, evaluate_representation, extract_features, knn_accuracy,
@@ -11,6 +18,8 @@ from visrep.ssl.evaluate import (SSLEvalConfig, evaluate_representation, extract
 from visrep.ssl.export import export_backbone, export_byol
 from visrep.ssl.heads import BYOL, BYOLConfig, MLPHead
 from visrep.ssl.loss import byol_loss, normalized_std, regression_loss
+from visrep.ssl.objectives import (DINOHead, DINOLoss, MoCoV3, MoCoV3MLP, barlow_twins_loss, mocov3_loss,
+                                   nt_xent_loss, teacher_temp_schedule, vicreg_loss)
 from visrep.engine.optim import LARS
 from visrep.ssl.optim import SSLOptimConfig, build_ssl_optimizer, scaled_lr, ssl_param_groups
 from visrep.ssl.transforms import (BatchedBYOLAugment, SSLAugmentConfig, TwoViews, base_transform, batch_seed,
@@ -22,4 +31,6 @@ __all__ = [
     "scaled_lr", "ssl_param_groups", "SSLAugmentConfig", "TwoViews", "byol_transforms", "byol_view_transform",
     "BatchedBYOLAugment", "base_transform", "batch_seed", "SSLEvalConfig", "extract_features", "knn_predict",
     "knn_accuracy", "linear_eval", "evaluate_representation", "export_backbone", "export_byol",
+    "nt_xent_loss", "mocov3_loss", "MoCoV3", "MoCoV3MLP", "DINOHead", "DINOLoss", "teacher_temp_schedule",
+    "vicreg_loss", "barlow_twins_loss",
 ]
