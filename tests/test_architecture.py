@@ -18,6 +18,16 @@ def test_the_tree_follows_the_import_rules():
     assert check_imports.check(ROOT) == []
 
 
+def test_no_script_shadows_a_standard_module():
+    """A script's directory is the first entry of ``sys.path`` when it runs, so ``recipes/ssl.py`` would be
+    imported by ``http.client`` (through ``torch.hub``) in place of the standard ``ssl`` module, and every
+    other recipe in that directory would fail at ``import torch``."""
+    stdlib = sys.stdlib_module_names
+    clashes = [str(f.relative_to(ROOT)) for d in ("recipes", "benchmarks", "tools", "tests") for f in (ROOT / d).glob("*.py")
+               if f.stem in stdlib]
+    assert clashes == [], f"rename these: their names are standard modules': {clashes}"
+
+
 def test_the_checker_finds_cycles_layer_violations_and_deepspeed_outside(tmp_path):
     """The rules' checker on a small tree that breaks each rule once."""
     files = {
