@@ -22,26 +22,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 
-from visrep.data import DataConfig, ImageDataset, build_classification_data, build_transforms, collate, loader_options
-from visrep.engine import (BackboneConfig, RecipeConfig, Run, ScheduleConfig, count_parameters, evaluate_classifier,
-                           parse_config)
+from visrep.data import DataConfig, build_classification_data
+from visrep.engine import BackboneConfig, RecipeConfig, Run, ScheduleConfig, count_parameters, parse_config
 from visrep.engine.distributed import require
-from visrep.engine.export import load_model
 from visrep.errors import main_entry
 from visrep.launch import finish_run
 from visrep.ssl import (BYOL, BYOLConfig, BatchedBYOLAugment, EMAUpdater, SSLAugmentConfig, SSLEvalConfig,
-                        SSLOptimConfig, base_transform, batch_seed, build_ssl_optimizer, byol_loss, byol_transforms,
-                        evaluate_representation, export_byol, extract_features, normalized_std)
-from visrep.zoo import create_backbone, get_data_config
+                        SSLOptimConfig, bank_loader, base_transform, batch_seed, build_backbone, build_ssl_optimizer,
+                        byol_loss, byol_transforms, eval_protocol, evaluate_pretrained, evaluate_representation,
+                        export_byol, normalized_std, offline_eval, results_table, validation_monitor)
+from visrep.zoo import get_data_config
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 
@@ -62,19 +58,7 @@ class BYOLRecipeConfig(RecipeConfig):
     eval: SSLEvalConfig = dataclasses.field(default_factory=SSLEvalConfig)
 
 
-def build_backbone(bb: BackboneConfig) -> torch.nn.Module:
-    return create_backbone(bb.name, pretrained=bb.pretrained, num_classes=0, checkpoint=bb.checkpoint,
-                           small_input=bb.small_input, **bb.kwargs,
-                           grad_checkpointing=bb.grad_checkpointing)
-
-
-def eval_loaders(cfg: BYOLRecipeConfig, data, data_config: dict):
-    """The training split under the evaluation transform (the kNN bank / linear-eval training set)."""
-    dc = dict(data_config, input_size=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
-    tf = build_transforms(dc, cfg.data.image_size, train=False)
-    bank = ImageDataset(data.bank_split(), tf, "RGB" if cfg.data.channels == 3 else "L", "train")
-    return torch.utils.data.DataLoader(bank, batch_size=cfg.run.eval_batch_size, shuffle=False,
-                                       **loader_options(cfg.run.num_workers, collate))
+eval_loaders = bank_loader  # the training split under the evaluation transform (kNN bank / linear-eval training set)
 
 
 def refuse_under_deepspeed(cfg: BYOLRecipeConfig, accelerator) -> None:
@@ -87,7 +71,7 @@ def refuse_under_deepspeed(cfg: BYOLRecipeConfig, accelerator) -> None:
 def main(argv=None) -> dict:
     cfg = parse_config(BYOLRecipeConfig, argv, default_preset=PRESETS / "byol_digits.yaml", description=__doc__)
     if cfg.eval_only:
-        return offline_eval(cfg)
+        return offline_eval(cfg, stages=("byol",))
     with Run(cfg, "byol") as run:
         accelerator = run.accelerator
         backbone = build_backbone(cfg.model)
@@ -111,14 +95,14 @@ def main(argv=None) -> dict:
         refuse_under_deepspeed(cfg, accelerator)
         global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
         optimizer = build_ssl_optimizer(model, cfg.optim, global_batch)
-        model, optimizer, train_loader, bank_loader, val_loader, test_loader = run.prepare(
+        model, optimizer, train_loader, bank, val_loader, test_loader = run.prepare(
             model, optimizer, data.train_loader, eval_loaders(cfg, data, data_config), data.val_loader,
             data.test_loader, grad_clip=cfg.optim.grad_clip)
         net = accelerator.unwrap_model(model)
         online, target = net.ema_pairs()
 
         # ---- 0. random init: the same architecture, untrained ------------------------------------
-        floor = evaluate_representation(random_init.to(accelerator.device), bank_loader, test_loader, accelerator,
+        floor = evaluate_representation(random_init.to(accelerator.device), bank, test_loader, accelerator,
                                         data.num_classes, cfg.eval, seed=cfg.seed)
         run.print(f"[byol] random init: knn_acc={floor['knn_acc']:.4f} linear_acc={floor['linear_acc']:.4f}")
 
@@ -151,29 +135,18 @@ def main(argv=None) -> dict:
                     ema.update(online, target)  # target <- tau target + (1 - tau) online, once per optimizer step
             metrics = {"tau": ema.last_tau}
             if cfg.eval.every_epochs and (stage.epoch + 1) % cfg.eval.every_epochs == 0:
-                knn = evaluate_representation(net.encode, bank_loader, val_loader, accelerator, data.num_classes,
-                                              cfg.eval, module=model, linear=False)
-                probe = evaluate_classifier(model, val_loader, accelerator, forward=lambda x: net.probe(net.encode(x)))
-                metrics.update(val_knn_acc=knn["knn_acc"], val_probe_acc=probe["top1"])
+                metrics.update(validation_monitor(net, model, bank, val_loader, accelerator, data.num_classes,
+                                                  cfg.eval))
             stage.epoch_done(**metrics)
 
         # ---- 2. evaluation of the pre-trained encoder (last epoch) ---------------------------------
-        final = evaluate_representation(net.encode, bank_loader, test_loader, accelerator, data.num_classes, cfg.eval,
-                                        module=model, seed=cfg.seed)
-        probe = evaluate_classifier(model, test_loader, accelerator, forward=lambda x: net.probe(net.encode(x)))
-        z_std = collapse_monitor(net, val_loader, accelerator)
-        res = stage.finish({"knn_acc": final["knn_acc"], "linear_acc": final["linear_acc"]})
-
+        figures = evaluate_pretrained(net, model, lambda x: net.projector(net.encode(x)), bank, val_loader,
+                                      test_loader, accelerator, data.num_classes, cfg.eval, floor, seed=cfg.seed)
+        res = stage.finish({"knn_acc": figures["knn_acc"], "linear_acc": figures["linear_acc"]})
+        hyperparameters = {"byol": cfg.byol, "augment": cfg.augment, "optim": cfg.optim, "schedule": cfg.schedule,
+                           "global_batch": global_batch}
         results = {
-            "knn_acc": final["knn_acc"],
-            "linear_acc": final["linear_acc"],
-            "random_init_knn_acc": floor["knn_acc"],
-            "random_init_linear_acc": floor["linear_acc"],
-            "online_probe_acc": probe["top1"],
-            "knn_gain": final["knn_acc"] - floor["knn_acc"],
-            "linear_gain": final["linear_acc"] - floor["linear_acc"],
-            "z_std": z_std,
-            "z_std_uniform": cfg.byol.proj_dim ** -0.5,
+            **figures,
             "backbone_params": count_parameters(random_init),
             "pretrain_wall_s": res["wall_time"],
             "steps": stage.step,
@@ -182,57 +155,13 @@ def main(argv=None) -> dict:
             "final_tau": ema.last_tau,
             "num_processes": accelerator.num_processes,
             "backbone_path": str(stage.model_dir / "backbone"),
+            "eval_protocol": eval_protocol(cfg.eval, cfg.seed, "byol", hyperparameters, cfg.data),
         }
         return finish_run(run, results, format_table(results, cfg), cfg.push_to_hub)
 
 
-@torch.no_grad()
-def collapse_monitor(net: BYOL, loader, accelerator) -> float:
-    """Std of the L2-normalised online projections over the whole split (eval mode); 0 = collapse."""
-    z, _ = extract_features(lambda x: net.projector(net.encode(x)), loader, accelerator, module=net)
-    return normalized_std(z).item()
-
-
-def offline_eval(cfg: BYOLRecipeConfig) -> dict:
-    """``--eval-only PATH``: kNN and linear evaluation of an exported encoder on frozen features."""
-    path = Path(cfg.eval_only)
-    if (path / "models" / "byol" / "backbone").is_dir():
-        path = path / "models" / "byol" / "backbone"
-    encoder, meta = load_model(path)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed)
-    data_config = dict(get_data_config(encoder), input_size=(cfg.data.channels, cfg.data.image_size,
-                                                             cfg.data.image_size))
-    data = build_classification_data(cfg.data, data_config, cfg.seed, cfg.run.batch_size, cfg.run.eval_batch_size,
-                                     cfg.run.num_workers)
-    encoder, bank_loader, test_loader = accelerator.prepare(encoder, eval_loaders(cfg, data, data_config),
-                                                            data.test_loader)
-    res = evaluate_representation(encoder, bank_loader, test_loader, accelerator, data.num_classes, cfg.eval,
-                                  seed=cfg.seed)
-    res = {"knn_acc": res["knn_acc"], "linear_acc": res["linear_acc"], "linear_train_acc": res["linear_train_acc"],
-           "encoder": str(path), "architecture": meta["architecture"]}
-    if accelerator.is_main_process:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_results.json").write_text(json.dumps(res, indent=2))
-    accelerator.print(f"{meta['architecture']} from {path}: knn_acc={res['knn_acc']:.4f} "
-                      f"linear_acc={res['linear_acc']:.4f} (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}, "
-                      f"{cfg.eval.linear_epochs} linear epochs)")
-    return res
-
-
 def format_table(r: dict, cfg: BYOLRecipeConfig) -> str:
-    arch = cfg.model.name + (f" {cfg.model.kwargs}" if cfg.model.kwargs else "")
-    lines = [f"\nencoder: {arch}, {r['backbone_params']:,} parameters; test split",
-             f"{'encoder':<28}{'kNN acc':>10}{'linear acc':>12}", "-" * 50,
-             f"{'BYOL pre-trained':<28}{r['knn_acc']:>10.4f}{r['linear_acc']:>12.4f}",
-             f"{'random init (same arch)':<28}{r['random_init_knn_acc']:>10.4f}{r['random_init_linear_acc']:>12.4f}",
-             f"{'gain':<28}{r['knn_gain']:>+10.4f}{r['linear_gain']:>+12.4f}",
-             f"online probe acc {r['online_probe_acc']:.4f}; collapse monitor z_std {r['z_std']:.4f} "
-             f"(uniform on the sphere: {r['z_std_uniform']:.4f}); {r['steps']} steps, "
-             f"{r['pretrain_wall_s']:.1f}s pre-training",
-             f"encoder exported to {r['backbone_path']}"]
-    return "\n".join(lines)
+    return results_table(r, "BYOL pre-trained", cfg.model, cfg.eval)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
 """Evaluating a representation without fine-tuning it: weighted kNN and linear evaluation on frozen
-features, across ranks."""
+features, across ranks; the protocol card each SSL run records, and the offline evaluation of an
+exported encoder (``--eval-only``)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from visrep.checks import check
-from visrep.engine.distributed import broadcast_buffers, gather_rows, is_distributed, release_gathered
+from visrep.engine.config import to_dict
+from visrep.engine.distributed import broadcast_buffers, gather_rows, is_deepspeed, is_distributed, release_gathered
+from visrep.engine.evaluate import evaluate_classifier
+from visrep.ssl.loss import normalized_std
 
 
 @dataclasses.dataclass
@@ -167,17 +173,32 @@ def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     return {"acc": acc, "train_acc": train_acc, "loss": loss.item()}
 
 
+def rank0_buffers(model, accelerator) -> None:
+    """Before a split is scored across ranks, every rank takes rank 0's buffers (BatchNorm statistics), so
+    the figures are those of the model that is exported (rank 0's). DeepSpeed never broadcasts them
+    (``visrep.engine.distributed.broadcast_buffers``); DDP does at the start of each forward, so after the
+    last training forward every rank still holds statistics its own batch updated. Nothing in one process
+    or for a plain function."""
+    if accelerator.num_processes < 2 or not isinstance(model, torch.nn.Module):
+        return
+    if is_deepspeed(accelerator):
+        broadcast_buffers(model, accelerator)
+        return
+    for buf in accelerator.unwrap_model(model).buffers():
+        torch.distributed.broadcast(buf.data, src=0)
+
+
 def evaluate_representation(encoder, bank_loader, test_loader, accelerator, num_classes: int,
                             cfg: SSLEvalConfig, module: Optional[torch.nn.Module] = None, seed: int = 0,
                             linear: bool = True) -> dict:
     """kNN (and, with ``linear``, linear-evaluation) accuracy of ``encoder`` on ``test_loader``, with
-    ``bank_loader`` (the training split under the evaluation transform) as the labelled set. Under
-    DeepSpeed every rank first takes rank 0's buffers (BatchNorm statistics), as DDP does.
+    ``bank_loader`` (the training split under the evaluation transform) as the labelled set. Every rank
+    first takes rank 0's buffers (BatchNorm statistics, :func:`rank0_buffers`).
 
     Across ranks the kNN bank is sharded (each rank holds ``1/W`` of it, :func:`knn_predict`) and the
     linear probe is trained once, on the main process, which holds the whole bank and broadcasts the
     figures; every rank returns the same dict, equal to the single-process one."""
-    broadcast_buffers(module if module is not None else encoder, accelerator)
+    rank0_buffers(module if module is not None else encoder, accelerator)
     distributed = accelerator.num_processes > 1
     whole = not distributed or (linear and accelerator.is_main_process)
     bank, bank_shard = _extract(encoder, bank_loader, accelerator, module, whole, distributed)
@@ -198,3 +219,143 @@ def evaluate_representation(encoder, bank_loader, test_loader, accelerator, num_
         acc, train_acc = figures.tolist()
         out.update(linear_acc=acc, linear_train_acc=train_acc)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The protocol as the recipes run it: the bank, the card in results.json, offline evaluation
+# ----------------------------------------------------------------------------------------------
+def bank_loader(cfg, data, data_config: dict):
+    """The training split under the evaluation transform (no augmentation): the kNN bank and the linear
+    probe's training set. ``cfg``: a recipe config with ``data`` and ``run`` groups; ``data`` the
+    recipe's :class:`visrep.data.ClassificationData`."""
+    from visrep.data import ImageDataset, build_transforms, collate, loader_options
+
+    dc = dict(data_config, input_size=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
+    tf = build_transforms(dc, cfg.data.image_size, train=False)
+    bank = ImageDataset(data.bank_split(), tf, "RGB" if cfg.data.channels == 3 else "L", "train")
+    return torch.utils.data.DataLoader(bank, batch_size=cfg.run.eval_batch_size, shuffle=False,
+                                       **loader_options(cfg.run.num_workers, collate))
+
+
+def eval_protocol(cfg: SSLEvalConfig, seed: int, method: str, hyperparameters: dict, data=None) -> dict:
+    """The evaluation protocol card every SSL run writes into ``results.json`` (``eval_protocol``): how
+    :func:`evaluate_representation` measured the figures -- the kNN vote, the linear probe, the splits
+    each one used and which split is reported -- and the method's hyper-parameters. ``data``: the run's
+    :class:`visrep.data.DataConfig`, for the split sizes and the label budget."""
+    card: dict[str, Any] = {
+        "reported_split": "test",
+        "selection": "nothing is selected on the test split: the encoder is the last pre-training epoch's (never "
+                     "the best), the linear probe's last epoch is reported; the validation split only monitors "
+                     "training (val_knn_acc, val_probe_acc) and is the split presets are tuned on",
+        "features": "pooled backbone features (the exported encoder), eval mode, no augmentation",
+        "knn": {"k": cfg.knn_k, "temperature": cfg.knn_t, "similarity": "cosine",
+                "feature_normalisation": "L2 (bank and queries)",
+                "vote": "weighted: each of the k nearest bank rows adds exp(cos / temperature) to its class",
+                "bank": "train split", "queries": "test split"},
+        "linear": {"epochs": cfg.linear_epochs, "lr": cfg.linear_lr, "batch_size": cfg.linear_batch_size,
+                   "weight_decay": cfg.linear_weight_decay,
+                   "optimizer": "SGD, momentum 0.9, Nesterov; cosine learning rate, no warmup",
+                   "feature_normalisation": "standardised with the train split's mean and std (frozen)",
+                   "train_split": "train split", "reported": "test split, last epoch", "seed": seed},
+        "validation_monitor": {"split": "val", "every_epochs": cfg.every_epochs,
+                               "figures": ["val_knn_acc", "val_probe_acc"], "used_for": "monitoring only"},
+        "floor": "the same architecture with the very weights pre-training starts from, measured with this protocol",
+        "method": method,
+        "hyperparameters": to_dict(hyperparameters),
+    }
+    if data is not None:
+        card["splits"] = {"source": data.source, "val_fraction": data.val_fraction, "test_fraction": data.test_fraction,
+                          "split_seed": data.split_seed, "label_fraction": data.label_fraction,
+                          "image_size": data.image_size}
+    return card
+
+
+def validation_monitor(net, model, bank, val_loader, accelerator, num_classes: int, cfg: SSLEvalConfig) -> dict:
+    """The per-epoch progress figures of pre-training, on the validation split (never used to select
+    anything): kNN accuracy of ``net.encode`` with the training split as the bank, and the online probe's
+    accuracy (``net.probe``). ``model``: the prepared module (eval mode, ZeRO-3 gathers)."""
+    knn = evaluate_representation(net.encode, bank, val_loader, accelerator, num_classes, cfg, module=model,
+                                  linear=False)
+    probe = evaluate_classifier(model, val_loader, accelerator, forward=lambda x: net.probe(net.encode(x)))
+    return {"val_knn_acc": knn["knn_acc"], "val_probe_acc": probe["top1"]}
+
+
+def evaluate_pretrained(net, model, project: Callable, bank, val_loader, test_loader, accelerator, num_classes: int,
+                        cfg: SSLEvalConfig, floor: dict, seed: int = 0) -> dict:
+    """The last phase of an SSL recipe: the pre-trained encoder ``net.encode`` (last epoch, never the
+    best) on the test split -- weighted kNN and linear evaluation (``cfg``), the online probe -- its gains
+    over the random-init ``floor`` (the same figures of the untrained network), and the collapse monitor:
+    ``z_std``, the std of the L2-normalised projections (``project``) of the validation split, 0 at
+    collapse and ``d^-1/2`` (``z_std_uniform``) for projections spread uniformly on the sphere."""
+    final = evaluate_representation(net.encode, bank, test_loader, accelerator, num_classes, cfg, module=model,
+                                    seed=seed)
+    probe = evaluate_classifier(model, test_loader, accelerator, forward=lambda x: net.probe(net.encode(x)))
+    z, _ = extract_features(project, val_loader, accelerator, module=model)
+    return {"knn_acc": final["knn_acc"], "linear_acc": final["linear_acc"],
+            "random_init_knn_acc": floor["knn_acc"], "random_init_linear_acc": floor["linear_acc"],
+            "online_probe_acc": probe["top1"], "knn_gain": final["knn_acc"] - floor["knn_acc"],
+            "linear_gain": final["linear_acc"] - floor["linear_acc"],
+            "z_std": normalized_std(z).item(), "z_std_uniform": z.shape[1] ** -0.5}
+
+
+def results_table(r: dict, title: str, model, cfg: SSLEvalConfig) -> str:
+    """The table an SSL recipe prints at the end: the pre-trained encoder (``title``) against the random
+    init on the test split, the gains, the online probe, the collapse monitor and where the encoder went."""
+    arch = model.name + (f" {model.kwargs}" if model.kwargs else "")
+    lines = [f"\nencoder: {arch}, {r['backbone_params']:,} parameters; test split (kNN k={cfg.knn_k}, T={cfg.knn_t}; "
+             f"linear {cfg.linear_epochs} epochs, lr {cfg.linear_lr})",
+             f"{'encoder':<28}{'kNN acc':>10}{'linear acc':>12}", "-" * 50,
+             f"{title:<28}{r['knn_acc']:>10.4f}{r['linear_acc']:>12.4f}",
+             f"{'random init (same arch)':<28}{r['random_init_knn_acc']:>10.4f}{r['random_init_linear_acc']:>12.4f}",
+             f"{'gain':<28}{r['knn_gain']:>+10.4f}{r['linear_gain']:>+12.4f}",
+             f"online probe acc {r['online_probe_acc']:.4f}; collapse monitor z_std {r['z_std']:.4f} "
+             f"(uniform on the sphere: {r['z_std_uniform']:.4f}); {r['steps']} steps, "
+             f"{r['pretrain_wall_s']:.1f}s pre-training",
+             f"encoder exported to {r['backbone_path']}"]
+    return "\n".join(lines)
+
+
+def find_encoder(path: str | Path, stages: Sequence[str]) -> Path:
+    """An exported encoder: ``path`` itself, or ``path/models/STAGE/backbone`` of a run directory (the first
+    of ``stages`` that exists)."""
+    path = Path(path)
+    for stage in stages:
+        if (path / "models" / stage / "backbone").is_dir():
+            return path / "models" / stage / "backbone"
+    return path
+
+
+def offline_eval(cfg, stages: Sequence[str]) -> dict:
+    """``--eval-only PATH``: kNN and linear evaluation of an exported encoder (``cfg.eval_only``: its
+    directory, or a run directory with ``models/STAGE/backbone`` for one of ``stages``) on frozen features
+    of ``cfg.data``, with ``cfg.eval``'s protocol; writes ``cfg.output_dir/eval_results.json`` and prints
+    the figures. ``cfg``: a recipe config with ``eval_only``, ``data``, ``run``, ``eval``, ``seed``,
+    ``output_dir``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from visrep.data import build_classification_data
+    from visrep.engine.export import load_model
+    from visrep.zoo import get_data_config
+
+    path = find_encoder(cfg.eval_only, stages)
+    encoder, meta = load_model(path)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    size = cfg.data.image_size
+    data_config = dict(get_data_config(encoder), input_size=(cfg.data.channels, size, size))
+    data = build_classification_data(cfg.data, data_config, cfg.seed, cfg.run.batch_size, cfg.run.eval_batch_size,
+                                     cfg.run.num_workers)
+    encoder, bank, test = accelerator.prepare(encoder, bank_loader(cfg, data, data_config), data.test_loader)
+    res = evaluate_representation(encoder, bank, test, accelerator, data.num_classes, cfg.eval, seed=cfg.seed)
+    res = {"knn_acc": res["knn_acc"], "linear_acc": res["linear_acc"], "linear_train_acc": res["linear_train_acc"],
+           "encoder": str(path), "architecture": meta["architecture"], "pretraining": meta.get("pretraining"),
+           "eval_protocol": eval_protocol(cfg.eval, cfg.seed, str(meta.get("pretraining")), {}, cfg.data)}
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_results.json").write_text(json.dumps(res, indent=2))
+    accelerator.print(f"{meta['architecture']} from {path}: knn_acc={res['knn_acc']:.4f} "
+                      f"linear_acc={res['linear_acc']:.4f} (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}, "
+                      f"{cfg.eval.linear_epochs} linear epochs)")
+    return res

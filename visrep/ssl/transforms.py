@@ -1,5 +1,7 @@
 """BYOL's two asymmetric views, sampled per image: in the data loader (torchvision v2, one image at
 a time) or on the accelerator (a whole batch at once, every image with its own random parameters).
+DINO's multi-crop adds smaller local crops to the same two global views (:class:`MultiCrop`,
+:class:`BatchedMultiCrop`).
 
 View parameters follow the paper (Grill et al. 2020, arXiv:2006.07733, Appendix B, Table 6):
 
@@ -126,6 +128,39 @@ def byol_transforms(cfg: SSLAugmentConfig, image_size: int, mean, std, channels:
     """The loader-side two-view transform: uint8 image tensor (or PIL image) -> (view 1, view 2)."""
     return TwoViews(byol_view_transform(cfg, 0, image_size, mean, std, channels),
                     byol_view_transform(cfg, 1, image_size, mean, std, channels))
+
+
+class MultiCrop:
+    """Callable: image -> (global view 1, global view 2, local crop 1, ..., local crop n): DINO's
+    multi-crop (the two global views are BYOL's; every local crop is drawn afresh). Collated into a tuple
+    of batches."""
+
+    def __init__(self, global1, global2, local=None, n_local: int = 0):
+        self.global1, self.global2, self.local, self.n_local = global1, global2, local, int(n_local)
+
+    def __call__(self, img):
+        return (self.global1(img), self.global2(img), *(self.local(img) for _ in range(self.n_local)))
+
+    def __repr__(self):
+        return (f"MultiCrop(\n  global1={self.global1},\n  global2={self.global2},\n"
+                f"  {self.n_local} x local={self.local})")
+
+
+def local_crop_config(cfg: SSLAugmentConfig, crop_scale: Sequence[float]) -> SSLAugmentConfig:
+    """The augmentation of DINO's local crops: the global views' jitter, grayscale and flip, a smaller
+    crop scale, blur with probability 0.5, no solarize (Caron et al. 2021, arXiv:2104.14294, Appendix)."""
+    return dataclasses.replace(cfg, crop_scale=tuple(crop_scale), blur_prob=(0.5, 0.5), solarize_prob=(0.0, 0.0))
+
+
+def multicrop_transforms(cfg: SSLAugmentConfig, image_size: int, mean, std, channels: int = 3, n_local: int = 0,
+                         local_size: int = 96, local_crop_scale: Sequence[float] = (0.05, 0.4)):
+    """The loader-side views: BYOL's two views (:func:`byol_transforms`) when ``n_local`` is 0, else
+    :class:`MultiCrop` with ``n_local`` local crops of ``local_size`` pixels."""
+    if n_local == 0:
+        return byol_transforms(cfg, image_size, mean, std, channels)
+    local = byol_view_transform(local_crop_config(cfg, local_crop_scale), 0, local_size, mean, std, channels)
+    return MultiCrop(byol_view_transform(cfg, 0, image_size, mean, std, channels),
+                     byol_view_transform(cfg, 1, image_size, mean, std, channels), local, n_local)
 
 
 def base_transform(image_size: int):
@@ -270,3 +305,23 @@ class BatchedBYOLAugment(torch.nn.Module):
             sol = per_image(self._rand(g, n) < cfg.solarize_prob[view])
             x = torch.where(sol & (x >= 0.5), 1.0 - x, x)
         return (x - self.mean) / self.std
+
+
+class BatchedMultiCrop(torch.nn.Module):
+    """DINO's multi-crop on the accelerator: the two global views of :class:`BatchedBYOLAugment` (the same
+    values for the same seed) and ``n_local`` local crops of ``local_size`` pixels (crop scale
+    ``local_crop_scale``, :func:`local_crop_config`), each image with its own parameters, all drawn from
+    one generator seeded per batch (:func:`batch_seed`)."""
+
+    def __init__(self, cfg: SSLAugmentConfig, image_size: int, mean, std, channels: int = 3, n_local: int = 0,
+                 local_size: int = 96, local_crop_scale: Sequence[float] = (0.05, 0.4)):
+        super().__init__()
+        self.globals = BatchedBYOLAugment(cfg, image_size, mean, std, channels)
+        self.n_local = int(n_local)
+        self.locals = (BatchedBYOLAugment(local_crop_config(cfg, local_crop_scale), local_size, mean, std, channels)
+                       if n_local else None)
+
+    def forward(self, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(int(seed))
+        views = [self.globals.view(x, 0, g), self.globals.view(x, 1, g)]
+        return tuple(views + [self.locals.view(x, 0, g) for _ in range(self.n_local)])

@@ -1,0 +1,261 @@
+"""recipes/selfsup.py: every method end to end (results.json with its evaluation protocol card), exact resume
+of DINO and MoCo v3 (weights, DINO's centre, teacher temperature and EMA momentum), DINO and MoCo v3
+under DeepSpeed ZeRO-2 and ZeRO-3 ending with DDP's weights, the multi-crop views, and the config
+errors."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ds_helpers import fake_accelerator, load_recipe, without_use_cpu, zero_config_args
+from helpers import ddp_reference, free_port, results, run_in_process, run_recipe, straight_and_stopped, write_preset
+from test_user_errors import assert_one_clear_line
+from visrep.ssl import METHODS
+
+TINY = {
+    "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.25},
+    "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
+    "simclr": {"proj_hidden_dim": 32, "proj_dim": 16},
+    "mocov3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "base_tau": 0.99},
+    "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "warmup_teacher_temp_epochs": 1.0,
+             "base_tau": 0.99, "n_local": 2, "local_size": 8, "local_crop_scale": [0.1, 0.4]},
+    "vicreg": {"proj_hidden_dim": 32, "proj_dim": 32},
+    "barlow": {"proj_hidden_dim": 32, "proj_dim": 32},
+    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "base_tau": 0.99},
+    "augment": {"crop_scale": [0.3, 1.0], "hflip": 0.0},
+    "optim": {"name": "lars", "lr": 1.0, "eta": 0.02, "weight_decay": 1e-5},
+    "schedule": {"epochs": 2, "warmup_epochs": 0.5},
+    "eval": {"knn_k": 10, "linear_epochs": 5, "every_epochs": 1},
+    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1},
+}
+RECIPE = "selfsup"  # recipes/selfsup.py (a recipe named ssl.py would shadow the standard ssl module)
+STEPS_PER_EPOCH = 9  # 315 training digits (label_fraction 0.25) in batches of 32, last one dropped
+ONE_EPOCH = ["--schedule.epochs", "1", "--eval.every-epochs", "0", "--eval.linear-epochs", "2"]
+
+
+def model_dir(run_dir, method):
+    return run_dir / "models" / method
+
+
+def last_ckpt(run_dir, method):
+    return sorted((run_dir / "checkpoints" / method).iterdir())[-1]
+
+
+# ---------------------------------------------------------------------------- every method, 1 process
+@pytest.mark.parametrize("method,extra", [(m, []) for m in METHODS] + [
+    ("dino", ["--augment.device", "accelerator", "--run.grad-accum", "2"])],
+    ids=list(METHODS) + ["dino-device-views-accum"])
+def test_each_method_trains_and_records_its_eval_protocol(tiny, tmp_path, method, extra):
+    out = tmp_path / "run"
+    p = run_recipe(RECIPE, ["--config", str(tiny), "--method", method, "--output-dir", str(out), *ONE_EPOCH, *extra])
+    res = results(out)
+    assert res["method"] == method and "random init" in p.stdout and "pre-trained" in p.stdout
+    for k in ("knn_acc", "linear_acc", "random_init_knn_acc", "random_init_linear_acc", "online_probe_acc"):
+        assert 0.0 <= res[k] <= 1.0, k
+    assert res["steps"] == (5 if "--run.grad-accum" in extra else STEPS_PER_EPOCH)  # 9 batches: 5 steps of <= 2
+    assert ("final_tau" in res) == (method in ("mocov3", "dino", "byol"))
+    assert ("final_teacher_temp" in res) == (method == "dino")
+    card = res["eval_protocol"]
+    assert card["reported_split"] == "test" and "nothing is selected on the test split" in card["selection"]
+    assert card["knn"]["k"] == 10 and card["knn"]["temperature"] == 0.07 and card["knn"]["bank"] == "train split"
+    assert card["knn"]["feature_normalisation"].startswith("L2")
+    assert (card["linear"]["epochs"], card["linear"]["lr"], card["linear"]["batch_size"]) == (2, 0.1, 256)
+    assert card["linear"]["train_split"] == "train split" and card["linear"]["reported"].startswith("test split")
+    assert card["validation_monitor"]["split"] == "val" and card["splits"]["label_fraction"] == 0.25
+    hp = card["hyperparameters"][method]
+    assert card["method"] == method and all(hp[k] == v for k, v in TINY[method].items())
+    assert card["hyperparameters"]["global_batch"] == 32 * (2 if "--run.grad-accum" in extra else 1)
+    # the encoder alone, loadable as a zoo backbone, equal to the pre-trained online backbone
+    from visrep.engine.export import load_model
+
+    enc, meta = load_model(model_dir(out, method) / "backbone")
+    assert meta["pretraining"] == method
+    whole = load_file(str(model_dir(out, method) / "model.safetensors"))
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(v, whole["backbone." + k], rtol=0, atol=0)
+    if method == "dino":  # the centre is a buffer of the model: exported (and checkpointed) with it
+        assert whole["criterion.center"].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- exact resume
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dino", "mocov3"])
+def test_resume_is_exact(tiny, tmp_path, method):
+    """Stopped after 7 optimizer steps (mid-epoch, inside DINO's teacher-temperature warm-up) and resumed:
+    every weight (online, EMA target / teacher, probe, BN statistics, DINO's centre), the EMA's momentum
+    and step and DINO's teacher temperature equal the straight run's, bit for bit."""
+    args = ["--config", str(tiny), "--method", method]
+    a, b = straight_and_stopped(RECIPE, args, tmp_path, 7)
+    ema = torch.load(last_ckpt(b, method) / "extra_ema_rank0.pt", weights_only=True)
+    assert ema["step"] == 7 and ema["total_steps"] == 2 * STEPS_PER_EPOCH
+    if method == "dino":
+        temp = torch.load(last_ckpt(b, method) / "extra_teacher_temp.pt", weights_only=True)
+        assert temp["step"] == 7 and temp["warmup_steps"] == STEPS_PER_EPOCH
+        assert 0.04 < temp["last"] < 0.07, "stopped inside the warm-up"
+    run_recipe(RECIPE, [*args, "--output-dir", str(b), "--resume", "latest"])
+
+    wa, wb = (load_file(str(model_dir(d, method) / "model.safetensors")) for d in (a, b))
+    target = "teacher_backbone." if method == "dino" else "target_backbone."
+    assert wa.keys() == wb.keys() and any(k.startswith(target) for k in wa)
+    assert method != "dino" or "criterion.center" in wa
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+    ea, eb = (torch.load(last_ckpt(d, method) / "extra_ema_rank0.pt", weights_only=True) for d in (a, b))
+    assert ea == eb and ea["step"] == 2 * STEPS_PER_EPOCH and ea["last_tau"] > 0.99
+    if method == "dino":
+        ta, tb = (torch.load(last_ckpt(d, method) / "extra_teacher_temp.pt", weights_only=True) for d in (a, b))
+        assert ta == tb and ta["last"] == 0.07
+    ra, rb = results(a), results(b)
+    for k in ("knn_acc", "linear_acc", "online_probe_acc", "z_std", "final_tau"):
+        assert ra[k] == rb[k], k
+    recs = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in recs if "train/loss" in r]
+    assert [r["stage_step"] for r in logged] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    if method == "dino":  # the warm-up, one temperature per optimizer step: 0.04 at step 0 to 0.07 at step 9
+        temps = [r["train/teacher_temp"] for r in logged]
+        assert temps[0] == pytest.approx(0.04) and temps[STEPS_PER_EPOCH:] == [pytest.approx(0.07)] * STEPS_PER_EPOCH
+        assert all(x < y for x, y in zip(temps[:STEPS_PER_EPOCH], temps[1:STEPS_PER_EPOCH + 1]))
+    # the offline evaluation of the exported encoder reproduces the run's figures, with the same card
+    run_recipe(RECIPE, [*args, "--eval-only", str(a), "--output-dir", str(tmp_path / "ev")])
+    ev = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
+    assert ev["knn_acc"] == pytest.approx(ra["knn_acc"]) and ev["linear_acc"] == pytest.approx(ra["linear_acc"])
+    assert ev["pretraining"] == method and ev["eval_protocol"]["knn"] == ra["eval_protocol"]["knn"]
+
+
+# ---------------------------------------------------------------------------- DeepSpeed == DDP
+# SGD (LARS is refused under ZeRO), BN-free heads where the method allows, one evaluation at the end
+DS_TINY = dict(TINY, optim={"name": "sgd", "lr": 0.5, "weight_decay": 1e-5}, eval=dict(TINY["eval"], every_epochs=2))
+PERSISTENCE = 300  # ZeRO-3 keeps parameters of at most this many elements whole, partitions the rest
+
+
+@pytest.fixture(scope="module", params=["dino", "mocov3"])
+def ddp_run(request, tmp_path_factory):
+    """One 2-process DDP run per method: the reference both ZeRO runs are compared with."""
+    method = request.param
+    tmp = tmp_path_factory.mktemp(f"ddp-{method}")
+    preset, run_dir = ddp_reference(RECIPE, dict(DS_TINY, method=method), tmp)
+    return method, preset, run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_equals_ddp(ddp_run, zero, tmp_path, monkeypatch):
+    """ZeRO-2 runs straight; ZeRO-3 (a persistence threshold that splits the model into partitioned and
+    whole parameters, so both EMA paths run) too, and for DINO it stops after 5 steps and resumes, with its
+    centre, teacher temperature and the EMA's per-rank master copies in the checkpoint (MoCo v3 keeps only
+    the EMA, BYOL's, whose ZeRO-3 resume tests/test_deepspeed_byol.py checks). All end with DDP's weights
+    (online, EMA target / teacher, probe, centre): 7 launches in all, one DDP reference per method."""
+    method, preset, ddp = ddp_run
+    without_use_cpu(monkeypatch)
+    out = tmp_path / f"zero{zero}"
+    args = ["--config", str(preset), "--output-dir", str(out)]
+    zero_kw = {"stage3_param_persistence_threshold": PERSISTENCE} if zero == 3 else {}
+    launch = zero_config_args(RECIPE, args, zero, free_port(), **zero_kw)
+    if zero == 3 and method == "dino":
+        run_recipe(RECIPE, args + ["--run.stop-after-steps", "5"], launcher_args=launch)
+        args = args + ["--resume", "latest"]
+    run_recipe(RECIPE, args, launcher_args=launch)
+    ref, got = (load_file(str(model_dir(d, method) / "model.safetensors")) for d in (ddp, out))
+    assert got.keys() == ref.keys() and (method != "dino" or "criterion.center" in ref)
+    if zero == 3:
+        trained = [v for k, v in ref.items() if v.is_floating_point() and "running_" not in k and "center" not in k]
+        assert {v.numel() <= PERSISTENCE for v in trained} == {True, False}, "the threshold must split the model"
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=k)
+    res, ref_res = results(out), results(ddp)
+    assert res["final_tau"] == ref_res["final_tau"]
+    assert res.get("final_teacher_temp") == ref_res.get("final_teacher_temp")
+    assert abs(res["knn_acc"] - ref_res["knn_acc"]) <= 1.5 / 270, (res, ref_res)
+
+
+def test_lars_is_refused_under_deepspeed():
+    from visrep.engine import ConfigError, from_dict
+
+    recipe = load_recipe(RECIPE)
+    lars, sgd = (from_dict(recipe.SSLRecipeConfig, dict(TINY, method="dino", optim=dict(TINY["optim"], name=n)))
+                 for n in ("lars", "sgd"))
+    for stage in (2, 3):
+        with pytest.raises(ConfigError, match="optim.name 'lars'.*--optim.name sgd"):
+            recipe.refuse_under_deepspeed(lars, fake_accelerator(stage))
+        recipe.refuse_under_deepspeed(sgd, fake_accelerator(stage))
+    recipe.refuse_under_deepspeed(lars, fake_accelerator(None))
+
+
+# ---------------------------------------------------------------------------- the pieces
+def test_multicrop_views_on_the_loader_and_on_the_device():
+    from visrep.ssl import BatchedBYOLAugment, BatchedMultiCrop, SSLAugmentConfig, multicrop_transforms
+
+    cfg = SSLAugmentConfig(crop_scale=(0.3, 1.0), hflip=0.0)
+    img = (torch.rand(1, 16, 16) * 255).to(torch.uint8)
+    views = multicrop_transforms(cfg, 16, [0.5], [0.5], 1, n_local=3, local_size=8, local_crop_scale=(0.1, 0.4))(img)
+    assert [tuple(v.shape) for v in views] == [(1, 16, 16)] * 2 + [(1, 8, 8)] * 3
+    assert len(multicrop_transforms(cfg, 16, [0.5], [0.5], 1)(img)) == 2  # no local crops: BYOL's two views
+    batch = (torch.rand(4, 1, 16, 16) * 255).to(torch.uint8)
+    crops = BatchedMultiCrop(cfg, 16, [0.5], [0.5], 1, n_local=2, local_size=8, local_crop_scale=(0.1, 0.4))(batch, 7)
+    assert [tuple(v.shape) for v in crops] == [(4, 1, 16, 16)] * 2 + [(4, 1, 8, 8)] * 2
+    two = BatchedBYOLAugment(cfg, 16, [0.5], [0.5], 1)(batch, 7)
+    for a, b in zip(crops[:2], two):  # the global crops are BYOL's views of the same seed
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_dino_model_teacher_temperature_and_interface():
+    from visrep.ssl import BarlowConfig, DINOConfig, SimCLRConfig, TeacherTemperature, VICRegConfig, build_method
+    from visrep.zoo import create_backbone
+
+    torch.manual_seed(0)
+    cfg = DINOConfig(out_dim=12, hidden_dim=16, bottleneck_dim=8)
+    net = build_method("dino", cfg, create_backbone("resnet20", num_classes=0, small_input=True, width=0.25), 10)
+    g1, g2, l1, l2, l3 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), *torch.randn(3, 4, 3, 8, 8)
+    out = net(g1, g2, l1, l2, l3)
+    assert out["student"].shape == (5 * 4, 12) and out["teacher"].shape == (2 * 4, 12)
+    assert out["logits"].shape == (4, 10) and not out["teacher"].requires_grad
+    loss = net.criterion(out["student"], out["teacher"], 0.04)
+    loss.backward()
+    assert all(p.grad is not None for p in net.head.mlp.parameters())
+    online, target = net.ema_pairs()
+    assert len(online) == len(target) and not any(p.requires_grad for p in target)
+    assert "criterion.center" in net.state_dict() and net.project(g1).shape == (4, 8)
+    net.criterion.update_center([out["teacher"]])
+    torch.testing.assert_close(net.criterion.center, 0.1 * out["teacher"].mean(0, keepdim=True))
+
+    temp = TeacherTemperature(4, 0.04, 0.07)
+    seen = []
+    for _ in range(6):
+        seen.append(temp.value)
+        temp.tick()
+    assert seen == pytest.approx([0.04, 0.0475, 0.055, 0.0625, 0.07, 0.07]) and temp.last == 0.07
+    again = TeacherTemperature(4, 0.04, 0.07)
+    again.load_state_dict(temp.state_dict())
+    assert (again.step, again.value) == (6, 0.07)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TeacherTemperature(5, 0.04, 0.07).load_state_dict(temp.state_dict())
+    for name, group in (("simclr", SimCLRConfig), ("vicreg", VICRegConfig), ("barlow", BarlowConfig)):
+        bb = create_backbone("resnet20", num_classes=0, small_input=True, width=0.25)
+        other = build_method(name, group(proj_hidden_dim=8, proj_dim=8), bb, 10)
+        z = other(g1, g2)
+        assert other.ema_pairs() is None and z["z"][0].shape == (4, 8) and z["logits"].shape == (4, 10)
+
+
+# ---------------------------------------------------------------------------- clear errors
+@pytest.mark.parametrize("args,needles", [
+    (["--method", "swav"], ("'method'", "'swav'", "simclr, mocov3, dino, vicreg, barlow, byol")),
+    (["--method", "dino", "--dino.n-local", "-1"], ("'dino.n_local'", "-1", ">= 0")),
+    (["--method", "dino", "--dino.local-size", "32"], ("'dino.local_size'", "32", "data.image_size (16)")),
+    (["--method", "dino", "--dino.warmup-teacher-temp-epochs", "5"],
+     ("'dino.warmup_teacher_temp_epochs'", "schedule.epochs (2)")),
+    (["--method", "dino", "--dino.center-momentum", "1.5"], ("'dino.center_momentum'", "1.5")),
+    (["--method", "simclr", "--simclr.temperature", "0"], ("'simclr.temperature'", "positive")),
+    (["--method", "mocov3", "--mocov3.base-tau", "1.2"], ("'mocov3.base_tau'", "1.2")),
+    (["--method", "barlow", "--barlow.proj-dim", "0"], ("'barlow.proj_dim'", ">= 1")),
+])
+def test_config_errors_are_one_clear_line(tiny, tmp_path, capsys, args, needles):
+    p = run_in_process(RECIPE, ["--config", str(tiny), "--output-dir", str(tmp_path / "run"), *args], capsys)
+    assert_one_clear_line(p, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_method_in_a_preset_is_a_config_error(tmp_path, capsys):
+    bad = write_preset(tmp_path / "bad.yaml", dict(TINY, method="SimCLR"))
+    p = run_in_process(RECIPE, ["--config", str(bad), "--output-dir", str(tmp_path / "run")], capsys)
+    assert_one_clear_line(p, "'method'", "'SimCLR'", "one of simclr")
