@@ -360,11 +360,13 @@ def test_check_teacher_refuses_a_weaker_teacher_unless_allowed(tmp_path):
 
 def test_default_preset_scales_the_learning_rates_with_the_global_batch():
     """digits.yaml: lr per 128 images, so 0.025 / 0.05 (teacher / student) at 32 x 1 process and twice that
-    at 32 x 2; warmup in steps; T and weight as chosen on the photo folder's validation split."""
+    at 32 x 2; warmup in steps; the main job of the README: Digits-M at 16 px, a quarter-width student, T and
+    weight as chosen on seed 0's validation split."""
     from visrep.engine.config import load_yaml
 
     mod = load_recipe("distill")
     cfg = load_yaml(mod.DistillRecipeConfig, ROOT / "recipes" / "configs" / "digits.yaml")
     assert [cfg.teacher.optim.peak_lr(32 * w) for w in (1, 2)] == [0.025, 0.05]
     assert [cfg.optim.peak_lr(32 * w) for w in (1, 2)] == [0.05, 0.1]
-    assert cfg.schedule.warmup_steps == 40 and (cfg.kd.temperature, cfg.kd.kd_weight) == (2.0, 0.25)
+    assert cfg.schedule.warmup_steps == 40 and (cfg.kd.temperature, cfg.kd.kd_weight) == (4.0, 0.9)
+    assert (cfg.data.source, cfg.data.image_size, cfg.student.kwargs) == ("digits_m", 16, {"width": 0.25})
