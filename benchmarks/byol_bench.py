@@ -45,7 +45,7 @@ from types import SimpleNamespace
 
 import torch
 
-from timing import bench_parser, time_steps, update
+from timing import bench_parser, time_steps, update, warm_and_interleave
 
 # throughput rows: key -> label
 VARIANTS = {
@@ -179,15 +179,7 @@ def throughput(args, backbone, accelerator, make_opt):
     steps["lightly"], _, peer_model, _ = peer(args, backbone, make_opt, heads)
     if fast:
         steps["lightly compiled"] = peer(args, backbone, lambda m: make_opt(m, foreach=True), heads, fast=True)[0]
-    warm = {}
-    for name, step in steps.items():  # untimed: compilation happens here
-        t0 = time.perf_counter()
-        time_steps(step, batches, args.warmup, args.device)
-        warm[name] = time.perf_counter() - t0
-    times = {name: [] for name in steps}
-    for r in range(args.rounds):  # alternate the order, so drift in machine load hits all alike
-        for name, step in (list(steps.items()) if r % 2 == 0 else reversed(list(steps.items()))):
-            times[name] += time_steps(step, batches, args.steps, args.device)
+    times, warm = warm_and_interleave(steps, batches, args.warmup, args.rounds, args.steps, args.device)
     return {k: args.batch_size / statistics.median(v) for k, v in times.items()}, \
         {k: 1000 * statistics.median(v) for k, v in times.items()}, warm, \
         ema_times(args, heads, peer_model)

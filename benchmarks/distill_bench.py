@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import torch
 
-from timing import bench_parser, time_steps, update
+from timing import bench_parser, update, warm_and_interleave
 
 
 def make_models(args):
@@ -123,15 +122,7 @@ def main(argv=None):
     steps["timm"] = peer(args, teacher, student, batches)
     if not args.no_compile_variants:
         steps["timm compiled"] = peer(args, teacher, student, batches, fast=True)
-    warm = {}
-    for name, step in steps.items():
-        t = time.perf_counter()
-        time_steps(step, batches, args.warmup, args.device)
-        warm[name] = time.perf_counter() - t
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            times[name] += time_steps(step, batches, args.steps, args.device)
+    times, warm = warm_and_interleave(steps, batches, args.warmup, args.rounds, args.steps, args.device)
     ips = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
 
     n_t = sum(p.numel() for p in teacher.parameters())

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timing import bench_parser, time_steps, update
+from timing import bench_parser, update, warm_and_interleave
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -219,15 +219,7 @@ def throughput(args, cfg, backbone, accelerator, make_opt) -> tuple[dict, dict, 
     steps["lightly"] = peer(cfg, backbone, make_opt, dev, 10_000)[0]
     if args.compile_variants:
         steps["lightly compiled"] = peer(cfg, backbone, lambda mo: make_opt(mo, True), dev, 10_000, fast=True)[0]
-    warm = {}
-    for name, step in steps.items():
-        t0 = time.perf_counter()
-        time_steps(step, batches, args.warmup, args.device)
-        warm[name] = time.perf_counter() - t0
-    times = {name: [] for name in steps}
-    for r in range(args.rounds):
-        for name, step in (list(steps.items()) if r % 2 == 0 else reversed(list(steps.items()))):
-            times[name] += time_steps(step, batches, args.steps, args.device)
+    times, warm = warm_and_interleave(steps, batches, args.warmup, args.rounds, args.steps, args.device)
     return ({k: args.batch_size / statistics.median(v) for k, v in times.items()},
             {k: 1000 * statistics.median(v) for k, v in times.items()}, warm)
 

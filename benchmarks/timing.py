@@ -56,3 +56,20 @@ def time_steps(step, batches, n: int, device: str) -> list[float]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return times
+
+
+def warm_and_interleave(steps: dict, batches, warmup: int, rounds: int, n: int, device: str) -> tuple[dict, dict]:
+    """Each of ``steps`` (name -> ``step(*batch)``) warmed up untimed (``warmup`` calls: compilation happens
+    here), then timed in ``rounds`` alternating rounds of ``n`` calls (the order reversed every other round,
+    so drift in machine load hits all alike). Returns ``({name: [seconds of each timed call]}, {name:
+    warm-up seconds})``."""
+    warm = {}
+    for name, step in steps.items():
+        t = time.perf_counter()
+        time_steps(step, batches, warmup, device)
+        warm[name] = time.perf_counter() - t
+    times = {name: [] for name in steps}
+    for r in range(rounds):
+        for name, step in (list(steps.items()) if r % 2 == 0 else reversed(list(steps.items()))):
+            times[name] += time_steps(step, batches, n, device)
+    return times, warm
