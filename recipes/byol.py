@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from visrep.data import DataConfig, build_classification_data
 from visrep.engine import BackboneConfig, RecipeConfig, Run, ScheduleConfig, count_parameters, parse_config
-from visrep.engine.distributed import require
 from visrep.errors import main_entry
 from visrep.launch import finish_run
+from visrep.ssl.optim import refuse_lars_under_deepspeed
 from visrep.ssl import (BYOL, BYOLConfig, BatchedBYOLAugment, EMAUpdater, SSLAugmentConfig, SSLEvalConfig,
                         SSLOptimConfig, bank_loader, base_transform, batch_seed, build_backbone, build_ssl_optimizer,
                         byol_loss, byol_transforms, eval_protocol, evaluate_pretrained, evaluate_representation,
@@ -62,10 +62,8 @@ eval_loaders = bank_loader  # the training split under the evaluation transform 
 
 
 def refuse_under_deepspeed(cfg: BYOLRecipeConfig, accelerator) -> None:
-    """What DeepSpeed cannot do here, refused before any training."""
-    if cfg.optim.name == "lars":
-        require(accelerator, "per_layer_optimizer", "optim.name 'lars' (a trust ratio per layer)",
-                "Under DeepSpeed use --optim.name sgd or adamw; or train with LARS under DDP (without --use_deepspeed).")
+    """What DeepSpeed cannot do here, refused before any training: LARS."""
+    refuse_lars_under_deepspeed(cfg.optim, accelerator)
 
 
 def main(argv=None) -> dict:

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from visrep.checks import check
 from visrep.data import DataConfig, build_classification_data
 from visrep.engine import BackboneConfig, RecipeConfig, Run, ScheduleConfig, count_parameters, parse_config
-from visrep.engine.distributed import require
 from visrep.errors import main_entry
 from visrep.launch import finish_run
+from visrep.ssl.optim import refuse_lars_under_deepspeed
 from visrep.ssl import (METHODS, BarlowConfig, BatchedMultiCrop, BYOLConfig, DINOConfig, EMAUpdater, MoCoV3Config,
                         SimCLRConfig, SSLAugmentConfig, SSLEvalConfig, SSLOptimConfig, TeacherTemperature,
                         VICRegConfig, bank_loader, barlow_twins_loss, base_transform, batch_seed, build_backbone,
@@ -91,11 +91,8 @@ class SSLRecipeConfig(RecipeConfig):
 
 
 def refuse_under_deepspeed(cfg: SSLRecipeConfig, accelerator) -> None:
-    """What DeepSpeed cannot do here, refused before any training."""
-    if cfg.optim.name == "lars":
-        require(accelerator, "per_layer_optimizer", "optim.name 'lars' (a trust ratio per layer)",
-                "Under DeepSpeed use --optim.name sgd or adamw; or train with LARS under DDP "
-                "(without --use_deepspeed).")
+    """What DeepSpeed cannot do here, refused before any training: LARS."""
+    refuse_lars_under_deepspeed(cfg.optim, accelerator)
 
 
 def ssl_loss(cfg: SSLRecipeConfig, net, out: dict, teacher_temp: Optional[float]) -> tuple[torch.Tensor, dict]:

@@ -30,7 +30,8 @@ from visrep.ssl.methods import (DINO, METHODS, BarlowConfig, BarlowTwins, BYOLMe
 from visrep.ssl.objectives import (DINOHead, DINOLoss, MoCoV3, MoCoV3MLP, barlow_twins_loss, mocov3_loss,
                                    nt_xent_loss, teacher_temp_schedule, vicreg_loss)
 from visrep.engine.optim import LARS
-from visrep.ssl.optim import SSLOptimConfig, build_ssl_optimizer, scaled_lr, ssl_param_groups
+from visrep.ssl.optim import (SSLOptimConfig, build_ssl_optimizer, refuse_lars_under_deepspeed, scaled_lr,
+                              ssl_param_groups)
 from visrep.ssl.transforms import (BatchedBYOLAugment, BatchedMultiCrop, MultiCrop, SSLAugmentConfig, TwoViews,
                                    base_transform, batch_seed, byol_transforms, byol_view_transform,
                                    multicrop_transforms)
@@ -39,7 +40,8 @@ __all__ = [
     "BYOL", "BYOLConfig", "MLPHead", "byol_loss", "regression_loss",
     "normalized_std", "EMAUpdater", "cosine_tau", "LARS", "SSLOptimConfig", "build_ssl_optimizer",
     "scaled_lr", "ssl_param_groups", "SSLAugmentConfig", "TwoViews", "byol_transforms", "byol_view_transform",
-    "BatchedBYOLAugment", "base_transform", "batch_seed", "SSLEvalConfig", "extract_features", "knn_predict",
+    "refuse_lars_under_deepspeed", "BatchedBYOLAugment", "base_transform", "batch_seed", "SSLEvalConfig",
+    "extract_features", "knn_predict",
     "knn_accuracy", "linear_eval", "evaluate_representation", "export_backbone", "export_byol",
     "nt_xent_loss", "mocov3_loss", "MoCoV3", "MoCoV3MLP", "DINOHead", "DINOLoss", "teacher_temp_schedule",
     "vicreg_loss", "barlow_twins_loss", "bank_loader", "eval_protocol", "evaluate_pretrained", "offline_eval",

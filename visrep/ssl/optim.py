@@ -89,3 +89,13 @@ def build_ssl_optimizer(model: nn.Module, cfg: SSLOptimConfig, global_batch: int
     scale = cfg.peak_lr(global_batch) / cfg.lr
     groups = ssl_param_groups(model, cfg, cfg.lr * scale, cfg.probe_lr * scale, predictor_prefix=predictor_prefix)
     return build_optimizer(groups, cfg, global_batch)
+
+
+def refuse_lars_under_deepspeed(optim: SSLOptimConfig, accelerator) -> None:
+    """LARS needs each layer's whole weight for its trust ratio, which DeepSpeed's flattened shards do not
+    give: one clear error before any training (the engine decides what DeepSpeed can do)."""
+    from visrep.engine.distributed import require
+
+    if optim.name == "lars":
+        require(accelerator, "per_layer_optimizer", "optim.name 'lars' (a trust ratio per layer)",
+                "Under DeepSpeed use --optim.name sgd or adamw; or train with LARS under DDP (without --use_deepspeed).")
