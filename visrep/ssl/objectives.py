@@ -84,6 +84,17 @@ def _global_rows(x: torch.Tensor, grad: bool, same_size: bool) -> tuple[torch.Te
     return gather(x, same_size=len(set(sizes)) == 1), sum(sizes[:rank]), world
 
 
+def _global_views(z1: torch.Tensor, z2: torch.Tensor, same_size: bool, too_few: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both views' rows of every rank (gathered with gradient, in one gather), for the losses built on
+    global batch statistics; ``too_few`` (", got N" appended) when the global batch has fewer than 2 rows."""
+    _check_same(z1=z1, z2=z2)
+    d = z1.shape[1]
+    both, _, _ = _global_rows(torch.cat([_wide(z1), _wide(z2)], dim=1), grad=True, same_size=same_size)
+    if both.shape[0] < 2:
+        raise ValueError(f"{too_few}, got {both.shape[0]}")
+    return both[:, :d], both[:, d:]
+
+
 def _off_diagonal_sq(c: torch.Tensor) -> torch.Tensor:
     """``sum_{i != j} c_ij^2`` of a square matrix."""
     return c.pow(2).sum() - c.diagonal().pow(2).sum()
@@ -427,13 +438,8 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
     Paper: Bardes, Ponce, LeCun, "VICReg: Variance-Invariance-Covariance Regularization for
     Self-Supervised Learning", 2022 (ICLR), arXiv:2105.04906, Sec. 3.1-3.2.
     """
-    _check_same(z1=z1, z2=z2)
-    d = z1.shape[1]
-    both, _, _ = _global_rows(torch.cat([_wide(z1), _wide(z2)], dim=1), grad=True, same_size=same_size)
-    n = both.shape[0]
-    if n < 2:
-        raise ValueError(f"VICReg needs at least 2 rows in the global batch for a variance, got {n}")
-    x, y = both[:, :d], both[:, d:]
+    x, y = _global_views(z1, z2, same_size, "VICReg needs at least 2 rows in the global batch for a variance")
+    n, d = x.shape
     invariance = F.mse_loss(x, y)
     x, y = x - x.mean(dim=0), y - y.mean(dim=0)
     variance = covariance = 0.0
@@ -466,12 +472,8 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, e
     Paper: Zbontar, Jing, Misra, LeCun, Deny, "Barlow Twins: Self-Supervised Learning via Redundancy
     Reduction", 2021, arXiv:2103.03230, Sec. 2 (Eq. 1-2, Algorithm 1).
     """
-    _check_same(z1=z1, z2=z2)
-    d = z1.shape[1]
-    both, _, _ = _global_rows(torch.cat([_wide(z1), _wide(z2)], dim=1), grad=True, same_size=same_size)
-    n = both.shape[0]
-    if n < 2:
-        raise ValueError(f"Barlow Twins needs at least 2 rows in the global batch to standardise, got {n}")
-    both = (both - both.mean(dim=0)) / torch.sqrt(both.var(dim=0, unbiased=False) + eps)
-    c = both[:, :d].t() @ both[:, d:] / n
+    x, y = _global_views(z1, z2, same_size, "Barlow Twins needs at least 2 rows in the global batch to standardise")
+    n = x.shape[0]
+    x, y = ((z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps) for z in (x, y))
+    c = x.t() @ y / n
     return (1.0 - c.diagonal()).pow(2).sum() + lambd * _off_diagonal_sq(c)
