@@ -45,7 +45,7 @@ from types import SimpleNamespace
 
 import torch
 
-from timing import bench_parser, time_steps, update, warm_and_interleave
+from timing import bench_parser, require_compiler, time_steps, update, warm_and_interleave
 
 # throughput rows: key -> label
 VARIANTS = {
@@ -292,12 +292,7 @@ def main(argv=None):
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.compile_variants:
-        from visrep.engine.fast import compiler_missing
-
-        missing = compiler_missing(args.device)
-        if missing:
-            p.error(f"the compiled rows need torch.compile, but {missing}; --no-compile-variants skips them")
+    require_compiler(p, args)
     args.width = None if args.width is not None and args.width < 0 else args.width
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(args.precision, args.precision),
                               cpu=args.device == "cpu")

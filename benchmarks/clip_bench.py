@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from timing import bench_parser, time_steps, update  # noqa: E402
+from timing import bench_parser, require_compiler, time_steps, update  # noqa: E402
 
 # the training-step rows: key -> label ("ours" and "open_clip" are the eager steps of the main table)
 STEP_VARIANTS = {
@@ -218,12 +218,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.compile_variants:
-        from visrep.engine.fast import compiler_missing
-
-        missing = compiler_missing(device)
-        if missing:
-            ap.error(f"the compiled rows need torch.compile, but {missing}; --no-compile-variants skips them")
+    require_compiler(ap, args)
 
     rows = [(f"loss fwd+bwd, 1 process (B={args.batch_size}, D={args.width})", bench_loss(args, device))]
     if not args.skip_dist:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timing import bench_parser, update, warm_and_interleave
+from timing import bench_parser, require_compiler, update, warm_and_interleave
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -286,12 +286,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.compile_variants:
-        from visrep.engine.fast import compiler_missing
-
-        missing = compiler_missing(args.device)
-        if missing:
-            p.error(f"the compiled rows need torch.compile, but {missing}; --no-compile-variants skips them")
+    require_compiler(p, args)
     accelerator = Accelerator(cpu=args.device == "cpu")
 
     def make_opt(mo, foreach=None):

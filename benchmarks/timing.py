@@ -73,3 +73,14 @@ def warm_and_interleave(steps: dict, batches, warmup: int, rounds: int, n: int, 
         for name, step in (list(steps.items()) if r % 2 == 0 else reversed(list(steps.items()))):
             times[name] += time_steps(step, batches, n, device)
     return times, warm
+
+
+def require_compiler(parser: argparse.ArgumentParser, args) -> None:
+    """With ``args.compile_variants``, stop with one usage error when torch.compile cannot run on
+    ``args.device`` (no C++ compiler, no Triton, ...), naming the flag that skips the compiled rows."""
+    if args.compile_variants:
+        from visrep.engine.fast import compiler_missing
+
+        missing = compiler_missing(args.device)
+        if missing:
+            parser.error(f"the compiled rows need torch.compile, but {missing}; --no-compile-variants skips them")
