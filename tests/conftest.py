@@ -17,10 +17,19 @@ if "VISREP_CACHE" not in os.environ:
     os.environ["VISREP_CACHE"] = tempfile.mkdtemp(prefix="visrep-test-cache-")
     atexit.register(shutil.rmtree, os.environ["VISREP_CACHE"], True)
 
+# One intra-op thread per xdist worker when the workers share the cores (`make test`: -n 2 on 2 cores). With
+# two threads each, the workers and the 2-process launches oversubscribe the cores and OpenMP's spinning
+# threads slow every test: a check that takes 11 s next to a busy launch took 28 s with 2 threads. The
+# recipe subprocesses (in-process runs, `python -m`, accelerate launch) inherit the same setting.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(_THREADS)
 
 
 CHEAP_MODULE_FIXTURES = {"tiny", "uneven", "packed", "hf_parquet"}  # presets, small shards: made again on another worker
