@@ -33,6 +33,7 @@ from visrep.data.images import (EpochSampler, LabelledImages, SplitLoaders, buil
                                 loader_options, stack)
 from visrep.data import shards
 from visrep.data.sources import DataConfig, load_splits
+from visrep.data.imagenet import TEMPLATE_SETS, expand_templates, read_classnames
 from visrep.errors import DataError, MissingFileError, MissingKeyError
 from visrep.checks import check
 
@@ -66,8 +67,13 @@ class PairsConfig(DataConfig):
     image_size: int = 16
     hflip: float = 0.0
     zero_shot_templates: list[str] = dataclasses.field(default_factory=list)
-    """Prompt templates with one {} for the class name; empty: the held-out digit templates (digits)
-    or a generic photo set."""
+    """Prompt templates with one {} for the class name, or the name of a bundled set (``openai_imagenet``: CLIP's
+    80 ImageNet templates, ``simple_imagenet``: its 7); empty: the held-out digit templates (digits) or a generic
+    photo set."""
+    classnames: Optional[str] = None
+    """Zero-shot class names in place of the label names: ``imagenet`` (the bundled ImageNet-1k names, matched to
+    synset-id labels such as an ImageNet folder's, or to all 1000 classes in index order), or a text file with
+    one class per line in label-id order (synonyms separated by ``|``)."""
     train_templates: list[str] = dataclasses.field(default_factory=list)
     """digits: caption templates for training; empty: DIGIT_TRAIN_TEMPLATES."""
     eval_templates: list[str] = dataclasses.field(default_factory=list)
@@ -83,7 +89,8 @@ class PairsConfig(DataConfig):
               "a directory with images and a captions file when data.source is 'folder'")
         for key in ("zero_shot_templates", "train_templates", "eval_templates"):
             for t in getattr(self, key):
-                check(t.count("{}") == 1, f"{prefix}{key}", t, "templates with exactly one {} for the class name")
+                check(t.count("{}") == 1 or (key == "zero_shot_templates" and t in TEMPLATE_SETS), f"{prefix}{key}", t, "templates with exactly one {} for the class name (zero_shot_templates: or a bundled set, "
+                      f"{' or '.join(TEMPLATE_SETS)})")
         overlap = set(self.train_templates or DIGIT_TRAIN_TEMPLATES) & set(self.eval_templates or DIGIT_EVAL_TEMPLATES)
         check(self.source != "digits" or not overlap, f"{prefix}eval_templates", sorted(overlap),
               "templates disjoint from the training templates (they are held out for evaluation)")
@@ -294,6 +301,9 @@ def load_pair_splits(cfg: PairsConfig) -> PairSplits:
         mode = "RGB" if cfg.channels == 3 else "L"
         for name in list(out.splits):
             out.splits[name], _ = drop_unreadable(out.splits[name], mode, name)
+    if cfg.classnames:
+        out.classnames = read_classnames(cfg.classnames, [n[0] for n in out.classnames] if out.classnames else None)
+    out.templates = expand_templates(out.templates)
     return out
 
 
@@ -356,7 +366,7 @@ def build_pair_data(cfg: PairsConfig, data_config: dict, tokenizer: Callable, se
     ps = splits or load_pair_splits(cfg)
     mode = "RGB" if cfg.channels == 3 else "L"
     dc = dict(data_config, input_size=(cfg.channels, cfg.image_size, cfg.image_size))
-    train_tf = build_transforms(dc, cfg.image_size, train=True, hflip=cfg.hflip, augment=cfg.augment)
+    train_tf = build_transforms(dc, cfg.image_size, train=True, **cfg.train_transform_options())
     eval_tf = build_transforms(dc, cfg.image_size, train=False)
     kw = dict(tokenizer=tokenizer, mode=mode, classnames=ps.classnames)
     lk = loader_options(num_workers, collate_pairs)
