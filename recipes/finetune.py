@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from visrep.data import DataConfig, build_classification_data, shards
@@ -38,6 +37,7 @@ from visrep.engine import (OptimConfig, RecipeConfig, Run, ScheduleConfig, build
 from visrep.launch import finish_run
 from visrep.engine.distributed import require
 from visrep.engine.export import export_model, load_model
+from visrep.engine.supervised import SupervisedConfig, SupervisedObjective
 from visrep.transfer import (L2SP, BestOnValidation, FreezeConfig, GradualUnfreezer, freeze,
                              layer_decay_param_groups, set_trainable)
 from visrep.transfer.finetune import num_stages
@@ -92,6 +92,8 @@ class FinetuneRecipeConfig(RecipeConfig):
     """Fine-tuning (and scratch-baseline) optimizer; ``lr`` is the peak rate of the head."""
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     """Fine-tuning epochs and LR shape (probe and source stages use the same shape)."""
+    supervised: SupervisedConfig = dataclasses.field(default_factory=SupervisedConfig)
+    """Label smoothing, MixUp / CutMix, auxiliary-classifier weight (every stage's cross-entropy)."""
     compare_scratch: bool = True
     scratch_optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.05))
 
@@ -101,6 +103,7 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
                 l2sp: Optional[L2SP] = None) -> tuple[torch.nn.Module, dict]:
     """Train ``model`` on ``data`` with cross-entropy (+ L2-SP), keep the epoch best on ``data``'s val split."""
     accelerator = run.accelerator
+    objective = SupervisedObjective(cfg.supervised, data.num_classes, cfg.seed, accelerator.process_index)
     dc = get_data_config(model)
     optimizer = build_optimizer(params, optim_cfg)
     model, optimizer, train_loader, val_loader, test_loader = run.prepare(
@@ -118,16 +121,16 @@ def train_stage(run: Run, cfg: FinetuneRecipeConfig, name: str, model: torch.nn.
         model.train()  # frozen BatchNorm layers stay in eval mode
         for x, y in stage.batches():
             with accelerator.accumulate(model):
-                ce = F.cross_entropy(model(x).float(), y)
-                metrics = {}
-                loss = ce
+                x, target = objective.mix(x, y, stage)  # MixUp / CutMix when configured
+                metrics = objective(model, model(x), target)  # cross-entropy (+ auxiliary classifiers)
+                loss = metrics.pop("loss")
                 if l2sp is not None:
                     metrics["l2sp"] = reg = l2sp(unwrapped)
-                    loss = ce + reg
+                    loss = loss + reg
                 accelerator.backward(loss)
                 if unfreezer is not None:
                     unfreezer.mask_grads()  # still-frozen stages: no update
-            stage.optimizer_step(loss, ce=ce, **metrics)
+            stage.optimizer_step(loss, **metrics)
         val = evaluate_classifier(model, val_loader, accelerator)
         best.update(unwrapped, val["top1"], epoch + 1)
         extra_log = {"trainable_from_stage": unfreezer.lowest_trainable(epoch)} if unfreezer else {}

@@ -37,6 +37,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_gloo_ranks(script: Path, out_dir: Path, *args: str, timeout: int = 180) -> list:
+    """Run ``python script out_dir *args`` as ranks 0 and 1 of a 2-process gloo group (no launcher: the
+    script calls ``torch.distributed.init_process_group("gloo")`` and saves ``out_dir/rank{r}.pt``); return
+    the two saved objects. Fails with a rank's log when it exits non-zero."""
+    import torch
+
+    base = {**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(out_dir), *args], cwd=ROOT,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(2)]
+
+
 def run_in_process(recipe: str, argv: list[str], capsys) -> subprocess.CompletedProcess:
     """``recipes/RECIPE.py ARGV`` as its ``__main__`` runs it (``visrep.errors.run_cli(main, argv)``) but in
     this process, for the checks that end before or soon after training starts (no interpreter start-up):

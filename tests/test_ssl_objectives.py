@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -464,22 +463,9 @@ def worker(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Both ranks' results: 2 gloo processes started directly (no launcher)."""
-    from helpers import ROOT, env, free_port
+    from helpers import two_gloo_ranks
 
-    out = tmp_path_factory.mktemp("ssl_dist")
-    base = {**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(out)], cwd=ROOT,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return two_gloo_ranks(Path(__file__).resolve(), tmp_path_factory.mktemp("ssl_dist"), timeout=120)
 
 
 @pytest.mark.parametrize("name,split", CASES)

@@ -47,8 +47,7 @@ def build_classification_data(cfg: DataConfig, data_config: dict, seed: int, bat
         for name in list(splits):
             splits[name], _ = drop_unreadable(splits[name], mode, name)
     dc = dict(data_config, input_size=(cfg.channels, cfg.image_size, cfg.image_size))
-    train_tf = train_transform or build_transforms(dc, cfg.image_size, train=True, hflip=cfg.hflip,
-                                                   augment=cfg.augment)
+    train_tf = train_transform or build_transforms(dc, cfg.image_size, train=True, **cfg.train_transform_options())
     eval_tf = build_transforms(dc, cfg.image_size, train=False)
     kw = loader_options(num_workers, collate)
     if streamed:

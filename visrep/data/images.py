@@ -329,12 +329,15 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 
 def build_transforms(data_config: dict, image_size: int, train: bool, hflip: float = 0.5,
-                     augment: str = "light"):
+                     augment: str = "light", randaugment: tuple[int, int] = (0, 9), random_erasing: float = 0.0):
     """Train/eval transforms from a backbone's data config (mean, std, interpolation, crop_pct).
 
     Small inputs (<= 64 px): train = pad by size/8 and random crop (+flip); eval = resize.
     Larger inputs: train = random-resized crop (0.08-1) (+flip); eval = resize to size/crop_pct and
-    centre crop. ``strong`` adds colour jitter."""
+    centre crop. ``strong`` adds colour jitter. At train time ``randaugment`` = (ops, magnitude) adds
+    RandAugment on the uint8 image and ``random_erasing`` (a probability) erases a box of the normalised
+    image with per-pixel normal noise (see ``DataConfig``). All draws come from the CPU generator, which
+    the datasets seed per sample."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
 
@@ -361,9 +364,14 @@ def build_transforms(data_config: dict, image_size: int, train: bool, hflip: flo
     else:
         ops += [T.Resize(int(round(image_size / crop_pct)), interpolation=interp, antialias=True),
                 T.CenterCrop(image_size)]
+    if train and randaugment[0] > 0:
+        ops.append(T.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1], interpolation=interp))
     if len(mean) == 3 and data_config.get("input_size", (3,))[0] == 1:
         mean, std = mean[:1], std[:1]
-    return T.Compose(ops + [ScaleNormalize(mean, std)])
+    ops.append(ScaleNormalize(mean, std))
+    if train and random_erasing > 0:  # after normalising: the noise is N(0, 1) in the normalised space
+        ops.append(T.RandomErasing(p=random_erasing, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value="random"))
+    return T.Compose(ops)
 
 
 def auto_workers() -> int:

@@ -84,11 +84,24 @@ class DataConfig:
     """Probability of a horizontal flip at train time (0 for digits: a mirrored 7 is no 7)."""
     augment: Literal["none", "light", "strong"] = "light"
     """light: pad-and-crop (small inputs) or random-resized crop; strong adds colour jitter."""
+    randaugment_ops: int = 0
+    """RandAugment (Cubuk et al. 2019, arXiv:1909.13719) after the crop and flip: this many random ops per image
+    (torchvision's v2.RandAugment); 0: off. timm's ``rand-m9-n2`` is 2 ops at magnitude 9."""
+    randaugment_magnitude: int = 9
+    """RandAugment's magnitude, 0-30 (torchvision's 31 bins)."""
+    random_erasing: float = 0.0
+    """Random erasing (Zhong et al. 2017, arXiv:1708.04896): probability that a box (2-33% of the image, aspect
+    0.3-3.3) of the normalised image is replaced by per-pixel normal noise (timm's ``mode='pixel'``); 0: off."""
     on_corrupt: Literal["error", "skip"] = "error"
     """error: stop with the file's name; skip: drop unreadable images up front and log how many."""
     label_fraction: float = 1.0
     """Keep this fraction of the training labels (stratified, seeded): the label budget."""
     shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)
+
+    def train_transform_options(self) -> dict:
+        """The augmentation keywords of ``build_transforms(..., train=True)``."""
+        return dict(hflip=self.hflip, augment=self.augment, random_erasing=self.random_erasing,
+                    randaugment=(self.randaugment_ops, self.randaugment_magnitude))
 
     @property
     def streamed(self) -> bool:
@@ -103,6 +116,10 @@ class DataConfig:
         check(0 < self.val_fraction < 1, f"{prefix}val_fraction", self.val_fraction, "a number in (0, 1)")
         check(0 < self.test_fraction < 1, f"{prefix}test_fraction", self.test_fraction, "a number in (0, 1)")
         check(0 <= self.hflip <= 1, f"{prefix}hflip", self.hflip, "a probability in [0, 1]")
+        check(self.randaugment_ops >= 0, f"{prefix}randaugment_ops", self.randaugment_ops, "an integer >= 0")
+        check(0 <= self.randaugment_magnitude <= 30, f"{prefix}randaugment_magnitude", self.randaugment_magnitude,
+              "an integer in [0, 30]")
+        check(0 <= self.random_erasing <= 1, f"{prefix}random_erasing", self.random_erasing, "a probability in [0, 1]")
         check(0 < self.label_fraction <= 1, f"{prefix}label_fraction", self.label_fraction, "a number in (0, 1]")
         check(self.source != "hf" or bool(self.name), f"{prefix}name", self.name,
               "a Hugging Face dataset name when data.source is 'hf'")
