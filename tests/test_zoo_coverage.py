@@ -21,6 +21,7 @@ HEAVY = {
     "wide_resnet50_2", "resnext50_32x4d", "resnet34", "mobilenetv1_125", "mobilenetv2_140",
     "efficientnet_b1", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6",
     "efficientnet_b7", "mobilenetv2_075", "mobilenetv3_small_075", "mobilenetv3_large_075", "resnet44",
+    "plain44", "plain56", "plain110",  # the same class as plain20 (tested here), without shortcuts
 }
 
 
@@ -45,7 +46,7 @@ EXHAUSTIVE = {
     "efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
     "resnet101", "resnet152", "seresnet101", "seresnet152", "resnet110", "convnext_small", "convnext_base",
     "swin_base_patch4_window7_224", "vit_base_patch16_224", "vgg13", "vgg13_bn", "vgg19", "vgg19_bn",
-    "mobilenetv2_140",
+    "mobilenetv2_140", "plain110",
 }
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 __all__ = [
     "ConvBnAct", "Bottleneck1x1", "InceptionModule", "BasicBlock", "BottleneckBlock",
     "GroupedConv", "DepthwiseSeparableConv", "InvertedResidual", "SEBlock",
-    "ChannelAttention", "SpatialAttention", "CBAM", "sinusoidal_encoding",
+    "ChannelAttention", "SpatialAttention", "CBAM", "make_attention", "sinusoidal_encoding",
     "sinusoidal_encoding_2d", "SinusoidalPositionalEncoding", "make_divisible",
 ]
 
@@ -78,50 +78,75 @@ class InceptionModule(nn.Module):
 class BasicBlock(nn.Module):
     """Residual basic block: two 3x3 convs and an identity (or projected) shortcut.
 
-    ``y = relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``. ``shortcut="B"`` projects with a
+    ``y = relu(attn(bn(conv(relu(bn(conv(x)))))) + shortcut(x))``. ``shortcut="B"`` projects with a
     1x1 conv when shape changes; ``"A"`` pads zeros on channels after strided subsampling
-    (parameter-free, used for the CIFAR ResNets of Sec. 4.2).
+    (parameter-free, used for the CIFAR ResNets of Sec. 4.2); ``"none"`` (or ``False``) drops the
+    shortcut: the "plain" block of the paper's Sec. 4.1, ``y = relu(bn(conv(relu(bn(conv(x))))))``.
+    ``attention``: ``"se"`` or ``"cbam"`` gates the residual branch before the addition, as SE-ResNet
+    (Hu et al. Fig. 3) and CBAM (Woo et al. Fig. 3) place it (see :func:`make_attention`).
     Paper: He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", 2015, arXiv:1512.03385.
     """
     expansion = 1
 
-    def __init__(self, in_chs, out_chs, stride=1, shortcut: str = "B", groups=1, base_width=64):
+    def __init__(self, in_chs, out_chs, stride=1, shortcut: str = "B", groups=1, base_width=64,
+                 attention: str | None = None, attention_reduction: int = 16):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_chs)
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_chs)
+        self.attn = make_attention(attention, out_chs, attention_reduction)
         self.act = nn.ReLU(inplace=True)
         self.shortcut = _make_shortcut(in_chs, out_chs, stride, shortcut)
 
     def forward(self, x):
         y = self.act(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.act(y + self.shortcut(x))
+        y = self.attn(self.bn2(self.conv2(y)))
+        return self.act(y if self.shortcut is None else y + self.shortcut(x))
 
 
 class BottleneckBlock(nn.Module):
     """Residual bottleneck block: 1x1 reduce -> 3x3 (optionally grouped) -> 1x1 expand (x4).
 
     With ``groups > 1`` this is the ResNeXt block (aggregated transformations); with a larger
-    ``base_width`` the Wide ResNet-50-2 block.
+    ``base_width`` the Wide ResNet-50-2 block. ``shortcut="none"`` and ``attention`` as in
+    :class:`BasicBlock` (the gate follows the last 1x1 conv, before the addition).
     Papers: He et al., "Deep Residual Learning for Image Recognition", 2015, arXiv:1512.03385;
     Xie et al., "Aggregated Residual Transformations for Deep Neural Networks", 2016, arXiv:1611.05431.
     """
     expansion = 4
 
-    def __init__(self, in_chs, planes, stride=1, shortcut: str = "B", groups=1, base_width=64):
+    def __init__(self, in_chs, planes, stride=1, shortcut: str = "B", groups=1, base_width=64,
+                 attention: str | None = None, attention_reduction: int = 16):
         super().__init__()
         width = int(planes * base_width / 64) * groups
         out_chs = planes * self.expansion
         self.conv1 = Bottleneck1x1(in_chs, width)
         self.conv2 = GroupedConv(width, width, 3, stride=stride, groups=groups)
         self.conv3 = ConvBnAct(width, out_chs, 1, act_layer=None)
+        self.attn = make_attention(attention, out_chs, attention_reduction)
         self.act = nn.ReLU(inplace=True)
         self.shortcut = _make_shortcut(in_chs, out_chs, stride, shortcut)
 
     def forward(self, x):
-        return self.act(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
+        y = self.attn(self.conv3(self.conv2(self.conv1(x))))
+        return self.act(y if self.shortcut is None else y + self.shortcut(x))
+
+
+ATTENTION_KINDS = (None, "se", "cbam")
+
+
+def make_attention(kind: str | None, channels: int, reduction: int = 16) -> nn.Module:
+    """The gate a residual block puts on its branch: ``None`` -> identity, ``"se"`` -> :class:`SEBlock`
+    with ``C / reduction`` hidden units (at least 1, as in the paper's ``C/r``), ``"cbam"`` -> :class:`CBAM`
+    (same channel reduction, 7x7 spatial conv)."""
+    if kind is None or kind in ("none", ""):
+        return nn.Identity()
+    if kind == "se":
+        return SEBlock(channels, reduction=reduction, min_rd=1)
+    if kind == "cbam":
+        return CBAM(channels, reduction=reduction)
+    raise ValueError(f"attention must be one of None, 'se', 'cbam'; got {kind!r}")
 
 
 class _PadShortcut(nn.Module):
@@ -139,6 +164,10 @@ class _PadShortcut(nn.Module):
 
 
 def _make_shortcut(in_chs, out_chs, stride, kind):
+    if kind is False or kind is None or kind == "none":
+        return None  # a plain block (He et al. Sec. 4.1): no identity path at all
+    if kind not in ("A", "B"):
+        raise ValueError(f"shortcut must be 'A', 'B' or 'none', got {kind!r}")
     if stride == 1 and in_chs == out_chs:
         return nn.Identity()
     if kind == "A":

@@ -4,7 +4,12 @@ A 3x3 conv with 16 filters, then three stages of ``n`` basic blocks with 16, 32,
 32x32, 16x16, 8x8 maps, global average pooling and a linear classifier: ``6n + 2`` layers.
 Shortcuts are parameter-free (option A: subsample + zero-pad) as in the paper; ``shortcut="B"``
 uses 1x1 projections. ResNet-20 has 0.27M parameters.
-Paper: He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", 2015, arXiv:1512.03385.
+``shortcut="none"`` builds the paper's "plain" counterpart (registered as ``plain20`` ... ``plain110``): the
+same layers without any shortcut, whose training error *rises* with depth (the degradation problem, Fig. 6).
+``attention="se"`` / ``"cbam"`` gates every residual branch before the addition (SE-ResNet, CBAM-ResNet).
+Papers: He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", 2015, arXiv:1512.03385;
+Hu et al., "Squeeze-and-Excitation Networks", 2017, arXiv:1709.01507; Woo et al., "CBAM: Convolutional Block
+Attention Module", 2018, arXiv:1807.06521.
 """
 from __future__ import annotations
 
@@ -26,10 +31,14 @@ class CifarResNet(ZooModel):
     was the learning rate scaled with the batch (README, "Defaults for a new dataset")."""
 
     def __init__(self, depth: int = 20, num_classes: int = 0, in_chans: int = 3, width: float = 1.0,
-                 shortcut: str = "A", drop_rate: float = 0.0, zero_init_residual: bool = False):
+                 shortcut: str = "A", drop_rate: float = 0.0, zero_init_residual: bool = False,
+                 attention: str | None = None, attention_reduction: int = 16):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if zero_init_residual and shortcut in (None, False, "none"):
+            raise ValueError("zero_init_residual needs shortcuts: a plain net (shortcut='none') with zeroed "
+                             "branches outputs zeros; drop one of the two")
         n = (depth - 2) // 6
         chs = [max(1, int(round(c * width))) for c in (16, 32, 64)]
         self.stem = ConvBnAct(in_chans, chs[0], 3)
@@ -37,7 +46,8 @@ class CifarResNet(ZooModel):
         for i, c in enumerate(chs):
             blocks = []
             for j in range(n):
-                blocks.append(BasicBlock(in_chs, c, stride=2 if (i > 0 and j == 0) else 1, shortcut=shortcut))
+                blocks.append(BasicBlock(in_chs, c, stride=2 if (i > 0 and j == 0) else 1, shortcut=shortcut,
+                                         attention=attention, attention_reduction=attention_reduction))
                 in_chs = c
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)

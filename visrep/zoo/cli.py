@@ -42,6 +42,8 @@ def _register_zoo(subparsers):
     p.add_argument("--depth", type=int, default=2, help="module depth of the layer table (-1: leaves)")
     p.add_argument("--optimizer", default="adamw", choices=["sgd", "momentum", "adam", "adamw"])
     p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument("--receptive-field", action="store_true",
+                   help="add each feature stage's receptive field and stride (measured: a CPU forward + backward)")
     p.set_defaults(func=_zoo_summary)
 
 
@@ -71,6 +73,10 @@ def _zoo_summary(args) -> int:
     size = tuple(args.input_size) if args.input_size else tuple(model.data_config["input_size"])
     s = summarize(model, size, batch_size=args.batch_size, depth=args.depth, optimizer=args.optimizer)
     s.name = args.name
+    if args.receptive_field:
+        from .receptive_field import receptive_fields
+        s.receptive_fields = receptive_fields(
+            create_backbone(args.name, small_input=args.small_input, features_only=True), size)
     print(s.to_text(args.max_rows))
     return 0
 

@@ -2,7 +2,8 @@
 
 Default sources (a plain name's source is what ``visrep zoo list`` shows):
 
-* written here (``visrep``): ``resnet20/32/44/56/110`` (CIFAR ResNets), ``zfnet``, ``googlenet``
+* written here (``visrep``): ``resnet20/32/44/56/110`` (CIFAR ResNets; ``attention="se"|"cbam"``),
+  ``plain20/32/44/56/110`` (the same without shortcuts), ``zfnet``, ``googlenet``
   (Inception v1 with its two auxiliary classifiers).
 * torchvision (``tv``): ``alexnet``, ``vgg11/13/16/19`` and ``*_bn``.
 * timm (everything else): ResNet-18..152, ResNeXt-50 32x4d, Wide ResNet-50-2, DenseNet-121,
@@ -29,7 +30,11 @@ def _cifar_resnet(depth, num_classes=0, in_chans=3, small_input=True, **kwargs):
 
 for _d in (20, 32, 44, 56, 110):
     register_backbone(f"resnet{_d}", partial(_cifar_resnet, _d), source="visrep",
-                      description=f"CIFAR ResNet-{_d} (16/32/64 channels, 32x32 input); kwargs width, shortcut",
+                      description=f"CIFAR ResNet-{_d} (16/32/64 channels, 32x32 input); "
+                                  "kwargs width, shortcut (A/B/none), attention (se/cbam)",
+                      paper=_HE2015, tags=("cnn", "cifar"))
+    register_backbone(f"plain{_d}", partial(_cifar_resnet, _d, shortcut="none"), source="visrep",
+                      description=f"CIFAR plain-{_d}: ResNet-{_d} without shortcuts (the degradation problem)",
                       paper=_HE2015, tags=("cnn", "cifar"))
 
 

@@ -3,8 +3,17 @@ download (pretrained weights, the Hub) so that an unreachable network fails at o
 message instead of after a library's retries with back-off. Imports nothing of ours."""
 from __future__ import annotations
 
+import os
 import socket
 from urllib.parse import urlparse
+
+OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "VISREP_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline() -> bool:
+    """Whether an offline flag (``HF_HUB_OFFLINE``, ``VISREP_OFFLINE``, ``TRANSFORMERS_OFFLINE``) is set, read
+    at each call: nothing is then downloaded."""
+    return any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in OFFLINE_FLAGS)
 
 
 def connect(host_or_url: str, timeout: float, port: int | None = None) -> None:

@@ -5,6 +5,7 @@ Names resolve as follows:
 * ``timm:NAME`` -- any ``timm`` model (``timm.list_models()``), adapted to the contract.
 * ``tv:NAME`` -- a ``torchvision`` classification model of a supported family
   (see :data:`visrep.zoo.tv_backbones.TV_FAMILIES`).
+* ``hf:REPO`` or ``hf:/path/to/dir`` -- a ``transformers`` vision model (see :mod:`visrep.zoo.hf_models`).
 * ``visrep:NAME`` or a plain ``NAME`` -- the registered entry; its ``source`` says where a plain
   name comes from (``visrep zoo list`` prints it).
 """
@@ -27,7 +28,7 @@ import torch.nn as nn
 from .entries import _REGISTRY, BackboneEntry, register_backbone
 from .errors import CheckpointMismatchError, PretrainedWeightsUnavailable, UnknownBackboneError
 from .features import FeatureExtractor
-from .net import reachable
+from .net import offline, reachable
 
 __all__ = ["BackboneEntry", "register_backbone", "create_backbone", "list_backbones", "get_backbone_entry",
            "get_data_config", "load_checkpoint", "save_checkpoint"]
@@ -36,7 +37,8 @@ __all__ = ["BackboneEntry", "register_backbone", "create_backbone", "list_backbo
 _PREFIXES: dict[str, Callable[..., nn.Module]] = {}
 # the libraries whose every model is a backbone: prefix -> (module, its builder, library name)
 _LIBRARY_PREFIXES = {"timm:": (".timm_backbones", "create_timm_backbone", "timm"),
-                     "tv:": (".tv_backbones", "create_tv_backbone", "torchvision")}
+                     "tv:": (".tv_backbones", "create_tv_backbone", "torchvision"),
+                     "hf:": (".hf_models", "create_hf_backbone", "transformers")}
 PREFIX_ENTRY_POINTS = "visrep.zoo_prefixes"
 
 
@@ -111,12 +113,14 @@ def list_backbones(pattern: str | None = None, source: str | None = None) -> lis
 # --------------------------------------------------------------------------- pretrained weights
 
 def _offline() -> bool:
-    flags = ("HF_HUB_OFFLINE", "VISREP_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in flags)
+    return offline()
 
 
 def _weight_locations(entry: BackboneEntry) -> tuple[list[str], bool]:
     """(hosts the weights would come from, whether a local cached copy exists)."""
+    if entry.source == "timm" and (entry.target or "").startswith("hf-hub:"):
+        from .timm_backbones import hf_hub_snapshot
+        return ["huggingface.co"], hf_hub_snapshot(entry.target[len("hf-hub:"):]) is not None
     if entry.source == "timm":
         from timm.models import get_pretrained_cfg
         try:
@@ -149,6 +153,9 @@ def _weight_locations(entry: BackboneEntry) -> tuple[list[str], bool]:
         if url is None:
             return [], False
         return [urlparse(url).hostname or ""], _torch_hub_cached(url)
+    if entry.source == "hf":
+        from .hf_models import hf_files_cached
+        return ["huggingface.co"], hf_files_cached(entry.target)
     return [], False
 
 
@@ -161,6 +168,7 @@ def _unavailable(name: str, entry: BackboneEntry, reason: str) -> PretrainedWeig
     how = {
         "timm": f"import timm; m = timm.create_model({entry.target!r}, pretrained=True)",
         "tv": f"import torchvision; m = torchvision.models.get_model({entry.target!r}, weights='DEFAULT')",
+        "hf": f"import transformers; m = transformers.AutoModel.from_pretrained({entry.target!r})",
     }.get(entry.source, "")
     msg = (f"pretrained weights for {name!r} ({entry.source}:{entry.target}) are unavailable: {reason}. "
            "No random init was substituted. To use weights from a local file, save a state dict of this "
@@ -180,6 +188,16 @@ def _check_pretrained(name: str, entry: BackboneEntry) -> None:
         return
     if entry.source == "timm" and not hosts:
         raise _unavailable(name, entry, "timm lists no pretrained weights for it")
+    if entry.source == "timm" and (entry.target or "").startswith("hf-hub:"):
+        repo = entry.target[len("hf-hub:"):]
+        need = (f"the Hugging Face repo {repo!r} needs network access to huggingface.co or a cached copy of it "
+                "(config.json and weights) in the Hugging Face cache (HF_HUB_CACHE / HF_HOME)")
+        if _offline():
+            raise _unavailable(name, entry, f"offline mode (HF_HUB_OFFLINE / VISREP_OFFLINE) and no cached "
+                                            f"copy; {need}")
+        if not reachable("huggingface.co", timeout=3.0):
+            raise _unavailable(name, entry, f"cannot connect to huggingface.co and no cached copy; {need}")
+        return
     if _offline():
         raise _unavailable(name, entry, "offline mode (HF_HUB_OFFLINE / VISREP_OFFLINE) and no cached copy")
     if hosts and not any(reachable(h, timeout=3.0) for h in hosts if h):

@@ -1,5 +1,6 @@
 """Model summaries: parameters, FLOPs/MACs (``torch.utils.flop_counter``), per-layer output shapes and
-activation memory, and an estimate of training memory for a batch size.
+activation memory, an estimate of training memory for a batch size, and (``receptive_field=True``) the
+theoretical receptive field and stride of every ``feature_info`` stage (:mod:`visrep.zoo.receptive_field`).
 
 Models named by string are built on the ``meta`` device: no weights are allocated and nothing is
 computed, so even VGG-16 or ResNet-152 at 224x224 summarise instantly.
@@ -37,6 +38,7 @@ class ModelSummary:
     param_bytes: int
     layers: list[LayerRow] = field(default_factory=list)
     optimizer: str = "adamw"
+    receptive_fields: list[dict] = field(default_factory=list)  # per feature_info stage, when asked
 
     @property
     def flops(self) -> int:
@@ -87,14 +89,27 @@ def _nbytes(out) -> int:
 
 
 def summarize(model: nn.Module | str, input_size=(3, 224, 224), batch_size: int = 1, depth: int = 2,
-              optimizer: str = "adamw", **create_kwargs) -> ModelSummary:
+              optimizer: str = "adamw", receptive_field: bool = False, **create_kwargs) -> ModelSummary:
     """Summarise a model (or a zoo name, built on the meta device) for ``batch_size`` inputs of ``input_size``.
 
     ``layers`` lists modules up to ``depth`` levels deep (``-1``: leaves only) with output shape,
     parameters, output (activation) bytes and MACs. ``activation_bytes`` sums the outputs of leaf
     modules, a standard upper-bound-ish estimate of what autograd saves for backward.
+    ``receptive_field``: also measure each stage's receptive field and stride (a real forward and backward on
+    CPU, see :func:`visrep.zoo.receptive_field.receptive_fields`; a name is then also built off the meta device).
     """
     name = model if isinstance(model, str) else type(model).__name__
+    rfs: list[dict] = []
+    if receptive_field:
+        from .receptive_field import receptive_fields
+        if isinstance(model, str):
+            from .registry import create_backbone
+            rfs = receptive_fields(create_backbone(model, features_only=True, **create_kwargs), input_size)
+        elif any(p.is_meta for p in model.parameters()):
+            raise ValueError("receptive_field=True needs real weights: pass a model built off the meta device "
+                             "(or its name)")
+        else:
+            rfs = receptive_fields(model, input_size)
     if isinstance(model, str):
         from .registry import create_backbone
         create_kwargs.setdefault("num_classes", 1000)
@@ -154,7 +169,7 @@ def summarize(model: nn.Module | str, input_size=(3, 224, 224), batch_size: int 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return ModelSummary(name, tuple(input_size), batch_size, params, trainable,
-                        int(counter.get_total_flops() // 2), sum(leaf_bytes.values()), param_bytes, rows, optimizer)
+                        int(counter.get_total_flops() // 2), sum(leaf_bytes.values()), param_bytes, rows, optimizer, rfs)
 
 
 def format_summary(s: ModelSummary, max_rows: int | None = None) -> str:
@@ -179,4 +194,23 @@ def format_summary(s: ModelSummary, max_rows: int | None = None) -> str:
               f"activation memory:     {_fmt_bytes(s.activation_bytes)} (batch {s.batch_size}, leaf outputs)",
               f"est. training memory:  {_fmt_bytes(s.training_memory_bytes())} "
               f"(weights + grads + {s.optimizer} state + activations, fp32, batch {s.batch_size})"]
+    if s.receptive_fields:
+        lines += ["", format_receptive_fields(s.receptive_fields)]
+    return "\n".join(lines)
+
+
+def format_receptive_fields(rfs: list[dict]) -> str:
+    """The per-stage table: module, reduction, measured stride, receptive field (``>=`` when clipped)."""
+    header = f"{'feature stage':<24} {'reduction':>9} {'stride':>8} {'receptive field':>18}"
+    lines = [header, "-" * len(header)]
+
+    def pair(p):
+        return "?" if p[0] is None else (f"{p[0]}" if p[0] == p[1] else f"{p[0]}x{p[1]}")
+    for r in rfs:
+        rf = f"{r['rf'][0]}x{r['rf'][1]}"
+        rf = f">={rf} (clipped)" if r["clipped"] else rf
+        lines.append(f"{r['module'][:24]:<24} {r['reduction'] if r['reduction'] is not None else '?':>9} "
+                     f"{pair(r['stride']):>8} {rf:>18}")
+    lines.append("receptive field: input pixels with a path to one unit (theoretical RF, measured by gradient "
+                 "support); stride: input pixels between neighbouring units")
     return "\n".join(lines)

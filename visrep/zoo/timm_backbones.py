@@ -7,6 +7,8 @@ keeps that separately (``head_hidden_size``: MobileNetV3, VGG).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.nn as nn
 
 from .base import make_data_config
@@ -107,9 +109,45 @@ def finalize(model: nn.Module, *, small_input: bool = False, in_chans: int = 3, 
     return model
 
 
+HF_HUB_PREFIX = "hf-hub:"
+# what timm's hf-hub loader reads besides config.json (timm.models._hub: safetensors first)
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                   "open_clip_pytorch_model.bin")
+
+
+def hf_hub_snapshot(model_id: str) -> Path | None:
+    """The folder of a cached copy of the Hub repo ``USER/REPO[@REVISION]`` (its ``config.json`` and a weights
+    file, in huggingface_hub's cache: ``HF_HUB_CACHE`` / ``HF_HOME``), or ``None`` when there is none."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    repo, _, revision = model_id.partition("@")
+    cfg = try_to_load_from_cache(repo, "config.json", revision=revision or None)
+    if not isinstance(cfg, str):
+        return None
+    folder = Path(cfg).parent
+    return folder if any((folder / f).is_file() for f in HF_WEIGHT_FILES) else None
+
+
+def _hf_hub_source(name: str) -> str:
+    """``hf-hub:USER/REPO`` for timm's own hf-hub loading, or ``local-dir:SNAPSHOT`` (timm's local-folder
+    loading of the very same files) when the repo is cached and the Hub cannot be asked: offline mode, or
+    huggingface.co unreachable (then huggingface_hub would first wait on the network)."""
+    from .net import offline, reachable
+
+    local = hf_hub_snapshot(name[len(HF_HUB_PREFIX):])
+    if local is not None and (offline() or not reachable("huggingface.co", timeout=3.0)):
+        return f"local-dir:{local}"
+    return name
+
+
 def create_timm_backbone(name: str, pretrained: bool = False, num_classes: int = 0, in_chans: int = 3,
                          small_input: bool = False, **kwargs) -> nn.Module:
-    """``timm.create_model`` + the zoo contract."""
+    """``timm.create_model`` + the zoo contract. ``hf-hub:USER/REPO`` names load through timm's hf-hub
+    support (its ``config.json`` and weights), from the local Hugging Face cache when offline."""
+    if pretrained and name.startswith(HF_HUB_PREFIX):
+        name = _hf_hub_source(name)
     if small_input:
         kwargs = _small_input_kwargs(name, kwargs)
     import timm

@@ -1,4 +1,4 @@
-"""Pictures of what a backbone does: Grad-CAM, feature-map grids, ViT attention maps (PNG files)."""
+"""Pictures of what a backbone does: Grad-CAM, feature-map grids, ViT and Swin attention maps (PNG files)."""
 from __future__ import annotations
 
 import math
@@ -363,9 +363,107 @@ def attention_rollout(attn: list[torch.Tensor], num_prefix: int = 1) -> torch.Te
     return result[:, 0, num_prefix:]
 
 
+# ----------------------------------------------------------------------------- Swin attention
+
+def _swin_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Named (shifted-)window attention blocks of a timm Swin, in forward order."""
+    return {n: m for n, m in model.named_modules()
+            if hasattr(m, "shift_size") and hasattr(m, "window_size") and hasattr(getattr(m, "attn", None), "attn_drop")}
+
+
+def is_swin(model: nn.Module) -> bool:
+    return bool(_swin_blocks(model))
+
+
+@torch.no_grad()
+def swin_window_attention(model: nn.Module, x: torch.Tensor, block: str | int = -1):
+    """Raw attention of one Swin block: ``(probs (N * nW, heads, w*w, w*w), grid (H, W), window, shift)``.
+
+    ``probs`` come in timm's window order (row-major over the padded, cyclically shifted token grid).
+    ``block``: a module name (``"layers.3.blocks.1"``) or an index over all blocks (default -1: the last).
+    """
+    blocks = _swin_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} is not a Swin model with window-attention blocks "
+                         "(try swin_tiny_patch4_window7_224)")
+    names = list(blocks)
+    if isinstance(block, int):
+        name = names[block]
+    elif block in blocks:
+        name = block
+    else:
+        import difflib
+        close = difflib.get_close_matches(str(block), names, n=5)
+        raise UnknownLayerError(f"no Swin block named {block!r}; blocks: {', '.join(close or names[-3:])}")
+    blk = blocks[name]
+    store: dict[str, object] = {}
+    hooks = [blk.register_forward_pre_hook(lambda _m, args: store.__setitem__("grid", tuple(args[0].shape[1:3]))),
+             blk.attn.attn_drop.register_forward_hook(lambda _m, _i, out: store.__setitem__("attn", out.detach()))]
+    fused = getattr(blk.attn, "fused_attn", False)
+    blk.attn.fused_attn = False  # materialise the softmax
+    was_training = model.training
+    model.eval()
+    try:
+        model.forward_features(x)
+    finally:
+        blk.attn.fused_attn = fused
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    window = tuple(int(w) for w in blk.window_size)
+    shift = tuple(int(s) for s in blk.shift_size)
+    return store["attn"], store["grid"], window, shift
+
+
+def swin_attention(model: nn.Module, x: torch.Tensor, block: str | int = -1) -> torch.Tensor:
+    """Attention each token *receives* in one Swin block, on the token grid: ``(N, heads, H, W)``.
+
+    Inside window ``w`` the map is ``m[t] = (1 / |w|) sum_{q in w} A[q, t]``, the mean over the window's
+    queries of the softmax attention (relative position bias and shifted-window mask included). The windows
+    are put back in place (``window_reverse``), the padding cropped and the cyclic shift of a shifted block
+    (SW-MSA) undone (``roll`` by ``+shift``), so ``m`` lies on the image's token grid (``H = image_h /
+    reduction`` of that stage). Each row of ``A`` sums to 1 over its window, so ``m`` sums to 1 over every
+    window: for a shifted block, over the windows of the grid rolled by ``-shift``. Mean over heads for one map.
+    Paper: Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", 2021,
+    arXiv:2103.14030 (Sec. 3.2, Fig. 2 and 4).
+    """
+    attn, (h, w), (wh, ww), shift = swin_window_attention(model, x, block)
+    heads = attn.shape[1]
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    received = attn.mean(2)  # (N * nW, heads, wh * ww): mean over the queries
+    grid = received.view(-1, hp // wh, wp // ww, heads, wh, ww).permute(0, 3, 1, 4, 2, 5).reshape(-1, heads, hp, wp)
+    grid = grid[:, :, :h, :w]
+    if any(shift):
+        grid = torch.roll(grid, shifts=shift, dims=(2, 3))
+    return grid.contiguous()
+
+
+def _save_swin_attention(model, image, display, out_path, max_heads: int = 6) -> Path:
+    plt = _plt()
+    import torch.nn.functional as F
+    maps = swin_attention(model, image)[0]
+    up = F.interpolate(maps[None], size=tuple(display.shape[:2]), mode="nearest")[0]
+    heads = min(max_heads, maps.shape[0])
+    fig, axes = plt.subplots(1, 2 + heads, figsize=(2.2 * (2 + heads), 2.6))
+    axes[0].imshow(display.numpy())
+    axes[0].set_title("input")
+    axes[1].imshow(display.numpy())
+    axes[1].imshow(up.mean(0).numpy(), cmap="inferno", alpha=0.6)
+    axes[1].set_title("last block (mean)")
+    for i in range(heads):
+        axes[2 + i].imshow(maps[i].numpy(), cmap="inferno")
+        axes[2 + i].set_title(f"head {i}")
+    for a in axes:
+        a.axis("off")
+    return _save(fig, out_path)
+
+
 def save_attention(model: nn.Module, image: torch.Tensor, display: torch.Tensor, out_path,
                    max_heads: int = 6) -> Path:
-    """Input, attention rollout, and last-block CLS attention of each head, as a PNG."""
+    """Input, attention rollout, and last-block CLS attention of each head, as a PNG (a ViT); for a Swin,
+    the attention received per token in the last block's windows (:func:`swin_attention`) per head."""
+    if is_swin(model):
+        return _save_swin_attention(model, image, display, out_path, max_heads)
     plt = _plt()
     attn = vit_attention(model, image)
     prefix = getattr(model, "num_prefix_tokens", 1)
