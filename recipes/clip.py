@@ -5,6 +5,8 @@
     accelerate launch recipes/clip.py --run.grad-accum 4               # 4 micro-batches, all negatives kept
     accelerate launch recipes/clip.py --teacher.source checkpoint --teacher.checkpoint RUN/models/clip
     accelerate launch recipes/clip.py --resume latest --output-dir runs/clip
+    accelerate launch recipes/clip.py --model.text.source hf --model.text.name distilbert-base-uncased \
+        --model.text.pretrained yes                                    # a transformers text tower
 
 One stage, checkpointed and resumable:
   per step   embed images and captions, L2-normalise, loss of this rank's rows against the features of

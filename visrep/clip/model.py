@@ -3,8 +3,9 @@
 Image tower: any ``visrep.zoo`` backbone (pooled ``num_features``) or the image tower of an
 open_clip model config (``open_clip.create_model(name, pretrained=TAG or None)``). Text tower: a
 small configurable transformer (open_clip's ``TextTransformer`` class, pooled at the end-of-text
-token) or the text tower of an open_clip model config. Both use open_clip's BPE tokenizer (its
-vocabulary ships inside the package: no download). Linear projections map each tower to the shared
+token), the text tower of an open_clip model config, or a Hugging Face ``transformers`` text encoder
+(``visrep.clip.hf_text``: BERT, DistilBERT, CLIPTextModel, ... with its own tokenizer). The first two
+use open_clip's BPE tokenizer (its vocabulary ships inside the package: no download). Linear projections map each tower to the shared
 ``embed_dim``; ``forward`` returns L2-normalised features and ``exp(logit_scale)``, as open_clip's
 ``CLIP.forward`` does.
 """
@@ -58,12 +59,17 @@ class ImageTowerConfig:
 
 @dataclasses.dataclass
 class TextTowerConfig:
-    source: Literal["small", "open_clip"] = "small"
-    """small: a transformer configured below; open_clip: the text tower of model config ``name``."""
+    source: Literal["small", "open_clip", "hf"] = "small"
+    """small: a transformer configured below; open_clip: the text tower of model config ``name``;
+    hf: the transformers text encoder ``name`` (Hub repo id or save_pretrained folder) and its tokenizer."""
     name: Optional[str] = None
     pretrained: Optional[str] = None
+    """open_clip: a pretrained tag or local checkpoint file; hf: any value loads the weights of ``name``
+    (null: its config only, random init)."""
     context_length: int = 16
-    """small: tokens per caption (start and end tokens included); longer captions are truncated."""
+    """small, hf: tokens per caption (start and end tokens included); longer captions are truncated."""
+    pool: Literal["auto", "cls", "eos"] = "auto"
+    """hf: the token whose last hidden state is the caption's vector (visrep.clip.hf_text)."""
     width: int = 128
     layers: int = 2
     heads: int = 4
@@ -90,6 +96,8 @@ class ClipModelConfig:
               self.init_logit_scale, f"a number in [0, max_logit_scale={self.max_logit_scale:.4f}]")
         check(self.text.source != "open_clip" or bool(self.text.name), f"{prefix}text.name", self.text.name,
               "an open_clip model config name when text.source is 'open_clip'")
+        check(self.text.source != "hf" or bool(self.text.name), f"{prefix}text.name", self.text.name,
+              "a Hugging Face repo id or save_pretrained folder when text.source is 'hf'")
         check(self.text.context_length >= 3, f"{prefix}text.context_length", self.text.context_length,
               "an integer >= 3")
         check(self.text.width % max(1, self.text.heads) == 0, f"{prefix}text.heads", self.text.heads,
@@ -370,6 +378,10 @@ def build_clip_model(cfg: ClipModelConfig, image_size: Optional[int] = None, in_
     tc = cfg.text
     if tc.source == "small":
         text = SmallText(tc)
+    elif tc.source == "hf":
+        from visrep.clip.hf_text import HFText
+
+        text = HFText(tc, load_pretrained)
     else:
         # same model and weights as the image tower: built once
         size = (ic.image_size or image_size) if (ic.source == "open_clip" and ic.name == tc.name) else None
@@ -390,18 +402,25 @@ def get_tokenizer(model_or_cfg) -> "Tokenizer":
     cfg = model_or_cfg.cfg if isinstance(model_or_cfg, ClipModel) else model_or_cfg
     if cfg.text.source == "open_clip":
         return Tokenizer(name=cfg.text.name)
+    if cfg.text.source == "hf":
+        from visrep.clip.hf_text import hf_encoder
+
+        return Tokenizer(cfg.text.context_length, encode=hf_encoder(cfg.text.name, cfg.text.context_length))
     return Tokenizer(context_length=cfg.text.context_length)
 
 
 class Tokenizer:
     """open_clip's tokenizer: the bundled BPE (``SimpleTokenizer``, offline) for the small tower and
-    CLIP configs, the model's own for other open_clip configs. ``tok(list_of_str) -> LongTensor
+    CLIP configs, the model's own for other open_clip configs, or ``encode`` (an ``hf`` text tower's
+    tokenizer: ``visrep.clip.hf_text.hf_encoder``). ``tok(list_of_str) -> LongTensor
     (N, context_length)``; repeated captions are cached."""
 
-    def __init__(self, context_length: int = 77, name: Optional[str] = None):
+    def __init__(self, context_length: int = 77, name: Optional[str] = None, encode=None):
         import open_clip
 
-        if name is None:
+        if encode is not None:
+            self._tok = encode
+        elif name is None:
             self._tok = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
         else:
             try:
