@@ -10,7 +10,9 @@ Three stages, each checkpointed and resumable:
                   pretrained zoo model), then frozen;
   2. scratch   -- the student trained with cross-entropy only;
   3. kd        -- the same student, same seed, same budget, trained on the teacher's soft targets
-                  (Hinton et al. 2015, arXiv:1503.02531), loss as defined in visrep.distill.KDConfig.
+                  (Hinton et al. 2015, arXiv:1503.02531), loss as defined in visrep.distill.KDConfig;
+                  --kd.method fitnets | at | dist | rkd adds (or, for dist, puts instead of the KL) a
+                  feature- or relation-based term: FitNets hints, attention transfer, DIST, RKD.
 """
 from __future__ import annotations
 
@@ -19,15 +21,16 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from visrep.checks import ConfigError, check
 from visrep.data import DataConfig, build_classification_data
-from visrep.distill import DistillationLoss, FrozenTeacher, KDConfig, check_teacher
+from visrep.distill import (FEATURE_METHODS, DistillationLoss, FeatureDistiller, FrozenTeacher, KDConfig, check_teacher,
+                            match_stages)
 from visrep.engine import (BackboneConfig, OptimConfig, RecipeConfig, Run, ScheduleConfig, build_optimizer,
                            count_parameters, evaluate_classifier)
-from visrep.engine.export import export_model, load_model
+from visrep.engine.export import backbone_config, load_model, write_export
+from visrep.engine.supervised import SupervisedConfig, SupervisedObjective
 from visrep.errors import main_entry
 from visrep.launch import finish_run
 from visrep.zoo import create_backbone, get_data_config
@@ -63,6 +66,8 @@ class DistillRecipeConfig(RecipeConfig):
     """Student optimizer (both student runs)."""
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     """Student budget (both student runs); the teacher uses teacher.train_epochs with the same shape."""
+    supervised: SupervisedConfig = dataclasses.field(default_factory=SupervisedConfig)
+    """Label smoothing, MixUp / CutMix and auxiliary classifiers for every stage's label term (off by default)."""
 
 
 def build(bb: BackboneConfig, num_classes: int) -> torch.nn.Module:
@@ -77,14 +82,23 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
     """One stage: cross-entropy (teacher is None) or distillation from ``teacher``."""
     accelerator = run.accelerator
     data_config = get_data_config(model)
+    export_prefix = None  # the whole model is the student
+    if teacher is not None and cfg.kd.method in FEATURE_METHODS:
+        # the student with its trainable adapters, and hooks on its stages and the teacher's: one forward
+        # gives the logits and the losses' inputs; the teacher stays outside (frozen, never wrapped)
+        model = FeatureDistiller(model, teacher, cfg.kd, teacher_autocast=run.autocast)
+        export_prefix = FeatureDistiller.EXPORT_PREFIX  # export the student alone
     global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
     optimizer = build_optimizer(model, optim_cfg, global_batch)  # lr scaled with the batch (optim.lr_scaling)
     model, optimizer, train_loader, val_loader, test_loader = run.prepare(
         model, optimizer, data.train_loader, data.val_loader, data.test_loader, grad_clip=optim_cfg.grad_clip)
     stage = run.stage(name, model=model, optimizer=optimizer, train_loader=train_loader, epochs=epochs,
                       schedule=cfg.schedule, grad_clip=optim_cfg.grad_clip, epoch_setters=data.epoch_setters,
-                      export=lambda d: export_model(accelerator, model, d, backbone, data.num_classes, data_config))
-    kd_loss = DistillationLoss(cfg.kd)
+                      export=lambda d: write_export(accelerator, model, d, "backbone",
+                                                    backbone_config(backbone, data.num_classes, data_config),
+                                                    prefix=export_prefix))
+    objective = SupervisedObjective(cfg.supervised, data.num_classes, cfg.seed, accelerator.process_index)
+    kd_loss = DistillationLoss(cfg.kd, ce=objective.ce)
     if teacher is not None and stage.compiled:  # the teacher's forward on the training batch, compiled too
         teacher.compile_inference()
 
@@ -92,13 +106,18 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
         model.train()
         for x, y in stage.batches():
             with accelerator.accumulate(model):
-                logits = model(x)
+                x, target = objective.mix(x, y, stage)  # MixUp / CutMix when configured: teacher and student alike
+                labels = None if cfg.kd.label_free else target
                 if teacher is None:
-                    losses = {"loss": F.cross_entropy(logits.float(), y)}
+                    losses = objective(model, model(x), target)  # cross-entropy (+ auxiliary classifiers)
+                elif export_prefix is not None:  # one forward: both models' logits and features / embeddings
+                    out = model(x)
+                    losses = kd_loss(out.pop("logits"), out.pop("teacher_logits"), labels, **out)
                 else:
+                    logits = model(x)
                     with run.autocast():  # the fp32 teacher, autocast also under DeepSpeed
                         teacher_logits = teacher(x)  # the very batch the student sees
-                    losses = kd_loss(logits, teacher_logits, None if cfg.kd.label_free else y)
+                    losses = objective.with_aux(model, kd_loss(logits, teacher_logits, labels), labels)
                 accelerator.backward(losses["loss"])
             stage.optimizer_step(**losses)
         val = evaluate_classifier(model, val_loader, accelerator)
@@ -107,7 +126,11 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
     val = evaluate_classifier(model, val_loader, accelerator)
     test = evaluate_classifier(model, test_loader, accelerator)
     results = stage.finish({"val_acc": val["top1"], "test_acc": test["top1"], "test_top5": test["top5"]})
-    return accelerator.unwrap_model(model), results
+    model = accelerator.unwrap_model(model)
+    if isinstance(model, FeatureDistiller):
+        model.remove_hooks()
+        model = model.student
+    return model, results
 
 
 def main(argv=None) -> dict:
@@ -117,11 +140,12 @@ def main(argv=None) -> dict:
         student_dc = get_data_config(probe)
         data = build_classification_data(cfg.data, student_dc, cfg.seed, cfg.run.batch_size,
                                          cfg.run.eval_batch_size, cfg.run.num_workers)
-        del probe
+        t = cfg.teacher
+        if cfg.kd.method in FEATURE_METHODS and t.source == "train":  # a bad stage index stops now, not after training
+            match_stages(probe, build(t.model, 0), cfg.kd)
 
         # ---- 1. teacher ------------------------------------------------------------------------
         set_seed(cfg.seed)
-        t = cfg.teacher
         if t.source == "train":
             _, teacher_res = train_classifier(run, cfg, data, "teacher", build(t.model, data.num_classes),
                                               t.model, t.optim, t.train_epochs)
@@ -137,6 +161,9 @@ def main(argv=None) -> dict:
         if getattr(teacher_net, "num_classes", data.num_classes) != data.num_classes:
             raise ConfigError(f"the teacher predicts {teacher_net.num_classes} classes but the data has "
                              f"{data.num_classes}; distillation needs the same label space.")
+        if cfg.kd.method in FEATURE_METHODS:
+            match_stages(probe, teacher_net, cfg.kd)
+        del probe
         teacher_dc = get_data_config(teacher_net)
         teacher = FrozenTeacher(teacher_net, student_dc["mean"], student_dc["std"], teacher_dc["mean"],
                                 teacher_dc["std"]).to(accelerator.device)
@@ -174,6 +201,7 @@ def main(argv=None) -> dict:
             "student_scratch_wall_s": scratch["wall_time"],
             "student_kd_wall_s": kd["wall_time"],
             "num_processes": accelerator.num_processes,
+            "kd_method": cfg.kd.method,
         }
         return finish_run(run, results, format_table(results, cfg), cfg.push_to_hub)
 
@@ -186,7 +214,11 @@ def format_table(r: dict, cfg: DistillRecipeConfig) -> str:
             ("student (KD)", cfg.student.name, r["student_kd_acc"], r["student_params"])]
     lines = [f"\n{'model':<20}{'architecture':<20}{'test acc':>10}{'params':>12}", "-" * 62]
     lines += [f"{a:<20}{b:<20}{c:>10.4f}{d:>12,}" for a, b, c, d in rows]
-    lines.append(f"KD gain over scratch: {r['kd_gain']:+.4f}  (T={cfg.kd.temperature}, kd_weight={cfg.kd.kd_weight})")
+    k = cfg.kd
+    how = f"T={k.temperature}, kd_weight={k.kd_weight}" if k.method == "kd" else (
+        f"method=dist, tau={k.dist_tau}, beta={k.dist_beta}, gamma={k.dist_gamma}" if k.method == "dist" else
+        f"method={k.method}, T={k.temperature}, kd_weight={k.kd_weight}")
+    lines.append(f"KD gain over scratch: {r['kd_gain']:+.4f}  ({how})")
     lines.append(f"training time: teacher {r['teacher_wall_s']:.1f} s, student (scratch) "
                  f"{r['student_scratch_wall_s']:.1f} s, student (KD) {r['student_kd_wall_s']:.1f} s")
     return "\n".join(lines)

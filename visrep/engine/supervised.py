@@ -122,8 +122,13 @@ class SupervisedObjective:
 
     def __call__(self, model: torch.nn.Module, logits: torch.Tensor, target: torch.Tensor) -> dict:
         ce = self.ce(logits, target)
-        aux = recorded_aux_logits(model)
+        return self.with_aux(model, {"loss": ce, "ce": ce.detach()}, target)
+
+    def with_aux(self, model: torch.nn.Module, losses: dict, target: Optional[torch.Tensor]) -> dict:
+        """``losses`` (a dict with the total under ``"loss"``, e.g. a distillation objective) plus the
+        auxiliary classifiers' cross-entropy against ``target`` (nothing without a target or aux heads)."""
+        aux = recorded_aux_logits(model) if target is not None else ()
         if not aux:
-            return {"loss": ce, "ce": ce.detach()}
+            return losses
         aux_loss = sum(self.ce(a, target) for a in aux)
-        return {"loss": ce + self.cfg.aux_weight * aux_loss, "ce": ce.detach(), "aux": aux_loss.detach()}
+        return dict(losses, loss=losses["loss"] + self.cfg.aux_weight * aux_loss, aux=aux_loss.detach())
