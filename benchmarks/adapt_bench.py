@@ -1,7 +1,8 @@
 """Digits -> Digits-M: target test accuracy of source-only and each alignment method over seeds.
 
-    python benchmarks/adapt_bench.py                               # 4 methods x 3 seeds, the default preset
+    python benchmarks/adapt_bench.py                               # 8 methods x 3 seeds, the default preset
     python benchmarks/adapt_bench.py --methods source_only dann --seeds 0 1 2 3 4
+    python benchmarks/adapt_bench.py --methods source_only cdan_e mcc mdd
     python benchmarks/adapt_bench.py --processes 2 -- --schedule.epochs 20   # args after -- go to the recipe
 
 Each (method, seed) is one run of ``recipes/adapt.py`` in its own run dir under ``--output-dir``; a run
@@ -26,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("source_only", "dann", "mmd", "coral")
+METHODS = ("source_only", "dann", "mmd", "coral", "cdan", "cdan_e", "mcc", "mdd")
 
 
 def run_one(method: str, seed: int, out: Path, processes: int, extra: list[str]) -> dict:

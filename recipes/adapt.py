@@ -4,6 +4,7 @@
     accelerate launch recipes/adapt.py --method source_only     # the baseline every method must beat
     accelerate launch recipes/adapt.py --method mmd --adapt.mmd-weight 1.0
     accelerate launch recipes/adapt.py --method coral --resume latest --output-dir runs/adapt
+    accelerate launch recipes/adapt.py --method cdan_e          # or cdan, mcc, mdd
 
 The source (``source``: the embedded digits) is labelled; the target (``target_domain``: Digits-M, the
 same digits blended with colour photo patches, see ``visrep.data.digits_m``) is seen without labels.
@@ -11,12 +12,21 @@ Each optimizer step takes a source batch and a target batch and minimises
 
     L = CE(h(f(x_s)), y_s) + w * D(f(x_s), f(x_t))
 
-with ``D`` one of (``visrep.transfer``):
+with ``D`` one of (``visrep.transfer``; ``h`` the classifier, ``g = softmax(h(f))``):
   source_only -- nothing (the source batch alone goes through the network);
   dann        -- the domain discriminator's loss behind a gradient reversal layer with
                  lambda_p = 2 / (1 + exp(-10 p)) - 1, p in optimizer steps (Ganin & Lempitsky 2015);
   mmd         -- unbiased multi-kernel MMD^2 of the bottleneck features (Long et al. 2015);
-  coral       -- ||C_s - C_t||_F^2 / (4 d^2) of the bottleneck features (Sun & Saenko 2016).
+  coral       -- ||C_s - C_t||_F^2 / (4 d^2) of the bottleneck features (Sun & Saenko 2016);
+  cdan        -- DANN's loss with the discriminator on the multilinear map f (x) g (g detached; randomized
+                 above 4096 dimensions), same GRL schedule (Long et al. 2018);
+  cdan_e      -- CDAN with each example's domain loss weighted by 1 + exp(-H(g)), normalised to mean 1;
+  mcc         -- minimum class confusion of the target predictions softmax(h(f_t) / T), entropy-weighted
+                 (Jin et al. 2020);
+  mdd         -- minus the margin disparity discrepancy between h and an adversarial head h' behind the
+                 GRL: gamma CE(h'(f_s), argmax h(f_s)) - log(1 - softmax(h'(f_t))[argmax h(f_t)]),
+                 GRL schedule capped at ``mdd_grl_max`` (Zhang et al. 2019).
+MMD, CORAL, MCC and CDAN+E's weights are batch statistics: ``adapt.sync`` says over which batch.
 
 Model selection is honest: the reported ``target_acc`` is the model of the epoch with the best SOURCE
 validation accuracy. Target test labels are used only to score the run; the per-epoch target accuracy
@@ -42,11 +52,13 @@ from visrep.engine.export import export_model
 from visrep.engine.run import read_metrics
 from visrep.errors import main_entry
 from visrep.launch import finish_run
-from visrep.transfer import (AdaptationModel, BestOnValidation, CoralLoss, GRLSchedule, MultiKernelMMDLoss,
-                             domain_adversarial_loss, paired_loader)
+from visrep.transfer import (AdaptationModel, BestOnValidation, CoralLoss, GRLSchedule, MinimumClassConfusionLoss,
+                             MultiKernelMMDLoss, domain_adversarial_loss, entropy_weights, mdd_loss, paired_loader)
 from visrep.zoo import create_backbone, get_data_config
 
 PRESETS = Path(__file__).resolve().parent / "configs"
+DISCRIMINATOR = ("dann", "cdan", "cdan_e")  # a domain discriminator behind the GRL
+ADVERSARIAL = (*DISCRIMINATOR, "mdd")  # anything behind the GRL
 
 
 @dataclasses.dataclass
@@ -64,12 +76,26 @@ class AdaptConfig:
     """Gaussian bandwidths as multiples of the heuristic squared distance."""
     mmd_heuristic: Literal["median", "mean"] = "median"
     coral_weight: float = 1.0
+    cdan_weight: float = 1.0
+    """cdan and cdan_e (the discriminator is ``discriminator_hidden`` wide)."""
+    cdan_map: Literal["auto", "full", "randomized"] = "auto"
+    """f (x) g in full, or randomized to ``cdan_randomized_dim``; auto: randomized above 4096 dims."""
+    cdan_randomized_dim: int = 1024
+    mcc_weight: float = 1.0
+    mcc_temperature: float = 2.5
+    mdd_weight: float = 1.0
+    mdd_margin: float = 4.0
+    """gamma, the margin factor of MDD."""
+    mdd_grl_max: float = 0.1
+    """MDD's GRL coefficient rises to this (Transfer-Learning-Library's MDD: 0.1)."""
     sync: Literal["gather", "local"] = "gather"
-    """Across ranks, MMD/CORAL on the batch gathered from all ranks (exact) or per rank (averaged)."""
+    """Across ranks, MMD/CORAL/MCC/CDAN+E weights on the batch gathered from all ranks (exact) or per rank."""
 
     def validate(self, prefix: str) -> None:
-        for k in ("dann_weight", "mmd_weight", "coral_weight"):
+        for k in ("dann_weight", "mmd_weight", "coral_weight", "cdan_weight", "mcc_weight", "mdd_weight"):
             check(getattr(self, k) >= 0, prefix + k, getattr(self, k), "a number >= 0")
+        for k in ("mcc_temperature", "mdd_margin", "mdd_grl_max", "cdan_randomized_dim"):
+            check(getattr(self, k) > 0, prefix + k, getattr(self, k), "a number > 0")
         check(self.bottleneck_dim >= 0, f"{prefix}bottleneck_dim", self.bottleneck_dim, "an integer >= 0")
         check(len(self.mmd_multipliers) > 0 and all(m > 0 for m in self.mmd_multipliers),
               f"{prefix}mmd_multipliers", self.mmd_multipliers, "a non-empty list of positive numbers")
@@ -78,7 +104,7 @@ class AdaptConfig:
 @dataclasses.dataclass
 class AdaptRecipeConfig(RecipeConfig):
     output_dir: str = "runs/adapt"
-    method: Literal["source_only", "dann", "mmd", "coral"] = "dann"
+    method: Literal["source_only", "dann", "mmd", "coral", "cdan", "cdan_e", "mcc", "mdd"] = "dann"
     source: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(hflip=0.0))
     """The labelled source domain (default: the embedded digits)."""
     target_domain: Literal["digits_m", "config"] = "digits_m"
@@ -125,26 +151,33 @@ def main(argv=None) -> dict:
         else:
             train_loader, epoch_setters = paired_loader(src.train, tgt.train, cfg.seed, bs, nw)
 
-        # ---- model: backbone -> bottleneck -> classifier (+ domain discriminator for DANN) --------
+        # ---- model: backbone -> bottleneck -> classifier (+ discriminator / adversarial head h') ------
         a = cfg.adapt
-        disc_hidden = a.discriminator_hidden if cfg.method == "dann" else None
-        model = AdaptationModel(backbone, src.num_classes, a.bottleneck_dim, disc_hidden)
+        disc_hidden = a.discriminator_hidden if cfg.method in DISCRIMINATOR else None
+        condition = a.cdan_map if cfg.method in ("cdan", "cdan_e") else None
+        model = AdaptationModel(backbone, src.num_classes, a.bottleneck_dim, disc_hidden, condition,
+                                a.cdan_randomized_dim, adversarial_head=cfg.method == "mdd")
         optimizer = build_optimizer(model, cfg.optim)
         model, optimizer, train_loader, val_loader, src_test_loader, tgt_test_loader = run.prepare(
             model, optimizer, train_loader, src.val_loader, src.test_loader, tgt.test_loader,
             grad_clip=cfg.optim.grad_clip)
         best = BestOnValidation()
         align = {"mmd": MultiKernelMMDLoss(a.mmd_multipliers, a.mmd_heuristic, a.sync, same_size=True),
-                 "coral": CoralLoss(a.sync, same_size=True)}.get(cfg.method)  # drop_last: equal batches
-        weight = {"dann": a.dann_weight, "mmd": a.mmd_weight, "coral": a.coral_weight}.get(cfg.method, 0.0)
+                 "coral": CoralLoss(a.sync, same_size=True),
+                 "mcc": MinimumClassConfusionLoss(a.mcc_temperature, a.sync, same_size=True)}.get(cfg.method)
+        weight = {"dann": a.dann_weight, "mmd": a.mmd_weight, "coral": a.coral_weight, "cdan": a.cdan_weight,
+                  "cdan_e": a.cdan_weight, "mcc": a.mcc_weight, "mdd": a.mdd_weight}.get(cfg.method, 0.0)
         export_extra = {"model_type": "AdaptationModel", "bottleneck_dim": a.bottleneck_dim,
-                        "discriminator_hidden": disc_hidden, "method": cfg.method}
+                        "discriminator_hidden": disc_hidden, "condition": condition,
+                        "randomized_dim": a.cdan_randomized_dim, "adversarial_head": cfg.method == "mdd",
+                        "method": cfg.method}
         stage = run.stage("adapt", model=model, optimizer=optimizer, train_loader=train_loader,
                           epochs=cfg.schedule.epochs, schedule=cfg.schedule, grad_clip=cfg.optim.grad_clip,
                           epoch_setters=epoch_setters, extra_state={"best": best},
                           export=lambda d: export_model(accelerator, model, d, cfg.model, src.num_classes, dc,
                                                         extra=export_extra, kind="adaptation"))
-        grl = GRLSchedule(stage.total_steps, gamma=a.grl_gamma)  # lambda over optimizer steps
+        grl = GRLSchedule(stage.total_steps, gamma=a.grl_gamma,  # lambda over optimizer steps
+                          max_value=a.mdd_grl_max if cfg.method == "mdd" else 1.0)
         stage.track(grl=grl)
         unwrapped = accelerator.unwrap_model(model)
         epoch_times, oracle = [], []
@@ -160,13 +193,22 @@ def main(argv=None) -> dict:
                         loss = cls_loss = F.cross_entropy(model(x).float(), y_s)
                     else:
                         x_s, x_t = x
-                        out = model(x_s, x_t, grl_coeff=grl.value if cfg.method == "dann" else None)
+                        out = model(x_s, x_t, grl_coeff=grl.value if cfg.method in ADVERSARIAL else None)
                         cls_loss = F.cross_entropy(out["logits_s"].float(), y_s)
-                        if cfg.method == "dann":
-                            transfer, metrics["disc_acc"] = domain_adversarial_loss(out["domain_s"], out["domain_t"])
-                            metrics["grl_lambda"] = grl.value
+                        if cfg.method in DISCRIMINATOR:
+                            w = (entropy_weights(out["logits_s"], out["logits_t"], a.sync)
+                                 if cfg.method == "cdan_e" else None)
+                            transfer, metrics["disc_acc"] = domain_adversarial_loss(out["domain_s"], out["domain_t"],
+                                                                                    w)
+                        elif cfg.method == "mdd":
+                            transfer = mdd_loss(out["logits_s"], out["adv_logits_s"], out["logits_t"],
+                                                out["adv_logits_t"], a.mdd_margin)
+                        elif cfg.method == "mcc":
+                            transfer = align(out["logits_t"])
                         else:
                             transfer = align(out["features_s"], out["features_t"])
+                        if cfg.method in ADVERSARIAL:
+                            metrics["grl_lambda"] = grl.value
                         loss = cls_loss + weight * transfer
                         metrics["transfer_loss"] = transfer.detach()
                     accelerator.backward(loss)

@@ -16,22 +16,31 @@ from visrep.data.images import EpochIndex, EpochSampler, collate, epoch_of, load
 from visrep.engine.distributed import gathered
 from visrep.engine.export import WEIGHTS_NAME, WrongKindError, export_kind, read_model_config, register_kind
 from visrep.transfer.align import DomainDiscriminator, grad_reverse
+from visrep.transfer.align_cond import conditioning_map
 from visrep.zoo import create_backbone
 
 
 class AdaptationModel(nn.Module):
-    """``backbone -> pooled features -> bottleneck (Linear, BN, ReLU) -> classifier``, plus an optional
-    DANN domain discriminator on the bottleneck features behind a gradient reversal layer.
+    """``backbone -> pooled features -> bottleneck (Linear, BN, ReLU) -> classifier``, plus the method's
+    adversarial pieces, each behind a gradient reversal layer:
+
+    - ``discriminator_hidden``: a domain discriminator on the bottleneck features (DANN), or, with
+      ``condition`` ``"full"``/``"randomized"``, on CDAN's (randomized) multilinear map of the features
+      and the detached softmax predictions (``condition="auto"``: randomized above 4096 dimensions);
+    - ``adversarial_head``: MDD's auxiliary classifier ``h'`` (a copy of the classifier's layout, so it
+      lies in the same hypothesis class) on the bottleneck features.
 
     Everything goes through ``forward`` so that a DDP wrapper sees each call:
     ``model(x)`` -> class logits (evaluation); ``model(x_s, x_t, grl_coeff=...)`` -> a dict with
-    ``logits_s``, ``features_s``, ``features_t`` and, with a discriminator and ``grl_coeff`` given,
-    ``domain_s``/``domain_t``. Source and target run as one concatenated batch, so BatchNorm sees both
-    domains (as in DANN/DAN implementations).
+    ``logits_s``, ``logits_t``, ``features_s``, ``features_t`` and, with ``grl_coeff`` given,
+    ``domain_s``/``domain_t`` (a discriminator) and ``adv_logits_s``/``adv_logits_t`` (``h'``). Source
+    and target run as one concatenated batch, so BatchNorm sees both domains (as in DANN/DAN
+    implementations).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, bottleneck_dim: int = 128,
-                 discriminator_hidden: Optional[int] = None):
+                 discriminator_hidden: Optional[int] = None, condition: Optional[str] = None,
+                 randomized_dim: int = 1024, adversarial_head: bool = False):
         super().__init__()
         self.backbone = backbone
         width = backbone.num_features
@@ -43,7 +52,12 @@ class AdaptationModel(nn.Module):
             self.bottleneck = nn.Identity()
         self.num_features = width
         self.head = nn.Linear(width, num_classes)
-        self.discriminator = DomainDiscriminator(width, discriminator_hidden) if discriminator_hidden else None
+        self.condition = None
+        disc_in = width
+        if condition is not None:
+            self.condition, disc_in = conditioning_map(width, num_classes, condition, randomized_dim)
+        self.discriminator = DomainDiscriminator(disc_in, discriminator_hidden) if discriminator_hidden else None
+        self.adversarial_head = nn.Linear(width, num_classes) if adversarial_head else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
@@ -54,10 +68,20 @@ class AdaptationModel(nn.Module):
             return self.head(self.features(x))
         m = x.shape[0]
         f = self.features(torch.cat([x, x_t]))
-        out = {"logits_s": self.head(f[:m]), "features_s": f[:m], "features_t": f[m:]}
-        if self.discriminator is not None and grl_coeff is not None:
-            d = self.discriminator(grad_reverse(f, grl_coeff))
+        out = {"logits_s": self.head(f[:m]), "logits_t": self.head(f[m:]), "features_s": f[:m],
+               "features_t": f[m:]}
+        if grl_coeff is None:
+            return out
+        if self.discriminator is not None:
+            h = f
+            if self.condition is not None:
+                g = torch.cat([out["logits_s"], out["logits_t"]]).softmax(dim=1).detach()
+                h = self.condition(f, g)
+            d = self.discriminator(grad_reverse(h, grl_coeff))
             out["domain_s"], out["domain_t"] = d[:m], d[m:]
+        if self.adversarial_head is not None:
+            y = self.adversarial_head(grad_reverse(f, grl_coeff))
+            out["adv_logits_s"], out["adv_logits_t"] = y[:m], y[m:]
         return out
 
 
@@ -151,7 +175,8 @@ def load_adaptation_model(path) -> tuple[AdaptationModel, dict]:
                              f"with visrep.engine.export.load_exported('{path}').")
     backbone = create_backbone(cfg["architecture"], num_classes=0, small_input=cfg.get("small_input", False),
                                **(cfg.get("kwargs") or {}))
-    model = AdaptationModel(backbone, cfg["num_classes"], cfg["bottleneck_dim"], cfg.get("discriminator_hidden"))
+    model = AdaptationModel(backbone, cfg["num_classes"], cfg["bottleneck_dim"], cfg.get("discriminator_hidden"),
+                            cfg.get("condition"), cfg.get("randomized_dim", 1024), cfg.get("adversarial_head", False))
     model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
     return model, cfg
 

@@ -1,4 +1,5 @@
 """Domain alignment: DANN (gradient reversal + domain discriminator), multi-kernel MMD, Deep CORAL.
+CDAN, MCC and MDD, which also look at the classifier, are in :mod:`visrep.transfer.align_cond`.
 
 Across ranks. MMD and CORAL are statistics of the whole batch, so a per-rank value is a different
 (noisier) estimator than the single-process one. With ``sync="gather"`` (the default when torch
@@ -16,7 +17,7 @@ discriminator's BatchNorm uses per-rank statistics.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,14 +118,19 @@ class DomainDiscriminator(nn.Sequential):
         super().__init__(*block(in_features, hidden), *block(hidden, hidden), nn.Linear(hidden, 1))
 
 
-def domain_adversarial_loss(domain_logits_s: torch.Tensor, domain_logits_t: torch.Tensor
+def domain_adversarial_loss(domain_logits_s: torch.Tensor, domain_logits_t: torch.Tensor,
+                            weights: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """DANN's domain loss ``0.5 * (BCE(d_s, 1) + BCE(d_t, 0))`` (Ganin & Lempitsky 2015,
     arXiv:1409.7495), each a per-sample mean, computed in fp32; and the discriminator's accuracy.
-    The logits must come through the gradient reversal layer."""
+    The logits must come through the gradient reversal layer. With ``weights = (w_s, w_t)`` each
+    sample's BCE is multiplied by its weight before the means -- CDAN+E's entropy conditioning
+    (``visrep.transfer.align_cond.entropy_weights``); with equal batch sizes this is the weighted mean
+    over both domains of Transfer-Learning-Library's ``ConditionalDomainAdversarialLoss``."""
     ds, dt = domain_logits_s.float().reshape(-1), domain_logits_t.float().reshape(-1)
-    loss = 0.5 * (F.binary_cross_entropy_with_logits(ds, torch.ones_like(ds))
-                  + F.binary_cross_entropy_with_logits(dt, torch.zeros_like(dt)))
+    ws, wt = (None, None) if weights is None else (w.float().reshape(-1) for w in weights)
+    loss = 0.5 * (F.binary_cross_entropy_with_logits(ds, torch.ones_like(ds), weight=ws)
+                  + F.binary_cross_entropy_with_logits(dt, torch.zeros_like(dt), weight=wt))
     with torch.no_grad():
         acc = torch.cat([(ds > 0).float(), (dt <= 0).float()]).mean()
     return loss, acc
