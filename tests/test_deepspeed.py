@@ -21,6 +21,7 @@ def same_weights(a, b):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # the DeepSpeed-vs-DDP matrix: make test-all (README, Development)
 def test_zero3_with_resume_matches_ddp(tmp_path, monkeypatch):
     """Distillation (three stages, each a new DeepSpeed engine; a frozen teacher outside the engine) under
     ZeRO-3, stopped inside a stage and resumed, ends with DDP's weights. (ZeRO-2 keeps parameters whole,
@@ -41,6 +42,7 @@ def test_zero3_with_resume_matches_ddp(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # the DeepSpeed-vs-DDP matrix: make test-all (README, Development)
 def test_clip_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
     """The whole CLIP recipe (logit scale starting at its cap) under ZeRO-2, and under ZeRO-3 with every
     parameter partitioned (the attention's out_proj and the logit scale are then gathered outside their

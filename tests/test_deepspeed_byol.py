@@ -27,6 +27,7 @@ PERSISTENCE = 300  # ZeRO-3 keeps parameters of at most this many elements whole
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # the DeepSpeed-vs-DDP matrix: make test-all (README, Development)
 def test_zero3_byol_equals_ddp_with_a_resume(tmp_path, monkeypatch):
     """One ZeRO-3 run whose persistence threshold splits the model: the large parameters partitioned (the
     shard-local EMA path), the small ones kept whole in ``.data`` (the path DDP and ZeRO-2 take); stopped

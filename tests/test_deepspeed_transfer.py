@@ -31,6 +31,7 @@ ADAPT = {
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # the DeepSpeed-vs-DDP matrix: make test-all (README, Development)
 def test_finetune_zero3_matches_ddp(tmp_path, monkeypatch):
     preset, ddp = ddp_reference("finetune", FINETUNE, tmp_path)
     without_use_cpu(monkeypatch)
@@ -51,6 +52,7 @@ def test_finetune_zero3_matches_ddp(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # the DeepSpeed-vs-DDP matrix: make test-all (README, Development)
 def test_dann_zero3_with_resume_matches_ddp(tmp_path, monkeypatch):
     preset, ddp = ddp_reference("adapt", dict(ADAPT, method="dann"), tmp_path)
     base = ["--config", str(preset)]
