@@ -19,40 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from timing import mean_std, recipe_results
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("source_only", "dann", "mmd", "coral", "cdan", "cdan_e", "mcc", "mdd")
 
 
 def run_one(method: str, seed: int, out: Path, processes: int, extra: list[str]) -> dict:
-    res = out / "results.json"
-    if res.is_file():
-        return json.loads(res.read_text())
-    args = [str(ROOT / "recipes" / "adapt.py"), "--method", method, "--seed", str(seed), "--output-dir", str(out),
-            "--run.progress", "False", *extra]
-    if (out / "state.json").exists() or (out / "checkpoints").exists():
-        args += ["--resume", "latest"]
-    if processes > 1:
-        accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", *args]
-    else:
-        cmd = [sys.executable, *args]
-    print(f"[adapt_bench] {method} seed {seed} -> {out}", flush=True)
-    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
-    return json.loads(res.read_text())
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return recipe_results("adapt", ["--method", method, "--seed", str(seed), *extra], out,
+                          f"adapt_bench {method} seed {seed}", processes)
 
 
 def table(rows: dict[str, list[dict]]) -> str:

@@ -23,16 +23,14 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from timing import bench_parser, warm_and_interleave
+from timing import bench_parser, mean_std, recipe_results, warm_and_interleave
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("kd", "fitnets", "at", "dist", "rkd")
@@ -126,24 +124,9 @@ def throughput(args) -> dict:
 
 
 def run_one(method: str, seed: int, out: Path, extra: list[str], teacher: Path | None) -> dict:
-    res = out / "results.json"
-    if res.is_file():
-        return json.loads(res.read_text())
-    cmd = [sys.executable, str(ROOT / "recipes" / "distill.py"), "--kd.method", method, "--seed", str(seed),
-           "--output-dir", str(out), "--run.progress", "False", *extra]
-    if teacher is not None:
-        cmd += ["--teacher.source", "checkpoint", "--teacher.checkpoint", str(teacher)]
-    if (out / "state.json").exists():
-        cmd += ["--resume", "latest"]
-    print(f"[distill_methods_bench] {method} seed {seed} -> {out}", flush=True)
-    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
-    return json.loads(res.read_text())
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    teacher_args = ["--teacher.source", "checkpoint", "--teacher.checkpoint", str(teacher)] if teacher else []
+    return recipe_results("distill", ["--kd.method", method, "--seed", str(seed), *extra, *teacher_args], out,
+                          f"distill_methods_bench {method} seed {seed}")
 
 
 def accuracy(args) -> dict:

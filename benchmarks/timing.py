@@ -84,3 +84,42 @@ def require_compiler(parser: argparse.ArgumentParser, args) -> None:
         missing = compiler_missing(args.device)
         if missing:
             parser.error(f"the compiled rows need torch.compile, but {missing}; --no-compile-variants skips them")
+
+
+def recipe_results(recipe: str, args: list, out, tag: str, processes: int = 1) -> dict:
+    """``results.json`` of ``recipes/RECIPE.py ARGS --output-dir OUT`` (for the accuracy benchmarks): reused
+    when ``out`` already has one, the run resumed when it was interrupted, else run now (``processes`` > 1:
+    through ``accelerate launch`` on CPU ranks). A failed run stops the benchmark with its stderr."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, out = Path(__file__).resolve().parent.parent, Path(out)
+    res = out / "results.json"
+    if res.is_file():
+        return json.loads(res.read_text())
+    args = [str(root / "recipes" / f"{recipe}.py"), *args, "--output-dir", str(out), "--run.progress", "False"]
+    if (out / "state.json").exists() or (out / "checkpoints").exists():
+        args += ["--resume", "latest"]
+    if processes > 1:
+        accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    else:
+        cmd = [sys.executable, *args]
+    print(f"[{tag}] -> {out}", flush=True)
+    p = subprocess.run(cmd, cwd=root, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    return json.loads(res.read_text())
+
+
+def mean_std(xs) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    import statistics
+
+    xs = list(xs)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
