@@ -108,7 +108,11 @@ def results(run_dir: Path) -> dict:
 
 
 def write_preset(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
+    """``data`` as a YAML preset. A preset that does not say ``run.report`` leaves the end-of-run report out
+    (3-4 s a run, and the suite runs recipes some 150 times); tests/test_report.py turns it on."""
+    run = dict(data.get("run") or {})
+    run.setdefault("report", False)
+    path.write_text(yaml.safe_dump(dict(data, run=run)))
     return path
 
 

@@ -17,7 +17,7 @@ LAYERS = {"visrep.errors": 0, "visrep.checks": 0, "visrep": 0,
           "visrep.zoo": 1, "visrep.data": 1,
           "visrep.engine": 2,
           "visrep.distill": 3, "visrep.ssl": 3, "visrep.clip": 3, "visrep.transfer": 3,
-          "visrep.launch": 4, "visrep.cli": 4}
+          "visrep.launch": 4, "visrep.cli": 4, "visrep.report": 4}
 ALLOWED_LATERAL = {("visrep.clip", "visrep.distill")}  # CLIP-to-CLIP distillation uses distill's KD loss
 ZOO_OWN_ONLY = "visrep.zoo"  # the zoo imports nothing of ours at all
 DISTRIBUTION = "visrep/engine/distributed.py"

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "visrep.zoo.cli",       # zoo list|summary, viz gradcam|features|attention
     "visrep.launch.push",   # push (Hub export)
     "visrep.data.cli",      # data pack|index|inspect (webdataset shards)
+    "visrep.report.cli",    # report RUN_DIR [RUN_DIR ...] (HTML page of a run; several: overlaid curves)
 )
 
 

@@ -159,6 +159,10 @@ class RunConfig:
     a 2-core CPU (benchmarks/fast_paths_bench.py); at batch 32 the full-width ResNet-20 won it back
     after ~200 steps, the half-width one only after ~1,200 (its steps are mostly overhead that eager
     already keeps small)."""
+    report: bool = True
+    """At the end of the recipe (main process), write RUN_DIR/report/index.html: curves, results, config,
+    confusion matrices, Grad-CAM, the first training views (visrep.report; also `visrep report RUN_DIR`).
+    A figure that cannot be made is a warning; the report never fails the run."""
 
     def validate(self, prefix: str) -> None:
         check(self.compile_min_steps >= 0, f"{prefix}compile_min_steps", self.compile_min_steps, "an integer >= 0")

@@ -46,7 +46,8 @@ from visrep.engine.preempt import StopRequest
 from visrep.errors import CheckpointError, Preempted, UserError
 
 # Keys that may differ between the run that was interrupted and the one that resumes it.
-RESUME_FREE_KEYS = ("resume", "run.stop_after_steps", "run.progress", "run.trackers", "config", "push_to_hub")
+RESUME_FREE_KEYS = ("resume", "run.stop_after_steps", "run.progress", "run.trackers", "run.report", "config",
+                    "push_to_hub")
 
 
 class NonFiniteLossError(UserError, RuntimeError):

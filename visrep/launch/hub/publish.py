@@ -9,6 +9,7 @@ from typing import Any, Optional
 from visrep.launch.hub.card import export_for_hub
 from visrep.launch.hub.transport import (HUB_FILES, HUB_PREFIX, HubUnavailableError, _check_reachable, _endpoint,
                                          _hub_error, _offline, _version, resolve_token)
+from visrep.report import report_run
 
 
 def push_to_hub(run_dir: str | os.PathLike, repo_id: str, token: Optional[str] = None, private: bool = False,
@@ -58,7 +59,9 @@ def push_run(run, repo_id: Optional[str], **kwargs: Any):
 
 def finish_run(run, results: dict, table: str = "", push_to_hub: Optional[str] = None) -> dict:
     """The end of every recipe: results to the trackers and ``results.json``, the table printed once
-    (``Run.finish``), then ``--push-to-hub``. Returns ``results``."""
+    (``Run.finish``), the report (``run.report``, main process, never fails the run), then ``--push-to-hub``.
+    Returns ``results``."""
     run.finish(results, table)
+    report_run(run)
     push_run(run, push_to_hub)
     return results
