@@ -204,3 +204,21 @@ def test_report_images_reach_tensorboard(distill_run, tmp_path):
     assert set(acc.Tags()["images"]) == set(images)
     ev = acc.Images("report/confusion_kd")[0]
     assert ev.step == 7 and ev.encoded_image_string.startswith(PNG)
+
+
+@pytest.mark.slow
+def test_weights_and_biases_offline_gets_the_metrics_and_the_report_images(tmp_path, tiny):
+    """`--run.trackers jsonl wandb` with WANDB_MODE=offline: the run's offline W&B record holds the logged
+    metrics and the final figures, and the report's images (training views, confusion matrices) are media
+    of the W&B run."""
+    pytest.importorskip("wandb")  # the dev extra installs it
+    d = tmp_path / "run"
+    run_recipe("distill", ["--config", str(tiny), "--output-dir", str(d), "--run.trackers", "jsonl", "wandb"],
+               extra_env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"train/loss", b"val_acc", b"student_kd_acc"):
+        assert key in record, key
+    media = {p.name.split("_")[0] for p in (runs[0] / "files" / "media" / "images" / "report").glob("*.png")}
+    assert {"training", "confusion"} <= media, media
