@@ -98,9 +98,14 @@ def recipe_results(recipe: str, args: list, out, tag: str, processes: int = 1) -
     from pathlib import Path
 
     root, out = Path(__file__).resolve().parent.parent, Path(out)
-    res = out / "results.json"
+    res, saved = out / "results.json", out / "bench_args.json"
+    if saved.is_file() and json.loads(saved.read_text()) != list(args):
+        raise SystemExit(f"{out} holds a run with other arguments ({saved}); give this benchmark another "
+                         f"--output-dir")
     if res.is_file():
         return json.loads(res.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(list(args)))
     args = [str(root / "recipes" / f"{recipe}.py"), *args, "--output-dir", str(out), "--run.progress", "False"]
     if (out / "state.json").exists() or (out / "checkpoints").exists():
         args += ["--resume", "latest"]

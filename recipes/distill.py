@@ -110,14 +110,18 @@ def train_classifier(run: Run, cfg: DistillRecipeConfig, data, name: str, model:
                 labels = None if cfg.kd.label_free else target
                 if teacher is None:
                     losses = objective(model, model(x), target)  # cross-entropy (+ auxiliary classifiers)
-                elif export_prefix is not None:  # one forward: both models' logits and features / embeddings
-                    out = model(x)
-                    losses = kd_loss(out.pop("logits"), out.pop("teacher_logits"), labels, **out)
                 else:
-                    logits = model(x)
-                    with run.autocast():  # the fp32 teacher, autocast also under DeepSpeed
-                        teacher_logits = teacher(x)  # the very batch the student sees
-                    losses = objective.with_aux(model, kd_loss(logits, teacher_logits, labels), labels)
+                    if export_prefix is not None:  # one forward: both models' logits and features / embeddings
+                        out = model(x)
+                        logits, teacher_logits = out.pop("logits"), out.pop("teacher_logits")
+                    else:
+                        logits, out = model(x), {}
+                        with run.autocast():  # the fp32 teacher, autocast also under DeepSpeed
+                            teacher_logits = teacher(x)  # the very batch the student sees
+                    losses = kd_loss(logits, teacher_logits, labels, **out)
+                    # auxiliary classifiers (GoogLeNet): the labels, or without labels the teacher's prediction
+                    aux_target = labels if labels is not None else teacher_logits.detach().argmax(-1)
+                    losses = objective.with_aux(model, losses, aux_target)
                 accelerator.backward(losses["loss"])
             stage.optimizer_step(**losses)
         val = evaluate_classifier(model, val_loader, accelerator)

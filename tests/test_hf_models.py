@@ -330,3 +330,12 @@ def test_clip_recipe_runs_with_an_hf_text_tower(bert_dir, tmp_path):
     model, meta = load_clip(tmp_path / "run" / "models" / "clip")
     assert meta["model"]["text"]["source"] == "hf" and results["text_tower_params"] == sum(
         p.numel() for p in model.text_tower.parameters())
+
+
+def test_bad_hf_arguments_are_user_errors_without_a_traceback(tmp_path):
+    from visrep.errors import is_user_error
+    from visrep.zoo import create_backbone
+
+    with pytest.raises(ValueError) as e:
+        create_backbone("hf:/nonexistent-but-small-input-checked-first", small_input=True)
+    assert is_user_error(e.value) and "small_input is not defined" in str(e.value)

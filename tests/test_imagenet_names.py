@@ -40,6 +40,8 @@ def test_names_for_synset_folders_class_labels_and_integer_labels(tmp_path):
     assert IMAGENET.names_for(imagenette)[:2] == ["tench", "English Springer Spaniel"]
     assert IMAGENET.names_for(list(IMAGENET.lemmas)) == list(IMAGENET.classnames)  # a 1000-class ClassLabel
     assert IMAGENET.names_for([]) == list(IMAGENET.classnames)  # integer labels, no names
+    with pytest.raises(DataError, match="got 1000 labels"):  # 1000 classes that are not ImageNet's
+        IMAGENET.names_for([f"class {i}" for i in range(1000)])
     with pytest.raises(DataError, match="synset ids .* such as \\['cat'"):
         IMAGENET.names_for(["cat", "dog"])
     f = tmp_path / "names.txt"

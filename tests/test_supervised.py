@@ -192,24 +192,43 @@ def test_finetune_with_mixing_and_augmentation_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_distill_mixes_the_batch_teacher_and_student_see(tmp_path):
+def test_distill_mixes_the_batch_teacher_and_student_see(tmp_path, monkeypatch):
+    """With CutMix on, every KD step's teacher input is the mixed batch the student trains on (not the loader's
+    batch), and the label term is the smoothed cross-entropy on the mixed targets."""
     import json
 
     from helpers import run_recipe, write_preset
     from test_distill_recipe import TINY
+    from visrep.distill.teacher import FrozenTeacher
 
+    mixed, seen = [], []
+    real_mix, real_forward = SupervisedObjective.mix, FrozenTeacher.forward
+
+    def spy_mix(self, x, y, stage=None, draw=None):
+        xm, t = real_mix(self, x, y, stage, draw)
+        if stage is not None and stage.name == "kd":
+            mixed.append((x.clone(), xm.clone(), t.clone()))
+        return xm, t
+
+    def spy_forward(self, x):
+        seen.append(x.detach().clone())
+        return real_forward(self, x)
+
+    monkeypatch.setattr(SupervisedObjective, "mix", spy_mix)
+    monkeypatch.setattr(FrozenTeacher, "forward", spy_forward)
     tiny = write_preset(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "run"
     run_recipe("distill", ["--config", str(tiny), "--output-dir", str(out), "--schedule.epochs", "1",
                            "--teacher.train-epochs", "1", "--supervised.cutmix-alpha", "1.0",
                            "--supervised.label-smoothing", "0.1", "--kd.allow-weaker-teacher", "True"])
+    assert len(mixed) == 9  # one per KD micro-batch (315 images, batches of 32, last dropped)
+    assert any(not torch.equal(x, xm) for x, xm, _ in mixed)  # CutMix changed the images
+    for x, xm, t in mixed:
+        assert t.shape == (x.shape[0], 10) and torch.allclose(t.sum(1), torch.ones(len(t)))
+        assert any(s.shape == xm.shape and torch.equal(s, xm) for s in seen), "the teacher saw the mixed batch"
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kd = [r for r in recs if r.get("stage") == "kd" and "train/kd" in r]
-    scratch = [r for r in recs if r.get("stage") == "scratch" and "train/ce" in r]
-    assert kd and scratch and all(r["train/ce"] > 0 for r in kd)
-    # the scratch stage's loss is its smoothed cross-entropy on CutMix targets: above the plain CE floor
-    assert all(r["train/loss"] == pytest.approx(r["train/ce"]) for r in scratch)
-    assert json.loads((out / "results.json").read_text())["student_kd_acc"] >= 0
+    assert kd and all(r["train/ce"] > 0.1 for r in kd)  # smoothed CE on soft targets: never near 0
 
 
 # ---- 2 processes: DDP of GoogLeNet with its auxiliary classifiers, no unused parameters -------------------------

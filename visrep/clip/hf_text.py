@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from visrep.checks import ConfigError
 from visrep.zoo.hf_models import HFModelUnavailable, base_model_kwargs
 
 _EOS_TYPES = ("clip_text_model", "clip")
@@ -104,11 +105,11 @@ class HFText(nn.Module):
         config = model.config
         limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and cfg.context_length > limit:
-            raise ValueError(f"model.text.context_length={cfg.context_length} exceeds the {limit} positions of "
+            raise ConfigError(f"model.text.context_length={cfg.context_length} exceeds the {limit} positions of "
                              f"{name!r}; set model.text.context_length <= {limit}.")
         self.model = model
         self.pool = cfg.pool if cfg.pool != "auto" else (
-            "eos" if config.model_type in _EOS_TYPES or getattr(config, "is_decoder", False) else "cls")
+            "eos" if config.model_type in _EOS_TYPES or _is_causal(config) else "cls")
         self.pad_id = int(tok.pad_token_id)
         self.eos_id = None if tok.eos_token_id is None else int(tok.eos_token_id)
         self.context_length = int(cfg.context_length)
@@ -121,3 +122,10 @@ class HFText(nn.Module):
             return h[:, 0]
         last = mask.sum(1) - 1
         return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+def _is_causal(config) -> bool:
+    """A decoder-only (causal) language model, whose first token has seen only itself: pool its last token.
+    ``is_decoder`` is False in GPT-2 / Llama configs, so their architecture names are read too."""
+    return bool(getattr(config, "is_decoder", False)) or any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or ()))

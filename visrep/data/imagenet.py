@@ -34,20 +34,30 @@ class ImageNetClasses:
 
         Label names that are synset ids (an ImageFolder of ImageNet or of a subset such as Imagenette) are
         looked up by id. Otherwise the labels must be all 1000 classes in ImageNet's index order (a Hugging
-        Face ``imagenet-1k`` ClassLabel), and are replaced index by index; no label names at all (integer labels)
-        are taken as ImageNet's class indices."""
+        Face ``imagenet-1k`` ClassLabel, checked against the WordNet lemmas), and are replaced index by index; no
+        label names at all (integer labels) are taken as ImageNet's class indices."""
         labels = [str(x) for x in labels]
         if not labels:  # integer labels without names: taken as ImageNet's class indices
             return list(self.classnames)
         index = {w: i for i, w in enumerate(self.wnids)}
         if labels and all(x in index for x in labels):
             return [self.classnames[index[x]] for x in labels]
-        if len(labels) == len(self.classnames):
+        if len(labels) == len(self.classnames) and self._same_classes(labels):
             return list(self.classnames)
         unknown = [x for x in labels if x not in index][:3]
         raise DataError(f"data.classnames 'imagenet' needs label names that are ImageNet synset ids (n01440764, ...) "
                          f"or all 1000 ImageNet classes in index order; got {len(labels)} labels such as {unknown}. "
                          f"Give the class names yourself (a file with one name per line) instead.")
+
+
+    def _same_classes(self, labels: Sequence[str]) -> bool:
+        """Whether 1000 label names are ImageNet's in index order: each label's first name (before a comma)
+        is the synset's first WordNet lemma or its CLIP name (case-insensitive), for all but a few."""
+        def first(x: str) -> str:
+            return x.split(",")[0].strip().lower()
+
+        hits = sum(first(a) in (first(b), c.lower()) for a, b, c in zip(labels, self.lemmas, self.classnames))
+        return hits >= 0.95 * len(labels)
 
 
 @functools.lru_cache(maxsize=1)

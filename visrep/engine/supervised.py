@@ -72,9 +72,11 @@ def _seed(*parts: int) -> int:
 def recorded_aux_logits(model: torch.nn.Module) -> tuple:
     """The auxiliary logits the (unwrapped) model recorded in its last training forward, or ()."""
     net = model
-    while True:  # through DDP / DeepSpeed engines (.module) and compiled modules (._orig_mod), in any order
-        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
+    while True:  # through DDP / DeepSpeed engines (.module), compiled modules (._orig_mod) and a distillation
+        # wrapper holding the student (.student, visrep.distill.FeatureDistiller), in any order
+        inner = next((m for m in (getattr(net, a, None) for a in ("module", "_orig_mod", "student"))
+                      if isinstance(m, torch.nn.Module)), None)
+        if inner is None:
             break
         net = inner
     aux = getattr(net, "aux_logits", None)

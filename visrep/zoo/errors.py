@@ -28,3 +28,10 @@ class UnknownNameError(KeyError):
 
 class UnknownBackboneError(UnknownNameError):
     """A backbone name that is not registered; the message lists close matches."""
+
+
+class BackboneArgumentError(ValueError):
+    """A backbone was asked for with arguments it cannot take (a transformers model with small_input, an
+    unknown config key, an unsupported model type, ...); the message says what to do instead."""
+
+    user_error = True

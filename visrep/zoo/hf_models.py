@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, make_data_config
+from .errors import BackboneArgumentError
 from .features import nominal_reduction
 
 PREFIX = "hf:"
@@ -82,14 +83,14 @@ def _load_config(target: str, in_chans: int, pretrained: bool, overrides: dict):
             "that has it) or be a folder written by save_pretrained (hf:/path/to/dir).") from None
     kind = config.model_type
     if kind not in CNN_TYPES and kind not in TOKEN_TYPES:
-        raise ValueError(f"hf:{target}: model type {kind!r} is not supported as a backbone; supported: "
+        raise BackboneArgumentError(f"hf:{target}: model type {kind!r} is not supported as a backbone; supported: "
                          f"{', '.join(CNN_TYPES + tuple(TOKEN_TYPES))}.")
     if unused:
-        raise ValueError(f"hf:{target}: unknown config keys {sorted(unused)} for a {type(config).__name__}; "
+        raise BackboneArgumentError(f"hf:{target}: unknown config keys {sorted(unused)} for a {type(config).__name__}; "
                          "extra kwargs of create_backbone('hf:...') set attributes of the model's config.")
     if in_chans != config.num_channels:
         if pretrained:
-            raise ValueError(f"hf:{target}: the pretrained weights take {config.num_channels} input channels, "
+            raise BackboneArgumentError(f"hf:{target}: the pretrained weights take {config.num_channels} input channels, "
                              f"not in_chans={in_chans}; use pretrained=False to build it for {in_chans}.")
         config.num_channels = in_chans
     return config, src, rev
@@ -269,7 +270,7 @@ def create_hf_backbone(target: str, pretrained: bool = False, num_classes: int =
                        small_input: bool = False, **kwargs) -> HFBackbone:
     """``create_backbone("hf:" + target)``: see the module docstring."""
     if small_input:
-        raise ValueError(f"hf:{target}: small_input is not defined for transformers models; build a small config "
+        raise BackboneArgumentError(f"hf:{target}: small_input is not defined for transformers models; build a small config "
                          "(e.g. image_size=32, patch_size=4) with save_pretrained and load it as hf:/path/to/dir.")
     from transformers import AutoModel
 

@@ -61,8 +61,7 @@ def linear_positive_copy(model: nn.Module, dtype=torch.float32) -> nn.Module:
             p.requires_grad_(False)
         for m in probe.modules():
             if isinstance(m, nn.modules.conv._ConvNd):
-                fan_in = m.weight.shape[1] * m.weight[0, 0].numel() ** 0.5
-                m.weight.div_(fan_in)
+                m.weight.div_(m.weight[0].numel())  # the fan-in C_in/groups * k^2: each output stays O(1)
             elif isinstance(m, nn.Linear):
                 m.weight.div_(m.in_features)
             if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
