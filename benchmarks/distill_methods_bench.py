@@ -101,7 +101,7 @@ def throughput(args) -> dict:
     print(f"loss forward + backward, batch {args.batch_size}, {args.image_size}x{args.image_size} maps, "
           f"{args.num_classes} classes, {args.device}, torch threads {torch.get_num_threads()}, "
           f"{args.rounds}x{args.steps} timed steps each")
-    print(f"{'method':<10}{'ours ms':>10}{'torchdistill ms':>17}{'ratio ours/td':>15}{'ours loss':>14}{'td loss':>14}")
+    print(f"{'method':<10}{'ours ms':>10}{'torchdistill ms':>17}{'ratio td/ours':>15}{'ours loss':>14}{'td loss':>14}")
     out = {}
     for method in args.methods:
         if method == "kd":
