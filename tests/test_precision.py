@@ -88,12 +88,18 @@ def one_epoch_presets() -> dict:
     from test_finetune_recipe import TINY as FINETUNE
 
     one = {"schedule": {"epochs": 1, "warmup_epochs": 0.5}}
-    return {"distill": dict(DISTILL, teacher=dict(DISTILL["teacher"], train_epochs=1), **one),
-            "byol": dict(BYOL, **one), "clip": dict(CLIP, **one),
-            "finetune": dict(FINETUNE, init=dict(FINETUNE["init"], train_epochs=1), compare_scratch=False,
+
+    def few(data: dict, fraction: float = 0.1) -> dict:  # bf16 matmuls are slow on a CPU: a few steps each
+        return dict(data, label_fraction=fraction)
+
+    return {"distill": dict(DISTILL, data=few(DISTILL["data"]), teacher=dict(DISTILL["teacher"], train_epochs=1),
+                            **one),
+            "byol": dict(BYOL, data=few(BYOL["data"]), **one), "clip": dict(CLIP, **one),
+            "finetune": dict(FINETUNE, data=few(FINETUNE["data"]), source_data=few(FINETUNE["source_data"]),
+                             init=dict(FINETUNE["init"], train_epochs=1), compare_scratch=False,
                              finetune={k: v for k, v in FINETUNE["finetune"].items() if not k.startswith("l2sp")},
                              **one),
-            "adapt": dict(ADAPT, **one)}
+            "adapt": dict(ADAPT, source=few(ADAPT["source"], 0.15), **one)}
 
 
 @pytest.fixture(scope="module")
