@@ -172,4 +172,23 @@ def load_model(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict]:
     return model, cfg
 
 
+def rebuild_with_backbone(path: str | Path, kind: str, what: str,
+                          build: Callable[[nn.Module, dict], nn.Module]) -> tuple[nn.Module, dict]:
+    """Rebuild a method's export that wraps a zoo backbone (an adaptation or segmentation model): check that
+    ``path`` holds ``kind`` (``what`` names it in the error, e.g. "an adaptation model"), rebuild the headless
+    backbone from ``config.json``, wrap it with ``build(backbone, config)`` and load the weights strictly."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = read_model_config(path)
+    if export_kind(cfg) != kind:
+        raise WrongKindError(f"'{path}' holds a '{export_kind(cfg)}' model, not {what}; load it "
+                             f"with visrep.engine.export.load_exported('{path}').")
+    backbone = create_backbone(cfg["architecture"], num_classes=0, small_input=cfg.get("small_input", False),
+                               **(cfg.get("kwargs") or {}))
+    model = build(backbone, cfg)
+    model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
+    return model, cfg
+
+
 register_kind("backbone", load_model)

@@ -4,20 +4,17 @@ looks at target labels."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from visrep.data.images import EpochIndex, EpochSampler, collate, epoch_of, loader_options, sample_seed
 from visrep.engine.distributed import gathered
-from visrep.engine.export import WEIGHTS_NAME, WrongKindError, export_kind, read_model_config, register_kind
+from visrep.engine.export import rebuild_with_backbone, register_kind
 from visrep.transfer.align import DomainDiscriminator, grad_reverse
 from visrep.transfer.align_cond import conditioning_map
-from visrep.zoo import create_backbone
 
 
 class AdaptationModel(nn.Module):
@@ -168,17 +165,9 @@ class BestOnValidation:
 def load_adaptation_model(path) -> tuple[AdaptationModel, dict]:
     """Rebuild an ``AdaptationModel`` exported by ``recipes/adapt.py`` (``RUN_DIR/models/adapt``, kind
     ``adaptation``)."""
-    path = Path(path)
-    cfg = read_model_config(path)
-    if export_kind(cfg) != "adaptation":
-        raise WrongKindError(f"'{path}' holds a '{export_kind(cfg)}' model, not an adaptation model; load it "
-                             f"with visrep.engine.export.load_exported('{path}').")
-    backbone = create_backbone(cfg["architecture"], num_classes=0, small_input=cfg.get("small_input", False),
-                               **(cfg.get("kwargs") or {}))
-    model = AdaptationModel(backbone, cfg["num_classes"], cfg["bottleneck_dim"], cfg.get("discriminator_hidden"),
-                            cfg.get("condition"), cfg.get("randomized_dim", 1024), cfg.get("adversarial_head", False))
-    model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
-    return model, cfg
+    return rebuild_with_backbone(path, "adaptation", "an adaptation model", lambda backbone, cfg: AdaptationModel(
+        backbone, cfg["num_classes"], cfg["bottleneck_dim"], cfg.get("discriminator_hidden"), cfg.get("condition"),
+        cfg.get("randomized_dim", 1024), cfg.get("adversarial_head", False)))
 
 
 register_kind("adaptation", load_adaptation_model)

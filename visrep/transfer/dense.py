@@ -13,15 +13,12 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from visrep.checks import check
 from visrep.engine.config import BackboneConfig, to_dict
 from visrep.engine.distributed import broadcast_buffers, release_gathered
-from visrep.engine.export import (WEIGHTS_NAME, WrongKindError, backbone_config, export_kind, read_model_config,
-                                  register_kind, write_export)
-from visrep.zoo import create_backbone
+from visrep.engine.export import backbone_config, rebuild_with_backbone, register_kind, write_export
 from visrep.zoo.necks import FPN, UNet
 
 KIND = "segmentation"
@@ -188,16 +185,8 @@ def export_segmentation(accelerator, model: nn.Module, out_dir: str | Path, back
 
 def load_segmentation_model(path) -> tuple[SegmentationModel, dict]:
     """Rebuild a ``SegmentationModel`` exported by ``recipes/segment.py`` (``RUN_DIR/models/segment``)."""
-    path = Path(path)
-    cfg = read_model_config(path)
-    if export_kind(cfg) != KIND:
-        raise WrongKindError(f"'{path}' holds a '{export_kind(cfg)}' model, not a segmentation model; load it "
-                             f"with visrep.engine.export.load_exported('{path}').")
-    backbone = create_backbone(cfg["architecture"], num_classes=0, small_input=cfg.get("small_input", False),
-                               **(cfg.get("kwargs") or {}))
-    model = SegmentationModel(backbone, int(cfg["num_classes"]), DenseHeadConfig(**cfg["head"]))
-    model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
-    return model, cfg
+    return rebuild_with_backbone(path, KIND, "a segmentation model", lambda backbone, cfg: SegmentationModel(
+        backbone, int(cfg["num_classes"]), DenseHeadConfig(**cfg["head"])))
 
 
 register_kind(KIND, load_segmentation_model)
