@@ -443,19 +443,7 @@ def _save_swin_attention(model, image, display, out_path, max_heads: int = 6) ->
     import torch.nn.functional as F
     maps = swin_attention(model, image)[0]
     up = F.interpolate(maps[None], size=tuple(display.shape[:2]), mode="nearest")[0]
-    heads = min(max_heads, maps.shape[0])
-    fig, axes = plt.subplots(1, 2 + heads, figsize=(2.2 * (2 + heads), 2.6))
-    axes[0].imshow(display.numpy())
-    axes[0].set_title("input")
-    axes[1].imshow(display.numpy())
-    axes[1].imshow(up.mean(0).numpy(), cmap="inferno", alpha=0.6)
-    axes[1].set_title("last block (mean)")
-    for i in range(heads):
-        axes[2 + i].imshow(maps[i].numpy(), cmap="inferno")
-        axes[2 + i].set_title(f"head {i}")
-    for a in axes:
-        a.axis("off")
-    return _save(fig, out_path)
+    return _attention_figure(plt, display, up.mean(0), "last block (mean)", maps[:max_heads], out_path, overlay=True)
 
 
 def save_attention(model: nn.Module, image: torch.Tensor, display: torch.Tensor, out_path,
@@ -470,14 +458,21 @@ def save_attention(model: nn.Module, image: torch.Tensor, display: torch.Tensor,
     gh, gw = model.patch_embed.grid_size if hasattr(model, "patch_embed") else (int(math.isqrt(attn[-1].shape[-1] - prefix)),) * 2
     rollout = attention_rollout(attn, prefix)[0].reshape(gh, gw)
     last = attn[-1][0, :, 0, prefix:].reshape(-1, gh, gw)
-    heads = min(max_heads, last.shape[0])
-    fig, axes = plt.subplots(1, 2 + heads, figsize=(2.2 * (2 + heads), 2.6))
+    return _attention_figure(plt, display, rollout, "rollout", last[:max_heads], out_path, overlay=False)
+
+
+def _attention_figure(plt, display: torch.Tensor, summary: torch.Tensor, summary_title: str, heads: torch.Tensor,
+                      out_path, overlay: bool) -> Path:
+    """Input | summary map (over the input when ``overlay``) | one map per head, as a PNG."""
+    fig, axes = plt.subplots(1, 2 + len(heads), figsize=(2.2 * (2 + len(heads)), 2.6))
     axes[0].imshow(display.numpy())
     axes[0].set_title("input")
-    axes[1].imshow(rollout.numpy(), cmap="inferno")
-    axes[1].set_title("rollout")
-    for i in range(heads):
-        axes[2 + i].imshow(last[i].numpy(), cmap="inferno")
+    if overlay:
+        axes[1].imshow(display.numpy())
+    axes[1].imshow(summary.numpy(), cmap="inferno", **({"alpha": 0.6} if overlay else {}))
+    axes[1].set_title(summary_title)
+    for i, m in enumerate(heads):
+        axes[2 + i].imshow(m.numpy(), cmap="inferno")
         axes[2 + i].set_title(f"head {i}")
     for a in axes:
         a.axis("off")
