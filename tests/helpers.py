@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+# `accelerate launch` as the module its console script dispatches to: the same launcher code without the
+# CLI's other sub-commands, whose imports (timm through `accelerate estimate-memory`) cost about 4 s of CPU
+# a launch. tests/test_launch.py runs the real `accelerate` command the SLURM script writes.
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def _base_env() -> dict:
@@ -132,8 +135,7 @@ def run_recipe(recipe: str, args: list[str], processes: int = 1, timeout: int = 
     if processes == 1 and launcher_args is None:  # an environment read at import time (the Hub's endpoint)
         cmd = [sys.executable, script, *args]
     else:
-        accelerate = shutil.which("accelerate", path=str(VENV_BIN)) or "accelerate"
-        cmd = [accelerate, "launch", *(launcher_args or ["--multi_gpu", "--num_processes", str(processes),
+        cmd = [*ACCELERATE_LAUNCH, *(launcher_args or ["--multi_gpu", "--num_processes", str(processes),
                                                           "--num_machines", "1", "--mixed_precision", "no",
                                                           "--dynamo_backend", "no", "--main_process_port",
                                                           str(free_port())]), script, *args]

@@ -126,16 +126,13 @@ def test_ema_under_two_processes_equals_one_process(tmp_path):
     import subprocess
     import sys
 
-    from helpers import VENV_BIN, env
+    from helpers import ACCELERATE_LAUNCH, env
 
     script = tmp_path / "ema_ddp.py"
     script.write_text(EMA_SCRIPT)
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, str(script), str(one)], check=True, env=env(), cwd=ROOT, timeout=300)
-    import shutil
-
-    accelerate = shutil.which("accelerate", path=str(VENV_BIN)) or "accelerate"
-    p = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    p = subprocess.run([*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                         str(free_port()), str(script), str(two)],
                        env=env(), cwd=ROOT, timeout=300, capture_output=True, text=True)

@@ -75,18 +75,17 @@ def test_clip_zero2_and_zero3_match_ddp(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_logit_scale_clamp_reaches_deepspeed_master_weights(stage, monkeypatch):
-    import helpers
-    from helpers import ROOT, VENV_BIN
-    import shutil
+def test_logit_scale_clamp_reaches_deepspeed_master_weights(monkeypatch):
+    """Under ZeRO-2 and ZeRO-3, in one 2-process launch (tests/ds_clamp_script.py)."""
     import subprocess
 
+    import helpers
+    from helpers import ACCELERATE_LAUNCH, ROOT
+
     e = {k: v for k, v in helpers._base_env().items() if k != "ACCELERATE_USE_CPU"}
-    cmd = [shutil.which("accelerate", path=str(VENV_BIN)), "launch", *deepspeed_args(stage, free_port()),
-           str(ROOT / "tests" / "ds_clamp_script.py")]
+    cmd = [*ACCELERATE_LAUNCH, *deepspeed_args(2, free_port()), str(ROOT / "tests" / "ds_clamp_script.py"), "2", "3"]
     p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
-    line = [l for l in p.stdout.splitlines() if l.startswith("FINAL")]
-    assert p.returncode == 0 and line, p.stdout[-2000:] + p.stderr[-4000:]
-    _, final, _, expected = line[0].split()
-    assert final == expected, "the clamp must act on DeepSpeed's fp32 master copy, not only on param.data"
+    lines = {l.split()[0]: l.split() for l in p.stdout.splitlines() if l.startswith("FINAL")}
+    assert p.returncode == 0 and lines.keys() == {"FINAL2", "FINAL3"}, p.stdout[-2000:] + p.stderr[-4000:]
+    for stage, (_, final, _, expected) in lines.items():
+        assert final == expected, f"{stage}: the clamp must act on DeepSpeed's fp32 master copy, not only on param.data"

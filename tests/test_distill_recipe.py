@@ -254,13 +254,12 @@ def test_sigterm_to_one_of_two_ranks_stops_both_after_the_same_step(tiny, two_pr
 
     import psutil
 
-    from helpers import VENV_BIN, env
+    from helpers import ACCELERATE_LAUNCH, env, free_port
 
     out = tmp_path / "pre"
-    from helpers import free_port
 
     port = str(free_port())
-    cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
+    cmd = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", port, str(ROOT / "recipes" / "distill.py"),
            "--config", str(tiny), "--output-dir", str(out)]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

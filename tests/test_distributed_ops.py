@@ -3,13 +3,12 @@
 equal the single-process ones on the concatenated batch), the kNN vote over a bank sharded across ranks
 and the linear probe trained once on the main process (the single-process figures)."""
 import json
-import shutil
 import subprocess
 
 import pytest
 import torch
 
-from helpers import ROOT, VENV_BIN, env, free_port
+from helpers import ACCELERATE_LAUNCH, ROOT, env, free_port
 
 
 def align_problem():
@@ -86,8 +85,7 @@ def test_two_processes_equal_one(tmp_path):
 
     script = tmp_path / "dist_align.py"
     script.write_text(SCRIPT)
-    accelerate = shutil.which("accelerate", path=str(VENV_BIN)) or "accelerate"
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(free_port()), str(script), str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)

@@ -107,15 +107,13 @@ def bf16_runs(tmp_path_factory):
     """Every recipe trained under DeepSpeed ZeRO-2 bf16 (one process), all five in one launch of
     tests/recipes_in_one_process_script.py: {recipe: run directory}."""
     pytest.importorskip("deepspeed")
-    import shutil
     import subprocess
 
     import helpers
 
     d = tmp_path_factory.mktemp("bf16")
     pairs = [f"{r}={write_preset(d / f'{r}.yaml', p)}" for r, p in one_epoch_presets().items()]
-    accelerate = shutil.which("accelerate", path=str(helpers.VENV_BIN)) or "accelerate"
-    cmd = [accelerate, "launch", *DS_BF16, "--main_process_port", str(free_port()),
+    cmd = [*helpers.ACCELERATE_LAUNCH, *DS_BF16, "--main_process_port", str(free_port()),
            str(helpers.ROOT / "tests" / "recipes_in_one_process_script.py"), str(d / "status.json"), *pairs]
     env = {k: v for k, v in helpers._base_env().items() if k != "ACCELERATE_USE_CPU"}  # which turns DeepSpeed off
     p = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -2,7 +2,6 @@
 the Digits-M stroke masks, the segmentation model over a CNN and a transformer with FPN and U-Net, and
 recipes/segment.py end to end: exact resume, a start from an SSL export, clear config errors."""
 import json
-import shutil
 import subprocess
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, VENV_BIN, env, free_port, run_in_process, run_recipe, straight_and_stopped
+from helpers import ACCELERATE_LAUNCH, ROOT, env, free_port, run_in_process, run_recipe, straight_and_stopped
 from visrep.data.segmentation import (IGNORE_INDEX, SegmentationDataConfig, segmentation_arrays,
                                       stroke_masks)
 from visrep.transfer.dense import (DenseHeadConfig, SegmentationModel, confusion_matrix, iou_per_class, mean_iou,
@@ -110,8 +109,7 @@ def test_confusion_matrix_across_two_processes_equals_one(tmp_path):
     the gathered confusion matrix counts every pixel once, as one process does."""
     script = tmp_path / "dist_seg.py"
     script.write_text(SCRIPT)
-    accelerate = shutil.which("accelerate", path=str(VENV_BIN)) or "accelerate"
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(script), str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)

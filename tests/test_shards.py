@@ -6,14 +6,12 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import ROOT, env, free_port
+from helpers import ACCELERATE_LAUNCH, ROOT, env, free_port
 from visrep.data import shards as S
 from visrep.errors import DataError, MissingFileError
 
@@ -227,7 +225,7 @@ def test_two_processes_two_workers_real_ranks(uneven, tmp_path):
     all_reduce per batch would hang otherwise) and together see every key once."""
     out = tmp_path / "keys"
     script = ROOT / "tests" / "shard_ranks_script.py"
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(script), str(uneven / "train.json"), str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
