@@ -162,22 +162,35 @@ def test_gradient_checkpointing_gives_the_same_gradients(saved):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_export_and_load_round_trip(saved, tmp_path):
+def test_export_carries_the_hf_files_and_loads_without_the_source(saved, tmp_path):
+    import shutil
+
     from accelerate import Accelerator
 
     from visrep.engine.config import BackboneConfig
     from visrep.engine.export import export_model, load_model
 
-    name = f"hf:{saved['convnext']}"
+    src, exp = tmp_path / "src", tmp_path / "exp"
+    shutil.copytree(saved["convnext"], src)
+    (src / "preprocessor_config.json").write_text(json.dumps({"size": 48, "image_mean": [0.5] * 3,
+                                                              "image_std": [0.25] * 3}))
+    name = f"hf:{src}"
     torch.manual_seed(0)
-    model = create_backbone(name, num_classes=5).eval()
-    export_model(Accelerator(cpu=True), model, tmp_path / "exp", BackboneConfig(name=name, small_input=False), 5,
-                 model.data_config)
-    again, cfg = load_model(tmp_path / "exp")
+    model = create_backbone(name, num_classes=5, layer_norm_eps=1e-3).eval()
+    export_model(Accelerator(cpu=True), model, exp, BackboneConfig(name=name, small_input=False,
+                                                                   kwargs={"layer_norm_eps": 1e-3}),
+                 5, model.data_config)
+    shutil.rmtree(src)  # the export alone rebuilds it, offline
+    raw = json.loads((exp / "config.json").read_text())
+    assert raw["architecture"] == name and raw["hf_files"] == {"architecture": "hf/architecture"}
+    shutil.move(exp, tmp_path / "moved")  # the carried files are found relative to the export
+    again, cfg = load_model(tmp_path / "moved")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), model(x))
-    assert cfg["architecture"] == name and again.data_config == model.data_config
+    assert cfg["architecture"] == f"hf:{(tmp_path / 'moved' / 'hf' / 'architecture').resolve()}"
+    assert again.hf.config.layer_norm_eps == 1e-3  # the kwargs still apply on top of the carried config
+    assert again.data_config == model.data_config and again.data_config["std"] == (0.25,) * 3
 
 
 # ------------------------------------------------------------------------------------------ CLIP text towers
@@ -249,21 +262,38 @@ def test_clip_with_an_hf_text_tower_trains_and_its_loss_is_the_clip_loss(bert_di
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_clip_hf_text_export_round_trip_and_config_errors(bert_dir, tmp_path):
+def test_clip_hf_text_export_round_trip_and_config_errors(bert_dir, saved, tmp_path):
     from accelerate import Accelerator
 
     from visrep.checks import ConfigError
     from visrep.clip import build_clip_model, export_clip, get_tokenizer, image_data_config, load_clip
     from visrep.clip.hf_text import HFText
 
+    import shutil
+
+    from visrep.clip import ImageTowerConfig
+
+    # both towers from transformers folders that are gone when the export is loaded
+    shutil.copytree(bert_dir, tmp_path / "bert")
+    shutil.copytree(saved["resnet"], tmp_path / "img")
+    cfg = _clip_cfg(tmp_path / "bert")
+    cfg.image = ImageTowerConfig(name=f"hf:{tmp_path / 'img'}", small_input=False)
     torch.manual_seed(0)
-    model = build_clip_model(_clip_cfg(bert_dir), image_size=16).eval()
+    model = build_clip_model(cfg, image_size=16).eval()
+    tok = get_tokenizer(model)
     export_clip(Accelerator(cpu=True), model, tmp_path / "clip", model.cfg, image_data_config(model),
                 {"image_size": 16, "in_chans": 3})
-    again, _ = load_clip(tmp_path / "clip")
-    t = get_tokenizer(again)(["a photo of the number one", "two"])
+    shutil.rmtree(tmp_path / "bert")
+    shutil.rmtree(tmp_path / "img")
+    again, meta = load_clip(tmp_path / "clip")
+    assert meta["hf_files"] == {"model.text.name": "hf/model.text.name", "model.image.name": "hf/model.image.name"}
+    captions = ["a photo of the number one", "two"]
+    t = get_tokenizer(again)(captions)
+    assert torch.equal(t, tok(captions))
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(again.eval().encode_text(t), model.encode_text(t))
+        assert torch.equal(again.encode_image(x), model.encode_image(x))
     # pretrained null: the config only (random init)
     torch.manual_seed(1)
     fresh = HFText(_clip_cfg(bert_dir, pool="eos", pretrained=None).text)

@@ -48,6 +48,54 @@ def test_plain_net_has_no_identity_path():
         BasicBlock(16, 16, shortcut="C")
 
 
+TINY_TIMM = {"resnet18": dict(layers=(1, 1, 1, 1), channels=(8, 16, 16, 32), stem_width=8),
+             "resnet50": dict(layers=(1, 1, 1, 1), channels=(4, 8, 8, 8), stem_width=8)}
+
+
+@pytest.mark.parametrize("name", list(TINY_TIMM))
+def test_timm_resnet_shortcut_none_is_the_plain_net(name):
+    """timm's BasicBlock / Bottleneck with shortcut='none': the residual branch alone (no projection, no add),
+    the contract unchanged, timm's zero-initialised last BN scale reset so that every block passes a signal."""
+    kw = dict(TINY_TIMM[name], small_input=True, num_classes=3)
+    torch.manual_seed(0)
+    res = create_backbone(name, **kw).eval()
+    torch.manual_seed(0)
+    plain = create_backbone(name, shortcut="none", **kw).eval()
+    assert plain.feature_info == res.feature_info
+    gone = {k for k in res.state_dict() if ".downsample." in k}
+    assert gone and plain.state_dict().keys() == res.state_dict().keys() - gone
+    x = torch.randn(2, 3, 32, 32)
+    blk = plain.layer2[0]  # stride 2, wider: the residual net projects its shortcut
+    h = torch.randn(2, blk.conv1.in_channels, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), res(x))
+        pre = _pre_act(blk, h)  # the residual branch written out, before the block's last activation
+        assert torch.equal(blk(h), F.relu(pre)) and blk.downsample is None
+        ref = res.layer2[0]  # timm's own block with the same weights: the same branch plus the projected input
+        ref.load_state_dict(blk.state_dict(), strict=False)
+        torch.testing.assert_close(ref(h), F.relu(pre + ref.downsample(h)))
+    plain.train()
+    plain(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in plain.parameters())
+    check_backbone_contract(plain, (3, 32, 32))
+
+
+def _pre_act(blk, h):
+    """A timm block's residual branch before its last activation."""
+    if hasattr(blk, "conv3"):
+        return blk.bn3(blk.conv3(F.relu(blk.bn2(blk.conv2(F.relu(blk.bn1(blk.conv1(h))))))))
+    return blk.bn2(blk.conv2(F.relu(blk.bn1(blk.conv1(h)))))
+
+
+def test_timm_shortcut_option_errors():
+    with pytest.raises(ValueError, match=r"defined for timm ResNets .* 'test_vit' is a VisionTransformer"):
+        create_backbone("timm:test_vit", shortcut="none")
+    with pytest.raises(ValueError, match=r"shortcut='B' .* the only option is shortcut='none'"):
+        create_backbone("resnet18", shortcut="B")
+    with pytest.raises(ValueError, match="drop_path_rate=0.1 cannot be combined with shortcut='none'"):
+        create_backbone("resnet18", shortcut="none", drop_path_rate=0.1)
+
+
 # ----------------------------------------------------------------------------- SE and CBAM
 
 def test_attention_parameter_counts():

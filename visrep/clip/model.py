@@ -12,7 +12,7 @@ use open_clip's BPE tokenizer (its vocabulary ships inside the package: no downl
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -24,7 +24,7 @@ from torch import nn
 from visrep.clip.loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
 from visrep.engine.config import from_dict, to_dict
 from visrep.engine.distributed import parameter_value
-from visrep.engine.export import export_kind, register_kind, write_export
+from visrep.engine.export import export_kind, read_model_config, register_kind, write_export
 from visrep.errors import UserError
 from visrep.checks import check
 from visrep.distill.teacher import FrozenTeacher
@@ -444,6 +444,17 @@ class Tokenizer:
                     return self._tok(list(texts))
         return torch.stack([self._cache[t] for t in texts])
 
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """(N, context_length) token ids -> the N captions they hold (cut where the text tower's input was
+        truncated; no start / end / padding tokens)."""
+        hf = getattr(self._tok, "tok", None)  # an hf tower's transformers tokenizer
+        if hf is not None:
+            return [hf.decode(row, skip_special_tokens=True).strip() for row in tokens.tolist()]
+        sot, eot = self._tok.sot_token_id, self._tok.eot_token_id
+        rows = [row[1:] if row[:1] == [sot] else row for row in tokens.tolist()]
+        texts = [self._tok.decode(row[:row.index(eot)] if eot in row else row).strip() for row in rows]
+        return [re.sub(r" ([.,!?;:])", r"\1", t) for t in texts]  # BPE puts a space before punctuation
+
     def __getstate__(self):
         return {"_tok": self._tok, "context_length": self.context_length, "_cache": {}}
 
@@ -453,9 +464,13 @@ class Tokenizer:
 # ----------------------------------------------------------------------------------------------
 def export_clip(accelerator, model: nn.Module, out_dir, cfg: ClipModelConfig, data_config: dict,
                 extra: Optional[dict] = None) -> None:
-    """Call on every rank; the main process writes ``model.safetensors`` and ``config.json`` (kind ``clip``)."""
+    """Call on every rank; the main process writes ``model.safetensors`` and ``config.json`` (kind ``clip``).
+    An ``hf:`` image tower's config and an ``hf`` text tower's config and tokenizer travel with it."""
+    hf = {"model.text.name": True} if cfg.text.source == "hf" else {}
+    if cfg.image.source == "zoo" and cfg.image.name.startswith("hf:"):
+        hf["model.image.name"] = False
     write_export(accelerator, model, out_dir, "clip", {"model": to_dict(cfg), "data_config": to_dict(data_config),
-                                                       **(extra or {})})
+                                                       **(extra or {})}, hf_names=hf)
 
 
 def load_clip(path) -> tuple[ClipModel, dict]:
@@ -465,7 +480,7 @@ def load_clip(path) -> tuple[ClipModel, dict]:
     if not cfg_file.is_file() or not weights.is_file():
         raise FileNotFoundError(f"'{path}' is not an exported visrep CLIP model (expected config.json and "
                                 f"model.safetensors, e.g. RUN_DIR/models/clip).")
-    meta = json.loads(cfg_file.read_text())
+    meta = read_model_config(path)
     if export_kind(meta) != "clip":
         raise ValueError(f"'{path}' holds a {meta.get('kind', 'classifier')!r} export, not a CLIP model.")
     cfg = from_dict(ClipModelConfig, meta["model"])

@@ -27,15 +27,24 @@ from visrep.zoo import create_backbone
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 KIND_ENTRY_POINTS = "visrep.kinds"
+HF_FILES_KEY = "hf_files"  # config.json: {dotted key naming a transformers model: its folder in the export}
+HF_DIR = "hf"
 
 
 def write_export(accelerator, model: Optional[nn.Module], out_dir: str | Path, kind: str, config: dict,
-                 prefix: Optional[str] = None, state: Optional[dict] = None) -> dict:
+                 prefix: Optional[str] = None, state: Optional[dict] = None,
+                 hf_names: Optional[dict[str, bool]] = None) -> dict:
     """The one exporter: ``out_dir/model.safetensors`` (the whole model's weights -- gathered from every
     rank's shards and, under DeepSpeed bf16/fp16, the fp32 masters -- or only the keys under ``prefix``,
     which is stripped) and ``out_dir/config.json`` (``{"kind": kind, "library": "visrep", **config}``).
     Call on every rank; the writing process writes. ``state``: an already gathered state dict. Returns
-    the gathered state (empty where nothing is written under ZeRO-3), for a second export of a part."""
+    the gathered state (empty where nothing is written under ZeRO-3), for a second export of a part.
+
+    Transformers models the config names -- ``architecture`` when it is ``hf:...``, and the dotted keys of
+    ``hf_names`` (value: with the tokenizer, e.g. ``{"model.text.name": True}``) -- travel with the export:
+    their config (and tokenizer) files go to ``out_dir/hf/KEY``, listed under ``hf_files`` in config.json,
+    and :func:`read_model_config` points those keys there, so the export loads without the original repo
+    or folder."""
     from safetensors.torch import save_file
 
     state = full_state_dict(accelerator, model) if state is None else state
@@ -48,8 +57,51 @@ def write_export(accelerator, model: Optional[nn.Module], out_dir: str | Path, k
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    atomic_write_json(out / CONFIG_NAME, {"kind": kind, "library": "visrep", **config})
+    carried = _carry_hf_files(out, config, hf_names or {})
+    atomic_write_json(out / CONFIG_NAME, {"kind": kind, "library": "visrep", **config,
+                                          **({HF_FILES_KEY: carried} if carried else {})})
     return state
+
+
+def _slot(config: dict, key: str) -> tuple[dict, str] | None:
+    """(the dict holding dotted ``key``, its last part) in a nested config, or None."""
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config.get(part)
+        if not isinstance(config, dict):
+            return None
+    return (config, last) if isinstance(config.get(last), str) else None
+
+
+def _carry_hf_files(out: Path, config: dict, hf_names: dict[str, bool]) -> dict[str, str]:
+    """Write the files of the transformers models ``config`` names under ``out/hf``; {key: folder in out}."""
+    from visrep.zoo.hf_models import PREFIX, save_hf_files
+
+    names = dict(hf_names)
+    if str(config.get("architecture", "")).startswith(PREFIX):
+        names["architecture"] = False
+    carried = {}
+    for key, tokenizer in names.items():
+        slot = _slot(config, key)
+        if slot is None:
+            raise KeyError(f"hf_names: '{key}' names no string in the export's config")
+        name = slot[0][slot[1]]
+        carried[key] = f"{HF_DIR}/{key}"
+        save_hf_files(name[len(PREFIX):] if name.startswith(PREFIX) else name, out / carried[key], tokenizer)
+    return carried
+
+
+def _point_into_export(config: dict, path: Path) -> dict:
+    """The keys an export carries the transformers files of (``hf_files``) pointed at those files."""
+    from visrep.zoo.hf_models import PREFIX
+
+    for key, folder in (config.get(HF_FILES_KEY) or {}).items():
+        slot = _slot(config, key)
+        if slot is not None:
+            parent, last = slot
+            local = str((path / folder).resolve())
+            parent[last] = PREFIX + local if parent[last].startswith(PREFIX) else local
+    return config
 
 
 def backbone_config(backbone: BackboneConfig, num_classes: int, data_config: dict) -> dict:
@@ -150,12 +202,14 @@ def load_full_state_dict(accelerator, model: nn.Module, state: dict) -> None:
 
 
 def read_model_config(path: str | Path) -> dict:
+    """An export's ``config.json``; the names of the transformers models it carries (``hf_files``) point into
+    it (``hf:/abs/path/EXPORT/hf/architecture``), so what is rebuilt from the config needs nothing else."""
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise MissingFileError(f"'{path}' is not an exported visrep model: '{cfg_file}' is missing. Expected a "
                                 f"directory with {WEIGHTS_NAME} and {CONFIG_NAME} (e.g. RUN_DIR/models/STAGE).")
-    return json.loads(cfg_file.read_text())
+    return _point_into_export(json.loads(cfg_file.read_text()), path)
 
 
 def load_model(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict]:

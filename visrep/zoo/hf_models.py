@@ -107,6 +107,26 @@ def _processor_config(src: str, rev: str | None) -> dict:
     return json.loads(Path(path).read_text()) if path else {}
 
 
+def save_hf_files(target: str, out_dir: str | Path, tokenizer: bool = False) -> None:
+    """Write what rebuilds ``target`` (a folder or ``REPO[@REV]``) without its weights into ``out_dir``: the
+    transformers ``config.json``, the ``preprocessor_config.json`` when there is one and, with ``tokenizer``,
+    the tokenizer's files -- so an export that carries them loads with no repo, folder or cache."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    src, rev = _split(target)
+    try:
+        AutoConfig.from_pretrained(src, revision=rev).save_pretrained(out_dir)
+        if tokenizer:
+            AutoTokenizer.from_pretrained(src, revision=rev).save_pretrained(out_dir)
+    except (OSError, ValueError) as e:
+        raise HFModelUnavailable(f"cannot copy the config{' and tokenizer' if tokenizer else ''} of '{target}' "
+                                 f"into the export ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                 "the model it was built from must still be readable (HF cache or folder).") from None
+    processor = _processor_config(src, rev)
+    if processor:
+        (Path(out_dir) / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+
+
 def _hw(size) -> tuple[int, int] | None:
     if size is None:
         return None

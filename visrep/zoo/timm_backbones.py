@@ -2,8 +2,9 @@
 
 timm models already carry ``num_features``, ``forward_features``, ``forward_head``,
 ``reset_classifier`` and ``feature_info``; this module only adds ``data_config``, the 32x32
-``small_input`` variants, and makes ``num_features`` mean the pooled pre-logits width where timm
-keeps that separately (``head_hidden_size``: MobileNetV3, VGG).
+``small_input`` variants, makes ``num_features`` mean the pooled pre-logits width where timm
+keeps that separately (``head_hidden_size``: MobileNetV3, VGG), and builds the plain (no-shortcut)
+counterpart of timm's ResNets with ``shortcut="none"`` (as ``plain20`` is ResNet-20's).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .base import make_data_config
+from .errors import BackboneArgumentError
 from .features import measure_feature_info
 
 
@@ -35,6 +37,74 @@ def _prelogits_class(cls: type) -> type:
         globals()[new.__name__] = new  # picklable by qualified name
         _FIXED[cls] = new
     return _FIXED[cls]
+
+
+class _PlainBasicBlock:
+    """timm's ``BasicBlock`` without its shortcut -- the "plain" block of He et al. 2015 (arXiv:1512.03385),
+    Sec. 4.1: ``act2(se(bn2(conv2(aa(act1(drop_block(bn1(conv1(x)))))))))``, no ``+ x``."""
+
+    def forward(self, x):
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        return self.act2(x if self.se is None else self.se(x))
+
+
+class _PlainBottleneck:
+    """timm's ``Bottleneck`` without its shortcut (He et al. 2015, Sec. 4.1):
+    ``act3(se(bn3(conv3(aa(act2(drop_block(bn2(conv2(act1(bn1(conv1(x)))))))))))``, no ``+ x``."""
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        return self.act3(x if self.se is None else self.se(x))
+
+
+_PLAIN: dict[type, type] = {}
+
+
+def _plain_class(cls: type, mixin: type) -> type:
+    if cls not in _PLAIN:
+        new = type(f"Plain{cls.__name__}", (mixin, cls), {"__module__": __name__, "__doc__": mixin.__doc__})
+        globals()[new.__name__] = new  # picklable by qualified name
+        _PLAIN[cls] = new
+    return _PLAIN[cls]
+
+
+def _check_shortcut(name: str, shortcut, kwargs: dict) -> None:
+    if shortcut != "none":
+        raise BackboneArgumentError(f"shortcut={shortcut!r} for timm model {name!r}: the only option is "
+                                    "shortcut='none' (a plain net, no shortcut); leave it out for timm's own.")
+    for key in ("zero_init_last", "drop_path_rate"):
+        if kwargs.get(key):
+            raise BackboneArgumentError(
+                f"{key}={kwargs[key]} cannot be combined with shortcut='none': it zeroes a block's whole output "
+                f"when the block has no shortcut. Leave {key} out.")
+
+
+def remove_shortcuts(model: nn.Module, name: str, pretrained: bool = False) -> nn.Module:
+    """Make a timm ResNet (its blocks timm's ``BasicBlock`` / ``Bottleneck``: ResNet-18..152, SE-ResNet,
+    ResNeXt, Wide ResNet) plain, in place: every block computes only its residual branch (its projection
+    ``downsample`` is dropped), stages, ``feature_info`` and the head unchanged. timm zero-initialises each
+    block's last BatchNorm scale (``zero_init_last``), which would make a plain block output zeros: with
+    ``pretrained=False`` those scales are reset to 1."""
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    plain = {BasicBlock: (_PlainBasicBlock, "bn2"), Bottleneck: (_PlainBottleneck, "bn3")}
+    stages = [getattr(model, f"layer{i}", None) for i in range(1, 5)] if isinstance(model, ResNet) else []
+    if not stages or any(s is None or any(type(b) not in plain for b in s) for s in stages):
+        raise BackboneArgumentError(
+            f"shortcut='none' is defined for timm ResNets built of BasicBlock / Bottleneck (resnet18..152, "
+            f"seresnet*, resnext*, wide_resnet*); {name!r} is a {type(model).__name__}. Leave shortcut out "
+            f"(the CIFAR ResNets take it too: plain20..plain110).")
+    for stage in stages:
+        for block in stage:
+            mixin, last_bn = plain[type(block)]
+            block.__class__ = _plain_class(type(block), mixin)
+            block.downsample = None
+            if not pretrained:
+                nn.init.ones_(getattr(block, last_bn).weight)
+    return model
 
 
 def _small_input_kwargs(name: str, kwargs: dict) -> dict:
@@ -143,9 +213,12 @@ def _hf_hub_source(name: str) -> str:
 
 
 def create_timm_backbone(name: str, pretrained: bool = False, num_classes: int = 0, in_chans: int = 3,
-                         small_input: bool = False, **kwargs) -> nn.Module:
+                         small_input: bool = False, shortcut: str | None = None, **kwargs) -> nn.Module:
     """``timm.create_model`` + the zoo contract. ``hf-hub:USER/REPO`` names load through timm's hf-hub
-    support (its ``config.json`` and weights), from the local Hugging Face cache when offline."""
+    support (its ``config.json`` and weights), from the local Hugging Face cache when offline.
+    ``shortcut="none"``: the plain counterpart of a timm ResNet (:func:`remove_shortcuts`)."""
+    if shortcut is not None:
+        _check_shortcut(name, shortcut, kwargs)
     if pretrained and name.startswith(HF_HUB_PREFIX):
         name = _hf_hub_source(name)
     if small_input:
@@ -154,6 +227,8 @@ def create_timm_backbone(name: str, pretrained: bool = False, num_classes: int =
 
     model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     model._zoo_source = "timm"
+    if shortcut is not None:
+        remove_shortcuts(model, name, pretrained)
     if small_input:
         _patch_small_input(model, name)
     return finalize(model, small_input=small_input, in_chans=in_chans, img_size=kwargs.get("img_size"))
