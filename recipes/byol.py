@@ -123,6 +123,7 @@ def main(argv=None) -> dict:
                                                                   accelerator.process_index))
                 else:
                     v1, v2 = views_batch
+                stage.record_samples([v1, v2], data_config)  # the first batch, as the model sees it: for the report
                 with accelerator.accumulate(model):
                     out = model(v1, v2)
                     (p1, p2), (z1_t, z2_t) = out["p"], out["z_target"]

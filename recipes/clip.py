@@ -134,6 +134,7 @@ def main(argv=None) -> dict:
         for epoch in stage.epochs():
             model.train()
             for images, tokens, _, _ in stage.batches():
+                stage.record_samples(images, data_config, captions=tokens, decode=tokenizer.decode)  # for the report
                 losses = contrastive_step(accelerator, model, loss_fn, images, tokens, chunks, teacher)
                 if stage.optimizer_step(losses.pop("loss"), **losses):  # logged with the logit scale this step used
                     clamp_logit_scale(accelerator.unwrap_model(model), cfg.model.max_logit_scale)

@@ -222,3 +222,114 @@ def test_weights_and_biases_offline_gets_the_metrics_and_the_report_images(tmp_p
         assert key in record, key
     media = {p.name.split("_")[0] for p in (runs[0] / "files" / "media" / "images" / "report").glob("*.png")}
     assert {"training", "confusion"} <= media, media
+
+
+# ---------------------------------------------------------------------------------------- recorded views
+# tests/test_ssl_recipe.py's and tests/test_clip_recipe.py's tiny settings, at 1 epoch and fewer images
+SSL_TINY = {
+    "method": "dino",
+    "data": {"source": "digits", "image_size": 16, "hflip": 0.0, "label_fraction": 0.1},
+    "model": {"name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
+    "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "warmup_teacher_temp_epochs": 1.0,
+             "n_local": 2, "local_size": 8, "local_crop_scale": [0.1, 0.4]},
+    "augment": {"crop_scale": [0.3, 1.0], "hflip": 0.5, "device": "accelerator"},
+    "optim": {"name": "sgd", "lr": 0.1, "weight_decay": 1e-5},
+    "schedule": {"epochs": 1, "warmup_epochs": 0.5},
+    "eval": {"knn_k": 5, "linear_epochs": 1, "every_epochs": 0},
+    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1, "report": True},
+}
+CLIP_TINY = {
+    "data": {"source": "digits", "image_size": 8, "hflip": 0.0, "val_fraction": 0.4, "test_fraction": 0.4},
+    "model": {"image": {"source": "zoo", "name": "resnet20", "small_input": True, "kwargs": {"width": 0.25}},
+              "text": {"source": "small", "context_length": 12, "width": 32, "layers": 1, "heads": 2},
+              "embed_dim": 16},
+    "schedule": {"epochs": 1, "warmup_epochs": 0.5},
+    "run": {"batch_size": 32, "eval_batch_size": 128, "progress": False, "log_every": 1, "report": True},
+}
+
+
+def _first_call(monkeypatch, cls) -> list:
+    """Patch ``cls.forward`` to keep (a CPU copy of) the arguments of its first call in training mode."""
+    seen, real = [], cls.forward
+
+    def forward(self, *args, **kwargs):
+        if self.training and not seen:
+            seen.append([a.detach().cpu().clone() for a in args])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", forward)
+    return seen
+
+
+def test_ssl_report_shows_every_view_of_the_first_batch_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    """DINO with device-side multi-crop (2 global + 2 local crops): the saved views are, pixel for pixel, the
+    tensors the model's first training forward received; the run stopped after one step and resumed keeps
+    them (its first batch is not the run's), and its report draws them."""
+    from visrep.engine.run import read_samples
+    from visrep.ssl.methods import DINO
+
+    seen = _first_call(monkeypatch, DINO)
+    preset = str(write_preset(tmp_path / "ssl.yaml", SSL_TINY))
+    d = tmp_path / "run"
+    run_recipe("selfsup", ["--config", preset, "--output-dir", str(d), "--run.stop-after-steps", "1"])
+    views, meta = read_samples(d)
+    assert [v.shape for v in views] == [(16, 3, 16, 16)] * 2 + [(16, 3, 8, 8)] * 2
+    assert meta["names"] == ["view 1", "view 2", "local 1", "local 2"] and meta["captions"] is None
+    assert meta["stage"] == "dino" and len(seen[0]) == 4
+    for v, x in zip(views, seen[0]):
+        assert torch.equal(v, x[:16])
+    saved = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (d / "samples").iterdir()}
+    assert set(saved) == {"train_views.pt", "train_views.json"}
+
+    run_recipe("selfsup", ["--config", preset, "--output-dir", str(d), "--resume", "latest"])
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (d / "samples").iterdir()} == saved
+    page = (d / "report" / "index.html").read_text()
+    assert "training_views.png" in _images(page) and "the first batch of stage &#x27;dino&#x27;" in page
+    png = (d / "report" / "training_views.png").read_bytes()
+    assert png.startswith(PNG) and len(png) > 1000 and "Not shown" not in page
+
+
+def test_clip_report_shows_each_image_with_its_caption(tmp_path, monkeypatch):
+    """The saved images are the first training forward's, pixel for pixel, and the saved captions are the
+    texts of its tokens (tokenizing them again gives the very tokens)."""
+    from visrep.clip.model import ClipModel, Tokenizer
+    from visrep.data.pairs import DIGIT_NAMES
+    from visrep.engine.run import read_samples
+
+    seen = _first_call(monkeypatch, ClipModel)
+    d = tmp_path / "run"
+    run_recipe("clip", ["--config", str(write_preset(tmp_path / "clip.yaml", CLIP_TINY)), "--output-dir", str(d)])
+    (images,), meta = read_samples(d)
+    x, tokens = seen[0]
+    assert images.shape == (16, 3, 8, 8) and torch.equal(images, x[:16])
+    captions = meta["captions"]
+    assert len(captions) == 16 and torch.equal(Tokenizer(context_length=12)(captions), tokens[:16])
+    assert all(any(str(n).lower() in c.lower() for names in DIGIT_NAMES for n in names) for c in captions), captions
+    page = (d / "report" / "index.html").read_text()
+    assert "training_views.png" in _images(page) and "as the model received it" in page
+    shown, _ = figures.recorded_views(d)
+    assert shown[0].shape == (16, 8, 8, 3) and 0 <= shown[0].min() and shown[0].max() <= 1
+
+
+def test_a_failure_to_save_the_samples_is_a_warning_once(tmp_path, monkeypatch, fresh_accelerate_state):
+    import visrep.engine.run as engine_run
+    from visrep.engine import Run
+    from visrep.engine.config import RecipeConfig, RunConfig
+
+    def full(tmp, final):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine_run, "replace_dir", full)
+    d = tmp_path / "run"
+    views = [torch.rand(20, 1, 8, 8), torch.rand(20, 1, 8, 8), torch.rand(20, 1, 4, 4)]
+    with Run(RecipeConfig(output_dir=str(d), run=RunConfig(progress=False, report=False)), "test") as run:
+        model = torch.nn.Linear(2, 2)
+        stage = run.stage("s", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          train_loader=[0, 1], epochs=1)
+        with pytest.warns(engine_run.SamplesWarning, match="not saved for the report .*No space left on device"):
+            stage.record_samples(views, {"mean": [0.5], "std": [0.25]})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            stage.record_samples(views, {"mean": [0.5], "std": [0.25]})  # once a run, not at every batch
+    assert not (d / "samples").exists() and not list(d.glob(".samples-*"))  # nothing half written is left
+    assert engine_run.view_names(views) == ["view 1", "view 2", "local 1"]

@@ -9,6 +9,7 @@ Run directory layout::
     RUN_DIR/checkpoints/STAGE/step_XXXXXXXX/   Accelerate state + trainer_state.json + config.yaml
     RUN_DIR/models/STAGE/          exported weights (model.safetensors + config.json) of a finished stage
     RUN_DIR/results.json           final figures
+    RUN_DIR/samples/               the first training batch as the model received it (Stage.record_samples)
 
 A recipe may have several stages (distillation: teacher, student from scratch, student with KD). Each
 stage checkpoints on its own; a finished stage is skipped on resume and its exported weights are
@@ -22,7 +23,9 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -39,7 +42,7 @@ from visrep.engine.config import RunConfig, ScheduleConfig, diff_configs, parse_
 from visrep.engine.distributed import configure_engine, deepspeed_on_cpu, engine_precision
 from visrep.engine.export import load_full_state_dict
 from visrep.engine.fast import compile_decision, compile_training_forward, cuda_fast_math, to_channels_last
-from visrep.engine.io import atomic_write_json, atomic_write_text, is_writer
+from visrep.engine.io import atomic_write_json, atomic_write_text, is_writer, replace_dir
 from visrep.engine.optim import StepSchedule
 from visrep.engine.precision import autocast, cast_inputs_to_engine, fp32_norm_layers, resolve_mixed_precision
 from visrep.engine.preempt import StopRequest
@@ -165,6 +168,62 @@ def build_accelerator(run_cfg: RunConfig, run_dir: Path, **kwargs) -> Accelerato
 
 
 # ----------------------------------------------------------------------------------------------
+# The first training batch, for the report
+# ----------------------------------------------------------------------------------------------
+SAMPLES_DIR = "samples"
+SAMPLES_VIEWS, SAMPLES_META = "train_views.pt", "train_views.json"
+MAX_SAMPLES = 16
+
+
+class SamplesWarning(UserWarning):
+    """The first training batch could not be saved for the report; the run goes on."""
+
+
+def view_names(views: list[torch.Tensor]) -> list[str]:
+    """"view k" for the views at the first view's size, "local k" for the others (multi-crop's small crops)."""
+    size, counts, names = views[0].shape[-2:], {"view": 0, "local": 0}, []
+    for v in views:
+        kind = "view" if v.shape[-2:] == size else "local"
+        counts[kind] += 1
+        names.append(f"{kind} {counts[kind]}")
+    return names
+
+
+def save_samples(run_dir: str | os.PathLike, views, mean, std, captions: Optional[list[str]] = None,
+                 names: Optional[list[str]] = None, stage: str = "", n: int = MAX_SAMPLES) -> Path:
+    """``RUN_DIR/samples/``: the first ``n`` samples of every view (``views``: a tensor or a list, each
+    (N, C, H, W), normalised with ``mean`` / ``std``) copied to the CPU as they are (dtype included), in
+    ``train_views.pt``; their names, captions and normalisation in ``train_views.json``. The directory is
+    written whole, then renamed into place (:func:`visrep.engine.io.replace_dir`)."""
+    views = [views] if isinstance(views, torch.Tensor) else list(views)
+    tensors = [v.detach()[:n].to("cpu", copy=True) for v in views]  # a copy: a slice would save the whole batch
+    meta = {"stage": stage, "names": list(names) if names else view_names(tensors),
+            "captions": [str(c) for c in captions[:n]] if captions is not None else None,
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    if len(meta["names"]) != len(tensors):
+        raise ValueError(f"{len(meta['names'])} names for {len(tensors)} views")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{SAMPLES_DIR}-"))
+    try:
+        torch.save(tensors, tmp / SAMPLES_VIEWS)
+        atomic_write_json(tmp / SAMPLES_META, meta)
+        replace_dir(tmp, run_dir / SAMPLES_DIR)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run_dir / SAMPLES_DIR
+
+
+def read_samples(run_dir: str | os.PathLike) -> Optional[tuple[list[torch.Tensor], dict]]:
+    """What :func:`save_samples` wrote: (views, meta), or None when the run saved none."""
+    d = Path(run_dir) / SAMPLES_DIR
+    if not (d / SAMPLES_META).is_file():
+        return None
+    return torch.load(d / SAMPLES_VIEWS, weights_only=True), json.loads((d / SAMPLES_META).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 class Run:
@@ -198,6 +257,7 @@ class Run:
                                              else run_cfg, self.run_dir)
         self.state_path = self.run_dir / "state.json"
         self.global_step = 0
+        self.samples_saved = False  # Stage.record_samples: the first stage that records wins
         self._check_run_dir()
         self.state = self._load_state()
         self.global_step = int(self.state.get("global_step", 0))
@@ -408,6 +468,7 @@ class Stage:
         self._agreed_step = -1  # the optimizer step of the last _agree (a save right after needs none)
         self._book_pending = False  # an optimizer_step whose logging / checkpoint waits for the next batch
         self._resume_from: Optional[Path] = None  # loaded when the first epoch starts (after track())
+        self._samples_seen = False  # record_samples: acts at its first call only
         record = run.state["stages"].get(name, {})
         self.done = bool(record.get("done"))
         if self.done:  # a stage without an export is restored from its last checkpoint
@@ -477,6 +538,31 @@ class Stage:
     def _apply_lr(self) -> None:
         if self.schedule is not None:
             self.schedule.apply(self.step)
+
+    def record_samples(self, views, data_config: dict, captions=None, decode: Optional[Callable] = None,
+                       names: Optional[list[str]] = None) -> None:
+        """Save the first training batch exactly as the model receives it (after every augmentation, on
+        the device too) for the report's sample grid: :func:`save_samples` (``data_config``: the mean / std
+        to undo; ``captions``: texts, or tokens that ``decode`` turns into texts; ``names``: default "view
+        k" / "local k"). Call it with every batch, before the forward: it acts once, on the main process,
+        at the first batch of a fresh run (never after a resume, whose first batch is not the run's; a
+        run dir that holds samples keeps them) and of the run's first stage that records. Nothing
+        collective; a failure is a :class:`SamplesWarning` and training goes on."""
+        if self._samples_seen:
+            return
+        self._samples_seen = True
+        run = self.run
+        if (not run.is_main or run.samples_saved or self.step or self.epoch or self.batch_in_epoch
+                or (run.resuming and (run.run_dir / SAMPLES_DIR).exists())):
+            return
+        run.samples_saved = True
+        try:
+            if decode is not None and captions is not None:
+                captions = decode(captions[:MAX_SAMPLES])
+            save_samples(run.run_dir, views, data_config["mean"], data_config["std"], captions, names, self.name)
+        except Exception as e:  # noqa: BLE001 -- the report's samples never fail a run
+            warnings.warn(f"the first training batch was not saved for the report ({run.run_dir / SAMPLES_DIR}): "
+                          f"{type(e).__name__}: {e}", SamplesWarning, stacklevel=2)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def optimizer_step(self, loss: torch.Tensor, **metrics: Any) -> bool:

@@ -1,8 +1,10 @@
 """What a report rebuilds from a run directory: the recipe's data (from the saved config) and its
-classifier exports -- the test confusion matrix, Grad-CAM / attention maps, and the first training views."""
+classifier exports -- the test confusion matrix, Grad-CAM / attention maps, and the first training views
+(recorded by the recipe, ``visrep.engine.run.save_samples``, or rebuilt from the config)."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +15,7 @@ from visrep.data import DataConfig, build_classification_data, load_digits_m_spl
 from visrep.data.sources import load_splits
 from visrep.engine.config import from_dict
 from visrep.engine.export import export_kind, load_exported, read_model_config
+from visrep.engine.run import read_samples
 from visrep.errors import UserError
 
 MAX_TEST_IMAGES = 270  # the embedded digits' test split: a report costs seconds, whatever the data
@@ -243,4 +246,54 @@ def plot_grid(images: torch.Tensor, titles: list[str], out: Path, cols: int = 8)
             ax.imshow(images[i].numpy(), interpolation="nearest")
             ax.set_title(titles[i], fontsize=7)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.05, hspace=0.2)
+    return _save(fig, out, tight=False)
+
+
+# ---------------------------------------------------------------------------------------- recorded views
+def recorded_views(run_dir: Path) -> tuple[list[torch.Tensor], dict]:
+    """The first training batch as the recipe's model received it (``RUN_DIR/samples/``, written by
+    ``Stage.record_samples``): every view for display, (N, H, W, 3) in [0, 1], and the record's meta
+    (names, captions, mean, std, stage)."""
+    got = read_samples(run_dir)
+    if got is None:
+        raise NotAvailable("the run recorded no training batch (samples/)")
+    views, meta = got
+    dc = {"mean": meta["mean"], "std": meta["std"]}
+    return [unnormalize(v.float(), dc) for v in views], meta
+
+
+def plot_views(views: list[torch.Tensor], names: list[str], out: Path) -> Path:
+    """One row per sample, one column per view (``views``: each (N, H, W, 3) in [0, 1]); a column is as
+    wide as its view, so multi-crop's local crops are drawn at their own, smaller size."""
+    plt = _plt()
+    n, widths = len(views[0]), [v.shape[2] for v in views]
+    scale = 1.3 / max(widths)
+    fig, axes = plt.subplots(n, len(views), figsize=(sum(widths) * scale + 0.1 * len(views), 1.4 * n + 0.3),
+                             squeeze=False, gridspec_kw={"width_ratios": widths})
+    for j, (v, name) in enumerate(zip(views, names)):
+        axes[0, j].set_title(name, fontsize=8)
+        for i in range(n):
+            axes[i, j].imshow(v[i].numpy(), interpolation="nearest")
+            axes[i, j].axis("off")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (1.4 * n + 0.3), wspace=0.08, hspace=0.08)
+    return _save(fig, out, tight=False)
+
+
+def plot_captioned(images: torch.Tensor, captions: list[str], out: Path, cols: int = 8, width: int = 22) -> Path:
+    """Each image (``images``: (N, H, W, 3) in [0, 1]) with its caption, wrapped, under it."""
+    plt = _plt()
+    n = len(images)
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    wrapped = [textwrap.fill(str(c), width) for c in captions]
+    text_h = 0.12 + 0.13 * max(w.count("\n") + 1 for w in wrapped)  # inches under each image
+    height = rows * (1.45 + text_h)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, height), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].numpy(), interpolation="nearest")
+            ax.text(0.5, -0.03, wrapped[i], transform=ax.transAxes, ha="center", va="top", fontsize=6.5)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=text_h / height, top=1 - 0.05 / height, wspace=0.1,
+                        hspace=text_h / 1.45)
     return _save(fig, out, tight=False)

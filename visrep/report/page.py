@@ -104,8 +104,9 @@ def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report/index.html`` (and its PNGs): the curves of every stage (every numeric
     series in metrics.jsonl), the results table, the resolved config, for every classifier export the
     test confusion matrix, the most-confused pairs and Grad-CAM / attention maps, and a grid of the
-    first training views of epoch 0. Returns the page's path; a figure that cannot be made is a
-    :class:`ReportWarning` and is left out."""
+    first training views: the first batch as the model received it when the recipe recorded it (SSL: every
+    view; CLIP: images with their captions), else epoch 0's rebuilt from the config. Returns the page's
+    path; a figure that cannot be made is a :class:`ReportWarning` and is left out."""
     run_dir = Path(run_dir)
     page = _Page(run_dir / REPORT_DIR, f"visrep run {run_dir.name}")
     page.out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def build_report(run_dir: str | Path) -> Path:
 
     grid = page.figure("training views", lambda: _training_grid(page, run_dir, cache))
     if grid is not None:
-        page.add("Training views (epoch 0, as the loader produced them)", grid)
+        page.add(*grid)
 
     config = page.figure("config", lambda: (run_dir / "config.yaml").read_text())
     if config is not None:
@@ -169,12 +170,23 @@ def _classifier_section(page: _Page, run_dir: Path, stage: str, path: Path, mcfg
     page.add(f"Classifier models/{stage}", "\n".join(body))
 
 
-def _training_grid(page: _Page, run_dir: Path, cache: dict) -> str:
+def _training_grid(page: _Page, run_dir: Path, cache: dict) -> tuple[str, str]:
+    """(heading, body): the first batch the recipe recorded (SSL: every view of a sample in a row; CLIP: each
+    image with its caption), else, for a classifier, the first views of epoch 0 rebuilt from the config."""
+    out = page.out / "training_views.png"
+    if figures.read_samples(run_dir) is not None:
+        views, meta = figures.recorded_views(run_dir)
+        if meta.get("captions") is not None:
+            p = figures.plot_captioned(views[0], meta["captions"], out)
+        else:
+            p = figures.plot_views(views, meta["names"], out)
+        where = f" of stage '{meta['stage']}'" if meta.get("stage") else ""
+        heading = f"Training views (the first batch{where}, as the model received it)"
+        return heading, page.img(p, "report/training_views")
     x, y, dc, names = figures.training_views(run_dir, cache=cache)
     shown = figures.unnormalize(x, dc)
-    p = figures.plot_grid(shown, [names[int(v)] if int(v) < len(names) else str(int(v)) for v in y],
-                          page.out / "training_views.png")
-    return page.img(p, "report/training_views")
+    p = figures.plot_grid(shown, [names[int(v)] if int(v) < len(names) else str(int(v)) for v in y], out)
+    return "Training views (epoch 0, as the loader produced them)", page.img(p, "report/training_views")
 
 
 def compare_runs(run_dirs: list[str | Path], out_dir: Optional[str | Path] = None) -> Path:
