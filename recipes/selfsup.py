@@ -43,12 +43,13 @@ import torch.nn.functional as F
 from visrep.checks import check
 from visrep.data import DataConfig, build_classification_data
 from visrep.engine import BackboneConfig, RecipeConfig, Run, ScheduleConfig, count_parameters, parse_config
+from visrep.engine.distributed import require
 from visrep.errors import main_entry
 from visrep.launch import finish_run
 from visrep.ssl.optim import refuse_lars_under_deepspeed
 from visrep.ssl import (METHODS, BarlowConfig, BatchedMultiCrop, BYOLConfig, DINOConfig, EMAUpdater, MoCoV3Config,
                         SimCLRConfig, SSLAugmentConfig, SSLEvalConfig, SSLOptimConfig, TeacherTemperature,
-                        VICRegConfig, bank_loader, barlow_twins_loss, base_transform, batch_seed, build_backbone,
+                        VICRegConfig, WeightDecaySchedule, bank_loader, barlow_twins_loss, base_transform, batch_seed, build_backbone,
                         build_method, build_ssl_optimizer, byol_loss, eval_protocol, evaluate_pretrained,
                         evaluate_representation, export_method, mocov3_loss, multicrop_transforms, nt_xent_loss,
                         offline_eval, results_table, validation_monitor, vicreg_loss)
@@ -88,11 +89,19 @@ class SSLRecipeConfig(RecipeConfig):
             check(self.dino.warmup_teacher_temp_epochs <= self.schedule.epochs,
                   f"{prefix}dino.warmup_teacher_temp_epochs", self.dino.warmup_teacher_temp_epochs,
                   f"at most schedule.epochs ({self.schedule.epochs})")
+            check(self.dino.freeze_last_layer <= self.schedule.epochs, f"{prefix}dino.freeze_last_layer",
+                  self.dino.freeze_last_layer, f"at most schedule.epochs ({self.schedule.epochs})")
+            check(self.dino.weight_decay_end is None or self.optim.weight_decay > 0, f"{prefix}dino.weight_decay_end",
+                  self.dino.weight_decay_end, "null when optim.weight_decay is 0 (the cosine starts from "
+                  "optim.weight_decay, on the groups that decay); or set optim.weight_decay > 0")
 
 
 def refuse_under_deepspeed(cfg: SSLRecipeConfig, accelerator) -> None:
-    """What DeepSpeed cannot do here, refused before any training: LARS."""
+    """What DeepSpeed cannot do here, refused before any training: LARS, DINO's last-layer freeze."""
     refuse_lars_under_deepspeed(cfg.optim, accelerator)
+    if cfg.method == "dino" and cfg.dino.freeze_last_layer > 0:  # drops gradients before the optimizer step
+        require(accelerator, "gradient_surgery", "dino.freeze_last_layer > 0",
+                "Under DeepSpeed use --dino.freeze-last-layer 0; or freeze the last layer under DDP.")
 
 
 def ssl_loss(cfg: SSLRecipeConfig, net, out: dict, teacher_temp: Optional[float]) -> tuple[torch.Tensor, dict]:
@@ -167,6 +176,12 @@ def main(argv=None) -> dict:
         temp = (TeacherTemperature(round(hp.warmup_teacher_temp_epochs * stage.steps_per_epoch),
                                    hp.warmup_teacher_temp, hp.teacher_temp) if dino else None)
         stage.track(**{k: v for k, v in (("ema", ema), ("teacher_temp", temp)) if v is not None})
+        # DINO's weight decay on a cosine and last-layer freeze: functions of the optimizer step, like the rate
+        wd_schedule = dino and hp.weight_decay_end is not None
+        if wd_schedule:
+            stage.schedule = WeightDecaySchedule(stage.schedule, stage.total_steps, cfg.optim.weight_decay,
+                                                 hp.weight_decay_end)
+        freeze_steps = round(hp.freeze_last_layer * stage.steps_per_epoch) if dino else 0
         run.print(f"[{method}] global batch {global_batch} = {cfg.run.batch_size} x {accelerator.num_processes} "
                   f"process(es) x {cfg.run.grad_accum} accumulation; peak lr "
                   f"{optimizer.param_groups[0]['initial_lr']:.4g} ({cfg.optim.name}); {stage.total_steps} steps")
@@ -178,12 +193,16 @@ def main(argv=None) -> dict:
                 if device_views is not None:
                     views_batch = device_views(views_batch, batch_seed(cfg.seed, stage.epoch, stage.batch_in_epoch,
                                                                        accelerator.process_index))
-                in_effect = {**({"tau": ema.tau} if ema else {}), **({"teacher_temp": temp.value} if dino else {})}
+                stage.record_samples(views_batch, data_config)  # the first batch, as the model sees it: for the report
+                in_effect = {**({"tau": ema.tau} if ema else {}), **({"teacher_temp": temp.value} if dino else {}),
+                             **({"weight_decay": optimizer.param_groups[0]["weight_decay"]} if wd_schedule else {})}
                 with accelerator.accumulate(model):
                     out = model(*views_batch)  # views -> projections / predictions / teacher outputs, probe logits
                     loss, terms = ssl_loss(cfg, net, out, temp.value if dino else None)  # the paper's loss, above
                     probe_loss = F.cross_entropy(out["logits"].float(), y)  # detached features: no gradient to f
                     accelerator.backward(loss + probe_loss)
+                    if stage.step < freeze_steps:
+                        net.cancel_last_layer_gradients()  # DINO: the last layer is fixed for freeze_last_layer epochs
                 if dino:
                     teacher_out.append(out["teacher"])
                 if stage.optimizer_step(loss, probe_loss=probe_loss, **terms, **in_effect):

@@ -3,9 +3,11 @@ of DINO and MoCo v3 (weights, DINO's centre, teacher temperature and EMA momentu
 under DeepSpeed ZeRO-2 and ZeRO-3 ending with DDP's weights, the multi-crop views, and the config
 errors."""
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ds_helpers import fake_accelerator, load_recipe, without_use_cpu, zero_config_args
@@ -82,11 +84,17 @@ def test_each_method_trains_and_records_its_eval_protocol(tiny, tmp_path, method
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dino", "mocov3"])
 def test_resume_is_exact(tiny, tmp_path, method):
-    """Stopped after 7 optimizer steps (mid-epoch, inside DINO's teacher-temperature warm-up) and resumed:
-    every weight (online, EMA target / teacher, probe, BN statistics, DINO's centre), the EMA's momentum
-    and step and DINO's teacher temperature equal the straight run's, bit for bit."""
+    """Stopped after 7 optimizer steps (mid-epoch, inside DINO's teacher-temperature warm-up and last-layer
+    freeze) and resumed: every weight (online, EMA target / teacher, probe, BN statistics, DINO's centre),
+    the EMA's momentum and step, DINO's teacher temperature and weight decay equal the straight run's, bit
+    for bit. DINO's last layer stays fixed through its one-epoch freeze and trains after it; its weight
+    decay follows the cosine 1e-5 -> 1e-3, one value per optimizer step."""
     args = ["--config", str(tiny), "--method", method]
+    if method == "dino":
+        args += ["--dino.freeze-last-layer", "1", "--dino.weight-decay-end", "1e-3"]
     a, b = straight_and_stopped(RECIPE, args, tmp_path, 7)
+    last_layer = "head.last_layer.weight_v"
+    frozen = load_file(str(last_ckpt(b, method) / "model.safetensors")).get(last_layer)  # at step 7
     ema = torch.load(last_ckpt(b, method) / "extra_ema_rank0.pt", weights_only=True)
     assert ema["step"] == 7 and ema["total_steps"] == 2 * STEPS_PER_EPOCH
     if method == "dino":
@@ -106,6 +114,11 @@ def test_resume_is_exact(tiny, tmp_path, method):
     if method == "dino":
         ta, tb = (torch.load(last_ckpt(d, method) / "extra_teacher_temp.pt", weights_only=True) for d in (a, b))
         assert ta == tb and ta["last"] == 0.07
+    if method == "dino":  # the last layer fixed through the freeze (steps 0-8), an EMA of it in the teacher
+        at_9 = load_file(str(a / "checkpoints" / method / "step_00000009" / "model.safetensors"))
+        torch.testing.assert_close(at_9[last_layer], frozen, rtol=0, atol=0)
+        torch.testing.assert_close(at_9["teacher_" + last_layer], frozen)
+        assert not torch.equal(wa[last_layer], frozen)
     ra, rb = results(a), results(b)
     for k in ("knn_acc", "linear_acc", "online_probe_acc", "z_std", "final_tau"):
         assert ra[k] == rb[k], k
@@ -116,6 +129,9 @@ def test_resume_is_exact(tiny, tmp_path, method):
         temps = [r["train/teacher_temp"] for r in logged]
         assert temps[0] == pytest.approx(0.04) and temps[STEPS_PER_EPOCH:] == [pytest.approx(0.07)] * STEPS_PER_EPOCH
         assert all(x < y for x, y in zip(temps[:STEPS_PER_EPOCH], temps[1:STEPS_PER_EPOCH + 1]))
+        total = 2 * STEPS_PER_EPOCH  # the weight decay of step k: 1e-3 + (1e-5 - 1e-3)(1 + cos(pi k / 18)) / 2
+        assert [r["train/weight_decay"] for r in logged] == pytest.approx(
+            [1e-3 + (1e-5 - 1e-3) * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)], rel=1e-6)
     # the offline evaluation of the exported encoder reproduces the run's figures, with the same card
     run_recipe(RECIPE, [*args, "--eval-only", str(a), "--output-dir", str(tmp_path / "ev")])
     ev = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
@@ -172,17 +188,22 @@ def test_deepspeed_equals_ddp(ddp_run, zero, tmp_path, monkeypatch):
     assert abs(res["knn_acc"] - ref_res["knn_acc"]) <= 1.5 / 270, (res, ref_res)
 
 
-def test_lars_is_refused_under_deepspeed():
+def test_lars_and_dino_freeze_are_refused_under_deepspeed():
     from visrep.engine import ConfigError, from_dict
 
     recipe = load_recipe(RECIPE)
     lars, sgd = (from_dict(recipe.SSLRecipeConfig, dict(TINY, method="dino", optim=dict(TINY["optim"], name=n)))
                  for n in ("lars", "sgd"))
+    frozen = from_dict(recipe.SSLRecipeConfig, dict(TINY, method="dino", optim=dict(TINY["optim"], name="sgd"),
+                                                    dino=dict(TINY["dino"], freeze_last_layer=1.0)))
     for stage in (2, 3):
         with pytest.raises(ConfigError, match="optim.name 'lars'.*--optim.name sgd"):
             recipe.refuse_under_deepspeed(lars, fake_accelerator(stage))
+        with pytest.raises(ConfigError, match="dino.freeze_last_layer > 0.*--dino.freeze-last-layer 0"):
+            recipe.refuse_under_deepspeed(frozen, fake_accelerator(stage))
         recipe.refuse_under_deepspeed(sgd, fake_accelerator(stage))
     recipe.refuse_under_deepspeed(lars, fake_accelerator(None))
+    recipe.refuse_under_deepspeed(frozen, fake_accelerator(None))
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -240,6 +261,45 @@ def test_dino_model_teacher_temperature_and_interface():
         assert other.ema_pairs() is None and z["z"][0].shape == (4, 8) and z["logits"].shape == (4, 10)
 
 
+@pytest.mark.parametrize("opt", ["lars", "sgd", "adamw"])
+def test_dino_last_layer_freeze_and_weight_decay_cosine(opt):
+    """DINO's two step schedules on each optimizer: for the first 3 of 6 steps the head's last layer (V and
+    g, both trained here) is not changed at all -- its gradients are dropped, so neither the update nor the
+    weight decay touches it -- while the rest trains; then it moves. The groups that decay get
+    wd_k = end + (start - end)(1 + cos(pi k / K)) / 2, hand-computed for 0.04 -> 0.4 over K = 6; biases,
+    norms and the probe none."""
+    from visrep.engine import ScheduleConfig, StepSchedule
+    from visrep.ssl import DINOConfig, SSLOptimConfig, WeightDecaySchedule, build_method, build_ssl_optimizer
+    from visrep.zoo import create_backbone
+
+    torch.manual_seed(0)
+    cfg = DINOConfig(out_dim=12, hidden_dim=16, bottleneck_dim=8, norm_last_layer=False)
+    net = build_method("dino", cfg, create_backbone("resnet20", num_classes=0, small_input=True, width=0.25), 10)
+    optimizer = build_ssl_optimizer(net, SSLOptimConfig(name=opt, lr=0.5, weight_decay=0.04), 32)
+    schedule = WeightDecaySchedule(StepSchedule(optimizer, ScheduleConfig(epochs=1, warmup_epochs=0), 6), 6, 0.04, 0.4)
+    last, mlp = net.head.last_layer, net.head.mlp[0].weight
+    frozen = [p.detach().clone() for p in last.parameters()]
+    assert len(frozen) == 2 and all(p.requires_grad for p in last.parameters())
+    wds = []
+    for k in range(6):
+        schedule.apply(k)
+        wds.append({g["name"]: g["weight_decay"] for g in optimizer.param_groups})
+        before = mlp.detach().clone()
+        g1, g2 = torch.randn(2, 8, 3, 16, 16)
+        out = net(g1, g2)
+        (net.criterion(out["student"], out["teacher"], 0.04) + F.cross_entropy(out["logits"], torch.arange(8))).backward()
+        if k < 3:
+            net.cancel_last_layer_gradients()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert not torch.equal(mlp, before), k  # the rest of the head trains at every step
+        same = [torch.equal(p, q) for p, q in zip(last.parameters(), frozen)]
+        assert same == ([True, True] if k < 3 else [False, False]), k
+    assert {name for name in wds[0]} == {"weights", "bias_and_norm", "probe"}
+    assert [w["weights"] for w in wds] == pytest.approx([0.04, 0.064115, 0.13, 0.22, 0.31, 0.375885], abs=1e-6)
+    assert all(w["bias_and_norm"] == 0.0 and w["probe"] == 0.0 for w in wds)
+
+
 # ---------------------------------------------------------------------------- clear errors
 @pytest.mark.parametrize("args,needles", [
     (["--method", "swav"], ("'method'", "'swav'", "simclr, mocov3, dino, vicreg, barlow, byol")),
@@ -248,6 +308,9 @@ def test_dino_model_teacher_temperature_and_interface():
     (["--method", "dino", "--dino.warmup-teacher-temp-epochs", "5"],
      ("'dino.warmup_teacher_temp_epochs'", "schedule.epochs (2)")),
     (["--method", "dino", "--dino.center-momentum", "1.5"], ("'dino.center_momentum'", "1.5")),
+    (["--method", "dino", "--dino.freeze-last-layer", "3"], ("'dino.freeze_last_layer'", "schedule.epochs (2)")),
+    (["--method", "dino", "--dino.weight-decay-end", "0.1", "--optim.weight-decay", "0"],
+     ("'dino.weight_decay_end'", "optim.weight_decay")),
     (["--method", "simclr", "--simclr.temperature", "0"], ("'simclr.temperature'", "positive")),
     (["--method", "mocov3", "--mocov3.base-tau", "1.2"], ("'mocov3.base_tau'", "1.2")),
     (["--method", "barlow", "--barlow.proj-dim", "0"], ("'barlow.proj_dim'", ">= 1")),

@@ -9,7 +9,8 @@ on a cosine momentum schedule counted in optimizer steps (``EMAUpdater``), two-v
 Other methods' objectives, each over the global batch across ranks (``visrep.ssl.objectives``): SimCLR's
 NT-Xent (``nt_xent_loss``, arXiv:2002.05709); MoCo v3's loss and query / momentum-key pair (``mocov3_loss``,
 ``MoCoV3``, ``MoCoV3MLP``, arXiv:2104.02057); DINO's head, loss with its centre, and teacher-temperature
-schedule (``DINOHead``, ``DINOLoss``, ``teacher_temp_schedule``, arXiv:2104.14294); VICReg (``vicreg_loss``,
+schedule (``DINOHead``, ``DINOLoss``, ``teacher_temp_schedule``, arXiv:2104.14294; its weight-decay cosine:
+``cosine_weight_decay``, ``WeightDecaySchedule``); VICReg (``vicreg_loss``,
 arXiv:2105.04906); Barlow Twins (``barlow_twins_loss``, arXiv:2103.03230).
 
 The six methods as models behind one interface (``visrep.ssl.methods``: ``build_method``, ``SimCLR``,
@@ -30,8 +31,8 @@ from visrep.ssl.methods import (DINO, METHODS, BarlowConfig, BarlowTwins, BYOLMe
 from visrep.ssl.objectives import (DINOHead, DINOLoss, MoCoV3, MoCoV3MLP, barlow_twins_loss, mocov3_loss,
                                    nt_xent_loss, teacher_temp_schedule, vicreg_loss)
 from visrep.engine.optim import LARS
-from visrep.ssl.optim import (SSLOptimConfig, build_ssl_optimizer, refuse_lars_under_deepspeed, scaled_lr,
-                              ssl_param_groups)
+from visrep.ssl.optim import (SSLOptimConfig, WeightDecaySchedule, build_ssl_optimizer, cosine_weight_decay,
+                              refuse_lars_under_deepspeed, scaled_lr, ssl_param_groups)
 from visrep.ssl.transforms import (BatchedBYOLAugment, BatchedMultiCrop, MultiCrop, SSLAugmentConfig, TwoViews,
                                    base_transform, batch_seed, byol_transforms, byol_view_transform,
                                    multicrop_transforms)
@@ -39,7 +40,7 @@ from visrep.ssl.transforms import (BatchedBYOLAugment, BatchedMultiCrop, MultiCr
 __all__ = [
     "BYOL", "BYOLConfig", "MLPHead", "byol_loss", "regression_loss",
     "normalized_std", "EMAUpdater", "cosine_tau", "LARS", "SSLOptimConfig", "build_ssl_optimizer",
-    "scaled_lr", "ssl_param_groups", "SSLAugmentConfig", "TwoViews", "byol_transforms", "byol_view_transform",
+    "scaled_lr", "ssl_param_groups", "cosine_weight_decay", "WeightDecaySchedule", "SSLAugmentConfig", "TwoViews", "byol_transforms", "byol_view_transform",
     "refuse_lars_under_deepspeed", "BatchedBYOLAugment", "base_transform", "batch_seed", "SSLEvalConfig",
     "extract_features", "knn_predict",
     "knn_accuracy", "linear_eval", "evaluate_representation", "export_backbone", "export_byol",

@@ -137,10 +137,22 @@ class DINOConfig:
     local_size: int = 96
     """Side of the local crops in pixels (224 -> 96 in the paper); at most data.image_size."""
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    freeze_last_layer: float = 0.0
+    """Epochs (counted in optimizer steps) during which the head's last layer gets no update: its gradients
+    are dropped before the optimizer step, so it is neither moved nor decayed (the official code's
+    ``freeze_last_layer``, 1 by default there; 0 here, as it cannot run under DeepSpeed: see
+    ``recipes/selfsup.py``). At most schedule.epochs."""
+    weight_decay_end: Optional[float] = None
+    """Weight decay at the end: a cosine over the optimizer steps from optim.weight_decay to this value, on
+    the groups that decay (the paper's ViTs: 0.04 -> 0.4); null: constant optim.weight_decay."""
     sync_batchnorm: bool = False
 
     def validate(self, prefix: str) -> None:
         _check_dims(self, prefix, "out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "local_size")
+        check(self.freeze_last_layer >= 0, f"{prefix}freeze_last_layer", self.freeze_last_layer,
+              "a number of epochs >= 0 (0: the last layer trains from the start)")
+        check(self.weight_decay_end is None or self.weight_decay_end >= 0, f"{prefix}weight_decay_end",
+              self.weight_decay_end, "null (constant optim.weight_decay) or a number >= 0")
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             check(getattr(self, key) > 0, f"{prefix}{key}", getattr(self, key), "a positive number")
         check(self.warmup_teacher_temp_epochs >= 0, f"{prefix}warmup_teacher_temp_epochs",
@@ -310,6 +322,13 @@ class DINO(nn.Module):
 
     def ema_pairs(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return list(self.online_parameters()), list(self.target_parameters())
+
+    def cancel_last_layer_gradients(self) -> None:
+        """Drop the gradients of the student head's last layer (after the backward, before the optimizer
+        step): the optimizer skips it -- no update, no weight decay, no momentum -- as the official code's
+        ``cancel_gradients_last_layer`` does during the first ``freeze_last_layer`` epochs."""
+        for p in self.head.last_layer.parameters():
+            p.grad = None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

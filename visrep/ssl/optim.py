@@ -3,6 +3,7 @@ parameters, the probe and predictor groups."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import torch
@@ -89,6 +90,39 @@ def build_ssl_optimizer(model: nn.Module, cfg: SSLOptimConfig, global_batch: int
     scale = cfg.peak_lr(global_batch) / cfg.lr
     groups = ssl_param_groups(model, cfg, cfg.lr * scale, cfg.probe_lr * scale, predictor_prefix=predictor_prefix)
     return build_optimizer(groups, cfg, global_batch)
+
+
+def cosine_weight_decay(step: int, total_steps: int, start: float, end: float) -> float:
+    """Weight decay at optimizer step ``step`` (0-based) of ``total_steps``: a half cosine from ``start``
+    to ``end``, as DINO's official ``cosine_scheduler`` (``wd_k -> end`` as ``k -> K``; ``wd_0 = start``)::
+
+        wd_k = end + (start - end) * (1 + cos(pi * k / K)) / 2
+
+    Paper: Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", 2021,
+    arXiv:2104.14294, Appendix (ViT: 0.04 -> 0.4; facebookresearch/dino ``weight_decay_end``)."""
+    if step < 0 or total_steps < 1:
+        raise ValueError(f"step must be >= 0 and total_steps >= 1, got step={step}, total_steps={total_steps}")
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+class WeightDecaySchedule:
+    """A learning-rate schedule (``apply(step)``, e.g. :class:`visrep.engine.StepSchedule`) that also sets
+    :func:`cosine_weight_decay` on the parameter groups that decay (``weight_decay > 0`` when built: the
+    groups without decay -- biases, norms, the probe -- keep none). Stateless, as the rate: a function of
+    the optimizer step, so a resumed run continues it exactly; groups are matched by position, which an
+    optimizer's ``load_state_dict`` keeps. ``Stage`` calls ``apply`` before each optimizer step."""
+
+    def __init__(self, lr_schedule, total_steps: int, start: float, end: float):
+        self.lr_schedule, self.optimizer = lr_schedule, lr_schedule.optimizer
+        self.total_steps, self.start, self.end = int(total_steps), float(start), float(end)
+        self.decays = [g["weight_decay"] > 0 for g in self.optimizer.param_groups]
+
+    def apply(self, step: int) -> float:
+        wd = cosine_weight_decay(step, self.total_steps, self.start, self.end)
+        for g, decays in zip(self.optimizer.param_groups, self.decays):
+            if decays:
+                g["weight_decay"] = wd
+        return self.lr_schedule.apply(step)
 
 
 def refuse_lars_under_deepspeed(optim: SSLOptimConfig, accelerator) -> None:
