@@ -1,8 +1,8 @@
 """Hub export, push and load (visrep.launch.hub) -- CPU, no network.
 
 The Hub is a local HTTP server on 127.0.0.1 that speaks the few routes huggingface_hub uses for a
-push (create repo, validate README metadata, preupload, commit) and a download (HEAD/GET resolve),
-and records every request.
+push (create repo, validate README metadata, preupload, commit) and a download (HEAD/GET resolve, the
+file tree of a snapshot download), and records every request.
 """
 from __future__ import annotations
 
@@ -158,6 +158,10 @@ class FakeHub:
             def _resolve(self):
                 self._record()
                 parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":  # list_repo_tree
+                    files = hub.repos.get(f"{parts[2]}/{parts[3]}", {})
+                    return self._json(200, [{"type": "file", "path": name, "size": len(data),
+                                             "oid": hashlib.sha1(data).hexdigest()} for name, data in files.items()])
                 if len(parts) >= 5 and parts[2] == "resolve":
                     repo, fname = f"{parts[0]}/{parts[1]}", "/".join(parts[4:])
                     data = hub.repos.get(repo, {}).get(fname)
@@ -394,6 +398,48 @@ def test_push_sends_one_commit_with_the_three_files(tmp_path, online, capsys, ca
     out = capsys.readouterr()
     assert FAKE_TOKEN not in out.out + out.err + caplog.text
     assert not _scan_for(FAKE_TOKEN, tmp_path / "expected", cache)
+
+
+def test_hf_model_pushed_with_its_transformers_files_loads_without_its_source(tmp_path, online, monkeypatch):
+    """An ``hf:`` backbone's export carries its transformers config (hf/architecture/); the push sends it in
+    the same commit, and the model loads back from the Hub -- then offline, from the cache -- with the
+    folder it was built from deleted: the same outputs."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    from accelerate import Accelerator
+    from helpers import reset_accelerate
+    from huggingface_hub import constants
+    from visrep.engine import BackboneConfig
+    from visrep.engine.export import export_model
+
+    src, run = tmp_path / "src", tmp_path / "run"
+    torch.manual_seed(0)
+    transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1]).save_pretrained(src)
+    model = create_backbone(f"hf:{src}", num_classes=5).eval()
+    try:
+        export_model(Accelerator(cpu=True), model, run / "models" / "finetune",
+                     BackboneConfig(name=f"hf:{src}", small_input=False), 5, model.data_config)
+    finally:
+        reset_accelerate()
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "data": {"source": "digits"}}))
+    (run / "results.json").write_text(json.dumps({"target_acc": 0.5}))
+    (run / "state.json").write_text(json.dumps({"recipe": "finetune", "stages": {"finetune": {"done": True}}}))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    cache = tmp_path / "cache"
+    with FakeHub() as hub:
+        push_to_hub(run, "me/hf-resnet", token=FAKE_TOKEN, endpoint=hub.url)
+        assert len(hub.posts("/commit/")) == 1
+        assert sorted(hub.repos["me/hf-resnet"]) == sorted([*HUB_FILES, "hf/architecture/config.json"])
+        shutil.rmtree(src)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        loaded = load_backbone_from_hub("me/hf-resnet", cache_dir=cache, token=FAKE_TOKEN).eval()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the server is gone: from the cache
+    again = load_backbone_from_hub("me/hf-resnet", cache_dir=cache).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected) and torch.equal(again(x), expected)
 
 
 def test_push_in_a_subprocess_with_env_token_and_endpoint(tmp_path):

@@ -7,14 +7,15 @@ import sys
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "push", help="push a run's model to the Hugging Face Hub",
-        description="Upload model.safetensors, config.json and a README.md model card in one commit. "
+        description="Upload model.safetensors, config.json, a README.md model card (and a transformers "
+                    "model's config and tokenizer, hf/) in one commit. "
                     "The token comes from HF_TOKEN or `hf auth login` (never from the command line).")
     p.add_argument("run_dir", help="a run directory (RUN_DIR) or an exported model (RUN_DIR/models/STAGE)")
     p.add_argument("repo_id", help="USER/REPO or ORG/REPO")
     p.add_argument("--stage", default=None, help="stage to push (default: the run's last finished stage)")
     p.add_argument("--private", action="store_true")
     p.add_argument("--message", default=None, help="commit message")
-    p.add_argument("--export-only", metavar="DIR", default=None, help="write the three files to DIR; send nothing")
+    p.add_argument("--export-only", metavar="DIR", default=None, help="write the files to DIR; send nothing")
     p.set_defaults(func=_run)
 
 

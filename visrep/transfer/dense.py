@@ -17,7 +17,7 @@ from torch import nn
 
 from visrep.checks import check
 from visrep.engine.config import BackboneConfig, to_dict
-from visrep.engine.distributed import broadcast_buffers, release_gathered
+from visrep.engine.evaluate import evaluate_sums
 from visrep.engine.export import backbone_config, rebuild_with_backbone, register_kind, write_export
 from visrep.zoo.necks import FPN, UNet
 
@@ -143,27 +143,17 @@ def pixel_accuracy(cm: torch.Tensor) -> float:
     return float(cm.diagonal().sum().double() / total.double()) if total > 0 else 0.0
 
 
-@torch.no_grad()
 def evaluate_segmentation(model: nn.Module, loader, accelerator, num_classes: int, ignore_index: int = 255) -> dict:
     """Mean IoU, pixel accuracy and mean cross-entropy over a whole split. Each rank scores its shard; the
     per-image confusion matrices and loss sums are gathered (``gather_for_metrics`` drops the samples
     Accelerate repeated to even out the last batch) and summed into one matrix, then divided: the figures of
     one process on the whole split. Returns also ``iou`` (per class, None where absent) and ``confusion``."""
-    broadcast_buffers(model, accelerator)
-    was_training = model.training
-    model.eval()
-    cm, nll = None, None
-    for x, y in loader:
-        with accelerator.autocast():
-            logits = model(x)
-        logits = logits.float()
+    def score(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         per_pixel = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
-        counts = confusion_matrix(logits.argmax(1), y, num_classes, ignore_index, per_sample=True)
-        counts, sums = accelerator.gather_for_metrics((counts, per_pixel.double().flatten(1).sum(1)))
-        cm = counts.sum(0) if cm is None else cm + counts.sum(0)
-        nll = sums.sum() if nll is None else nll + sums.sum()
-    model.train(was_training)
-    release_gathered(model)
+        return (confusion_matrix(logits.argmax(1), y, num_classes, ignore_index, per_sample=True),
+                per_pixel.double().flatten(1).sum(1))
+
+    cm, nll = evaluate_sums(model, loader, accelerator, score) or (None, None)
     cm = (cm if cm is not None else torch.zeros(num_classes, num_classes, dtype=torch.long)).cpu()
     total = int(cm.sum())
     iou = iou_per_class(cm)

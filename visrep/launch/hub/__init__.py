@@ -1,6 +1,6 @@
 """Publishing a finished run on the Hugging Face Hub, and loading it back.
 
-A pushed model repo holds exactly three files, written in one commit:
+A pushed model repo holds three files, written in one commit (four kinds with an ``hf:`` model):
 
 * ``model.safetensors`` -- the exported weights (the zoo's key names; timm's for timm backbones);
 * ``config.json`` -- what rebuilds the model. visrep's description (zoo name, number of classes,
@@ -11,6 +11,9 @@ A pushed model repo holds exactly three files, written in one commit:
   top level repeats the export's keys (``visrep.engine.export`` format);
 * ``README.md`` -- a model card: YAML front matter, the metrics table from ``results.json``, the
   dataset, the command that reproduces the run and the code that loads the model.
+* ``hf/KEY/`` -- for a transformers model (an ``hf:`` architecture, an ``hf`` CLIP text tower), the
+  transformers config, image-processor settings and tokenizer its export carries (``hf_files`` in
+  ``config.json``), so it loads back from the Hub without the original repo or folder.
 
 ::
 
@@ -18,7 +21,7 @@ A pushed model repo holds exactly three files, written in one commit:
     push_to_hub("runs/distill", "me/resnet20-digits-kd")        # one commit
     model = load_backbone_from_hub("me/resnet20-digits-kd")     # or a local folder
 
-Loading reads ``config.json`` and ``model.safetensors`` only: nothing downloaded is ever unpickled,
+Loading reads ``config.json``, ``model.safetensors`` and ``hf/`` only: nothing downloaded is ever unpickled,
 and the weights must match the architecture key for key.
 
 The token comes from ``token=``, ``HF_TOKEN`` or the Hugging Face login (``hf auth login``); it is

@@ -1,5 +1,6 @@
 """The folder a push uploads: ``model.safetensors``, ``config.json`` (visrep's description under
-``"visrep"``, timm's hub config at the top level for timm architectures) and a ``README.md`` model card."""
+``"visrep"``, timm's hub config at the top level for timm architectures), a ``README.md`` model card and,
+for transformers models, the ``hf/`` files their export carries."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from visrep.checks import existing
+from visrep.engine.export import HF_FILES_KEY
 from visrep.errors import MissingFileError
 from visrep.launch.hub.transport import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, _scrub_config
 from visrep.zoo import create_backbone, get_backbone_entry
@@ -306,7 +308,8 @@ def _model_card(repo_id: str, config: dict, timm_ok: bool, training: dict, resul
 def export_for_hub(src: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id: Optional[str] = None,
                    stage: Optional[str] = None, token: Optional[str] = None) -> Path:
     """Write the three Hub files of a run (its last finished stage, or ``stage``) or of an exported model
-    directory into ``out_dir``. ``repo_id`` names the repo in the model card. ``token`` is only used to
+    directory into ``out_dir``, and the transformers files its export carries (``hf/``, listed under
+    ``hf_files``). ``repo_id`` names the repo in the model card. ``token`` is only used to
     make sure it does not appear in what is written. Returns ``out_dir``."""
     model_dir, run_dir, stage = _resolve_source(src, stage)
     export_cfg = _read_json(model_dir / CONFIG_NAME)
@@ -321,6 +324,8 @@ def export_for_hub(src: str | os.PathLike, out_dir: str | os.PathLike, *, repo_i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_dir / WEIGHTS_NAME, out / WEIGHTS_NAME)
+    for sub in (export_cfg.get(HF_FILES_KEY) or {}).values():  # an hf: model's transformers files travel along
+        shutil.copytree(model_dir / sub, out / sub, dirs_exist_ok=True)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     (out / CARD_NAME).write_text(card)
     return out

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Optional
 
-from visrep.engine.export import export_kind, kind_loader
+from visrep.engine.export import _point_into_export, export_kind, kind_loader, read_model_config
 from visrep.launch.hub.transport import CONFIG_NAME, HUB_PREFIX, WEIGHTS_NAME, HubError, _locate
 from visrep.zoo import create_backbone, register_prefix
 from visrep.zoo.errors import CheckpointMismatchError
@@ -71,13 +71,14 @@ def load_backbone_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional
 
     ``repo_id_or_dir``: ``USER/REPO`` (``hf-hub:`` prefix and ``@revision`` accepted) or a local folder
     (a pushed repo's files, or an export ``RUN_DIR/models/STAGE``). Only ``config.json`` and
-    ``model.safetensors`` are read. ``overrides`` go to ``create_backbone`` (``features_only``,
-    ``out_indices``, builder kwargs such as ``drop_rate``); ``num_classes=K`` different from the saved head
-    loads the weights and then ``reset_classifier(K)``. Returns the model (and the config with
+    ``model.safetensors`` are read (and, for an ``hf:`` architecture, the transformers config its export
+    carries under ``hf/``: the original repo or folder is not needed). ``overrides`` go to
+    ``create_backbone`` (``features_only``, ``out_indices``, builder kwargs such as ``drop_rate``);
+    ``num_classes=K`` different from the saved head loads the weights and then ``reset_classifier(K)``. Returns the model (and the config with
     ``return_config=True``)."""
     src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    vis = config.get("visrep", config)
+    config = read_model_config(folder)  # carried transformers files (hf_files) pointed into the folder
+    vis = _point_into_export(config["visrep"], folder) if "visrep" in config else config
     kind = export_kind(vis)
     if kind not in ("backbone", "adaptation") or "architecture" not in vis:
         hint = f" Load it with visrep.launch.hub.load_clip_from_hub('{src}')." if kind == "clip" else ""

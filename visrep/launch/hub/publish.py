@@ -7,16 +7,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from visrep.launch.hub.card import export_for_hub
-from visrep.launch.hub.transport import (HUB_FILES, HUB_PREFIX, HubUnavailableError, _check_reachable, _endpoint,
-                                         _hub_error, _offline, _version, resolve_token)
+from visrep.launch.hub.transport import (HUB_PREFIX, HubUnavailableError, _check_reachable, _endpoint, _hub_error,
+                                         _offline, _version, hub_files, resolve_token)
 from visrep.report import report_run
 
 
 def push_to_hub(run_dir: str | os.PathLike, repo_id: str, token: Optional[str] = None, private: bool = False,
                 stage: Optional[str] = None, commit_message: Optional[str] = None, *,
                 endpoint: Optional[str] = None, revision: Optional[str] = None):
-    """Push a run's model (``model.safetensors``, ``config.json``, ``README.md``) to ``repo_id`` in one
-    commit, creating the repo if needed. Returns huggingface_hub's ``CommitInfo`` (its ``commit_url``).
+    """Push a run's model (``model.safetensors``, ``config.json``, ``README.md``, and an ``hf:`` model's
+    transformers files under ``hf/``) to ``repo_id`` in one commit, creating the repo if needed. Returns
+    huggingface_hub's ``CommitInfo`` (its ``commit_url``).
 
     ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co. Call it on the main process only."""
     if repo_id.startswith(HUB_PREFIX):
@@ -37,7 +38,8 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, token: Optional[str] =
         message = commit_message or f"Upload {Path(run_dir).name} with visrep"
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in HUB_FILES]
+            ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+                   for name in hub_files(folder)]
             return api.create_commit(repo_id, ops, commit_message=message, revision=revision, repo_type="model")
         except Exception as e:
             raise _hub_error(e, token, f"pushing to {repo_id} at {endpoint}") from None

@@ -1,19 +1,27 @@
-"""Talking to the Hugging Face Hub: the token, reachability, errors, downloading a model's two files
-(never a pickle) and finding a model folder locally or on the Hub."""
+"""Talking to the Hugging Face Hub: the token, reachability, errors, downloading a model's files (its two
+files, and the transformers files an ``hf:`` model's export carries under ``hf/``; never a pickle) and
+finding a model folder locally or on the Hub."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 from visrep import __version__
-from visrep.engine.export import CONFIG_NAME, WEIGHTS_NAME
+from visrep.engine.export import CONFIG_NAME, HF_DIR, HF_FILES_KEY, WEIGHTS_NAME
 from visrep.errors import MissingFileError, UserError
 from visrep.zoo.net import connect, reachable
 
 CARD_NAME = "README.md"
-HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)  # and, for transformers models, the files under hf/
+
+
+def hub_files(folder: Path) -> list[str]:
+    """The paths a push uploads from an ``export_for_hub`` folder: :data:`HUB_FILES` and the files under ``hf/``."""
+    carried = sorted(p.relative_to(folder).as_posix() for p in (folder / HF_DIR).rglob("*") if p.is_file())
+    return [*HUB_FILES, *carried]
 HUB_PREFIX = "hf-hub:"
 _PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 _REDACTED = "<redacted>"
@@ -160,9 +168,31 @@ def _fetch(repo: str, token: Optional[str], revision: Optional[str], cache_dir) 
         raise
     except Exception as e:
         raise _hub_error(e, token, f"loading '{repo}' from the Hub") from None
-    if Path(cfg).parent != Path(weights).parent:  # same snapshot folder in the cache
+    folder = Path(weights).parent
+    if Path(cfg).parent != folder:  # same snapshot folder in the cache
         raise HubError(f"'{repo}': {CONFIG_NAME} and {WEIGHTS_NAME} came from different revisions")
-    return Path(weights).parent
+    _fetch_hf_files(repo, folder, token, kw)
+    return folder
+
+
+def _fetch_hf_files(repo: str, folder: Path, token: Optional[str], kw: dict) -> None:
+    """The transformers files an export carries (``hf_files``: config, image-processor settings, tokenizer
+    under ``hf/KEY``), downloaded into ``folder``, the snapshot of the commit config.json came from."""
+    from huggingface_hub import snapshot_download
+
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    carried = config.get("visrep", config).get(HF_FILES_KEY) or {}
+    if not carried:
+        return
+    kw = {**kw, "revision": folder.name}  # the snapshot folder is named by its commit hash
+    try:
+        snapshot_download(repo, allow_patterns=[f"{sub}/*" for sub in carried.values()], **kw)
+    except Exception as e:
+        raise _hub_error(e, token, f"loading the transformers files of '{repo}' from the Hub") from None
+    missing = [sub for sub in carried.values() if not (folder / sub).is_dir()]
+    if missing:
+        raise HubError(f"Hub repo '{repo}': {CONFIG_NAME} lists transformers files under {', '.join(missing)} "
+                       f"({HF_FILES_KEY}) that the repo does not hold; push the run again with visrep.")
 
 
 def _locate(repo_id_or_dir: str | os.PathLike, token: Optional[str], revision: Optional[str],
