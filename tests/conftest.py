@@ -42,13 +42,19 @@ CHEAP_MODULE_FIXTURES = {"tiny", "uneven", "packed", "hf_parquet"}  # presets, s
 def pytest_collection_modifyitems(config, items):
     """For ``pytest -n 2 --dist loadgroup`` (``make test``): tests that share an expensive module-scoped
     fixture (a reference run) stay on one worker, so the run is made once; every other test goes
-    wherever a worker is free."""
+    wherever a worker is free. Groups holding an end-to-end run (marked ``slow``) are handed out first and
+    the many short tests last, so the two workers finish together instead of one waiting on a long run
+    that started late (longest first)."""
+    groups = {}
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
         shared = sorted(name for name, fds in (defs.name2fixturedefs.items() if defs else ())
                         if name not in CHEAP_MODULE_FIXTURES and any(fd.scope == "module" for fd in fds))
         group = f"{item.module.__name__}::{shared[0]}" if shared else item.nodeid
         item.add_marker(pytest.mark.xdist_group(group))
+        groups[item] = group
+    slow_groups = {groups[item] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: groups[item] not in slow_groups)  # stable: collection order within each part
 
 
 @pytest.fixture(scope="module")
