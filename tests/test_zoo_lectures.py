@@ -298,3 +298,78 @@ def test_hf_hub_without_cache_is_one_clear_error(hf_cache, monkeypatch):
     monkeypatch.setattr("visrep.zoo.registry.reachable", lambda *a, **k: False)  # no real connection attempted
     with pytest.raises(PretrainedWeightsUnavailable, match="cannot connect to huggingface.co"):
         create_backbone("timm:hf-hub:timm/resnet18.a1_in1k", pretrained=True)
+
+
+# ----------------------------------------------------------------------------- Inception-v3's auxiliary classifier
+
+@pytest.fixture(scope="module")
+def inception_aux():
+    torch.manual_seed(0)
+    return create_backbone("inception_v3", num_classes=5, aux_classifiers=True)
+
+
+def test_inception_v3_aux_logits_are_timms_and_trained_with_weight_0_3(inception_aux):
+    """The recorded aux logits are timm's own ``InceptionV3(aux_logits=True)`` forward's (same state dict, key for
+    key); the supervised objective adds 0.3 * CE(aux), and the aux head takes gradients."""
+    import timm
+    from visrep.engine.supervised import SupervisedConfig, SupervisedObjective, recorded_aux_logits
+
+    m = inception_aux.train()
+    with torch.device("meta"):
+        ref = timm.create_model("inception_v3", num_classes=5, aux_logits=True)
+    ref.load_state_dict(m.state_dict(), strict=True, assign=True)  # shares m's tensors: the same weights
+    x, y = torch.randn(2, 3, 299, 299, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 4])
+    with torch.no_grad():
+        want_logits, want_aux = ref.train()(x)  # timm's forward: (logits, aux) in training
+    trunk = [p for n, p in m.named_parameters() if not n.startswith(("AuxLogits.", "fc."))]
+    for p in trunk:  # only the heads take gradients here: a short backward
+        p.requires_grad_(False)
+    try:
+        logits = m(x)  # the zoo's: logits; batch statistics in train mode, so ref's running-stat update is moot
+    finally:
+        for p in trunk:
+            p.requires_grad_(True)
+    assert torch.equal(logits, want_logits)
+    aux = recorded_aux_logits(m)
+    assert len(aux) == 1 and aux[0] is m.aux_logits[0] and torch.equal(aux[0], want_aux)
+    losses = SupervisedObjective(SupervisedConfig(), 5)(m, logits, y)
+    ce = -torch.log_softmax(logits.detach().double(), 1)[torch.arange(2), y].mean()
+    ce_aux = -torch.log_softmax(want_aux.double(), 1)[torch.arange(2), y].mean()
+    assert losses["loss"].item() == pytest.approx((ce + 0.3 * ce_aux).item(), rel=1e-5)
+    assert losses["aux"].item() == pytest.approx(ce_aux.item(), rel=1e-5)
+    m.zero_grad()
+    losses["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.AuxLogits.parameters())
+    assert m.fc.weight.grad.abs().sum() > 0
+
+
+def test_inception_v3_aux_contract_eval_and_errors(inception_aux):
+    from visrep.engine.supervised import recorded_aux_logits
+    from visrep.zoo.errors import BackboneArgumentError
+    from visrep.zoo.inception import AUX_MIN_INPUT
+
+    m = inception_aux
+    assert m.feature_info[3]["module"] == "Mixed_6e" and m.num_features == 2048
+    small = torch.randn(2, 3, 75, 75)
+    m.eval()
+    with torch.no_grad():
+        assert m(small).shape == (2, 5)  # eval: no aux head run, so the main net's 75 px minimum holds
+    assert m.aux_logits is None and recorded_aux_logits(m) == ()
+    m.train()
+    with pytest.raises(ValueError, match=f"at least {AUX_MIN_INPUT}x{AUX_MIN_INPUT} px.*3x3 map"):
+        m(small)
+    with torch.device("meta"):
+        bare = create_backbone("inception_v3", aux_classifiers=True)  # num_classes=0: nothing to classify
+        assert bare.AuxLogits is None
+        bare.reset_classifier(3)
+        assert bare.AuxLogits.fc.out_features == 3 and bare.AuxLogits.conv1.conv.kernel_size == (5, 5)
+        conv = bare.AuxLogits.conv1
+        bare.reset_classifier(7)  # e.g. ImageNet's 1000 classes to a task's: both heads resized, aux convs kept
+        assert bare.fc.out_features == bare.AuxLogits.fc.out_features == 7 and bare.AuxLogits.conv1 is conv
+        feats = create_backbone("inception_v3", num_classes=3, aux_classifiers=True, features_only=True)
+        assert feats.model.AuxLogits is None and feats.model.aux_logits is None
+        assert create_backbone("inception_v3", num_classes=3).AuxLogits is None  # off by default
+    with pytest.raises(BackboneArgumentError, match="only inception_v3"):
+        create_backbone("resnet18", aux_classifiers=True)
+    with pytest.raises(BackboneArgumentError, match="aux_classifiers=True instead"):
+        create_backbone("inception_v3", num_classes=3, aux_logits=True)

@@ -7,7 +7,8 @@ Default sources (a plain name's source is what ``visrep zoo list`` shows):
   (Inception v1 with its two auxiliary classifiers).
 * torchvision (``tv``): ``alexnet``, ``vgg11/13/16/19`` and ``*_bn``.
 * timm (everything else): ResNet-18..152, ResNeXt-50 32x4d, Wide ResNet-50-2, DenseNet-121,
-  SE-ResNets, MobileNet v1/v2/v3, EfficientNet-B0..B7, ConvNeXt, ViT, Swin, Inception-v3.
+  SE-ResNets, MobileNet v1/v2/v3, EfficientNet-B0..B7, ConvNeXt, ViT, Swin, Inception-v3
+  (``aux_classifiers=True``: its auxiliary classifier, ``visrep.zoo.inception``).
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ _TIMM = {
                         "Zagoruyko & Komodakis, Wide Residual Networks, 2016, arXiv:1605.07146"),
     "densenet121": ("densenet121", "DenseNet-121",
                     "Huang et al., Densely Connected Convolutional Networks, 2016, arXiv:1608.06993"),
-    "inception_v3": ("inception_v3", "Inception-v3 (min input 75x75)",
+    "inception_v3": ("inception_v3", "Inception-v3 (min input 75x75); aux_classifiers=True: its auxiliary "
+                                     "classifier in train mode (model.aux_logits; min input 299x299)",
                      "Szegedy et al., Rethinking the Inception Architecture for Computer Vision, 2015, arXiv:1512.00567"),
     "mobilenetv1_100": ("mobilenetv1_100", "MobileNet v1 1.0",
                         "Howard et al., MobileNets, 2017, arXiv:1704.04861"),

@@ -4,7 +4,8 @@ timm models already carry ``num_features``, ``forward_features``, ``forward_head
 ``reset_classifier`` and ``feature_info``; this module only adds ``data_config``, the 32x32
 ``small_input`` variants, makes ``num_features`` mean the pooled pre-logits width where timm
 keeps that separately (``head_hidden_size``: MobileNetV3, VGG), and builds the plain (no-shortcut)
-counterpart of timm's ResNets with ``shortcut="none"`` (as ``plain20`` is ResNet-20's).
+counterpart of timm's ResNets with ``shortcut="none"`` (as ``plain20`` is ResNet-20's), and trains
+Inception-v3's auxiliary classifier with ``aux_classifiers=True`` (:mod:`visrep.zoo.inception`).
 """
 from __future__ import annotations
 
@@ -212,20 +213,54 @@ def _hf_hub_source(name: str) -> str:
     return name
 
 
+def _check_aux(name: str, aux_classifiers, kwargs: dict) -> bool:
+    if kwargs.get("aux_logits"):
+        raise BackboneArgumentError(
+            f"aux_logits=True for timm model {name!r} makes timm's forward return (logits, aux), not the zoo's "
+            "logits; pass aux_classifiers=True instead (the aux logits are recorded in model.aux_logits).")
+    kwargs.pop("aux_logits", None)
+    if not aux_classifiers:
+        return False
+    from timm.models import get_arch_name
+
+    if name.startswith(HF_HUB_PREFIX) or get_arch_name(name) != "inception_v3":
+        raise BackboneArgumentError(
+            f"aux_classifiers=True for timm model {name!r}: of the timm models only inception_v3 has an auxiliary "
+            "classifier (googlenet has its two by default). Leave aux_classifiers out.")
+    return True
+
+
 def create_timm_backbone(name: str, pretrained: bool = False, num_classes: int = 0, in_chans: int = 3,
-                         small_input: bool = False, shortcut: str | None = None, **kwargs) -> nn.Module:
+                         small_input: bool = False, shortcut: str | None = None, aux_classifiers: bool = False,
+                         **kwargs) -> nn.Module:
     """``timm.create_model`` + the zoo contract. ``hf-hub:USER/REPO`` names load through timm's hf-hub
     support (its ``config.json`` and weights), from the local Hugging Face cache when offline.
-    ``shortcut="none"``: the plain counterpart of a timm ResNet (:func:`remove_shortcuts`)."""
+    ``shortcut="none"``: the plain counterpart of a timm ResNet (:func:`remove_shortcuts`).
+    ``aux_classifiers=True`` (inception_v3): its auxiliary classifier, whose logits a training forward records
+    in ``model.aux_logits`` (:class:`visrep.zoo.inception.ZooInceptionV3`); ``forward`` still returns logits."""
     if shortcut is not None:
         _check_shortcut(name, shortcut, kwargs)
+    aux = _check_aux(name, aux_classifiers, kwargs)
     if pretrained and name.startswith(HF_HUB_PREFIX):
         name = _hf_hub_source(name)
     if small_input:
         kwargs = _small_input_kwargs(name, kwargs)
     import timm
 
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if aux and num_classes > 0:
+        # tv_in1k carries ImageNet aux weights: load them at 1000 classes (timm drops only "fc" when the class
+        # count differs, and a mismatched AuxLogits.fc would fail the load), then resize both heads
+        built = 1000 if pretrained else num_classes
+        model = timm.create_model(name, pretrained=pretrained, num_classes=built, in_chans=in_chans,
+                                  aux_logits=True, **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if aux:
+        from .inception import ZooInceptionV3, aux_conv_block
+
+        ZooInceptionV3.adopt(model, aux_conv_block(**kwargs))
+        if model.num_classes != num_classes:  # both heads to num_classes (the aux convolutions keep ImageNet's)
+            model.reset_classifier(num_classes)
     model._zoo_source = "timm"
     if shortcut is not None:
         remove_shortcuts(model, name, pretrained)
