@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from visrep.engine.export import HF_DIR
 from visrep.launch.hub.card import export_for_hub
 from visrep.launch.hub.transport import (HUB_PREFIX, HubUnavailableError, _check_reachable, _endpoint, _hub_error,
                                          _offline, _version, hub_files, resolve_token)
@@ -29,7 +30,7 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, token: Optional[str] =
         raise HubUnavailableError("cannot push: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1). Unset it, "
                                   "or write the files with export_for_hub(RUN_DIR, DIR) and upload them later.")
     endpoint = _endpoint(endpoint)
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     with tempfile.TemporaryDirectory(prefix="visrep-hub-") as tmp:
         folder = export_for_hub(run_dir, tmp, repo_id=repo_id, stage=stage, token=token)
@@ -38,11 +39,26 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, token: Optional[str] =
         message = commit_message or f"Upload {Path(run_dir).name} with visrep"
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
-                   for name in hub_files(folder)]
+            names = hub_files(folder)
+            ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in names]
+            # a push over an earlier one: transformers files this export does not carry (an old tokenizer, an
+            # image processor's mean / std) would be downloaded with the new model, so they go in the same commit
+            ops += [CommitOperationDelete(path_in_repo=name)
+                    for name in _carried_on_hub(api, repo_id, revision) if name not in names]
             return api.create_commit(repo_id, ops, commit_message=message, revision=revision, repo_type="model")
         except Exception as e:
             raise _hub_error(e, token, f"pushing to {repo_id} at {endpoint}") from None
+
+
+def _carried_on_hub(api, repo_id: str, revision: Optional[str]) -> list[str]:
+    """The files under ``hf/`` in the repo now (none in a new repo or branch)."""
+    from huggingface_hub.utils import EntryNotFoundError, RevisionNotFoundError
+
+    try:
+        return [f for f in api.list_repo_files(repo_id, revision=revision, repo_type="model")
+                if f.startswith(f"{HF_DIR}/")]
+    except (EntryNotFoundError, RevisionNotFoundError):
+        return []
 
 
 def push_run(run, repo_id: Optional[str], **kwargs: Any):

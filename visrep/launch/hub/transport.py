@@ -22,6 +22,8 @@ def hub_files(folder: Path) -> list[str]:
     """The paths a push uploads from an ``export_for_hub`` folder: :data:`HUB_FILES` and the files under ``hf/``."""
     carried = sorted(p.relative_to(folder).as_posix() for p in (folder / HF_DIR).rglob("*") if p.is_file())
     return [*HUB_FILES, *carried]
+
+
 HUB_PREFIX = "hf-hub:"
 _PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 _REDACTED = "<redacted>"
