@@ -203,15 +203,15 @@ def configure_engine(accelerator, modules, grad_clip: float | None) -> None:
 # Capabilities: what a method needs that an engine cannot give, refused in one place
 # ----------------------------------------------------------------------------------------------
 CAPABILITIES = {
-    # name: (stages that lack it, why)
+    # name: (DeepSpeed ZeRO stages that lack it -- 0 is DeepSpeed without ZeRO, not DDP --, why)
     "per_layer_optimizer": ((1, 2, 3), "DeepSpeed ZeRO hands the optimizer flattened partitions, so per-layer "
                                        "quantities (trust ratios) would be computed over shards"),
-    "gradient_surgery": ((1, 2, 3), "under DeepSpeed the engine steps inside backward (and its flat ZeRO "
+    "gradient_surgery": ((0, 1, 2, 3), "under DeepSpeed the engine steps inside backward (and its flat ZeRO "
                                     "partitions would still decay and move masked weights), so gradients cannot "
                                     "be edited between backward and the optimizer step"),
     "whole_parameters": ((3,), "DeepSpeed ZeRO-3 holds only this rank's shard of each parameter outside the "
                                "model's forward"),
-    "manual_backward": ((1, 2, 3), "a DeepSpeed engine must run its own backward (autograd.backward on its "
+    "manual_backward": ((0, 1, 2, 3), "a DeepSpeed engine must run its own backward (autograd.backward on its "
                                    "module's outputs skips the engine's gradient handling)"),
 }
 
@@ -221,7 +221,7 @@ def require(accelerator, capability: str, feature: str, instead: str) -> None:
     engine lacks ``capability`` (:data:`CAPABILITIES`); ``instead`` says what to use."""
     stages, why = CAPABILITIES[capability]
     stage = zero_stage(accelerator)
-    if stage in stages:
+    if is_deepspeed(accelerator) and stage in stages:
         raise ConfigError(f"{feature} cannot run under DeepSpeed ZeRO-{stage}: {why}. {instead}")
 
 
