@@ -49,8 +49,8 @@ from visrep.launch import finish_run
 from visrep.ssl.optim import refuse_lars_under_deepspeed
 from visrep.ssl import (METHODS, BarlowConfig, BatchedMultiCrop, BYOLConfig, DINOConfig, EMAUpdater, MoCoV3Config,
                         SimCLRConfig, SSLAugmentConfig, SSLEvalConfig, SSLOptimConfig, TeacherTemperature,
-                        VICRegConfig, WeightDecaySchedule, bank_loader, barlow_twins_loss, base_transform, batch_seed, build_backbone,
-                        build_method, build_ssl_optimizer, byol_loss, eval_protocol, evaluate_pretrained,
+                        VICRegConfig, WeightDecaySchedule, bank_loader, barlow_twins_loss, base_transform, batch_seed,
+                        build_backbone, build_method, build_ssl_optimizer, byol_loss, eval_protocol, evaluate_pretrained,
                         evaluate_representation, export_method, mocov3_loss, multicrop_transforms, nt_xent_loss,
                         offline_eval, results_table, validation_monitor, vicreg_loss)
 from visrep.zoo import get_data_config
@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
                 if device_views is not None:
                     views_batch = device_views(views_batch, batch_seed(cfg.seed, stage.epoch, stage.batch_in_epoch,
                                                                        accelerator.process_index))
-                stage.record_samples(views_batch, data_config)  # the first batch, as the model sees it: for the report
+                stage.record_samples(views_batch, data_config, global_views=2)  # as the model sees it, for the report
                 in_effect = {**({"tau": ema.tau} if ema else {}), **({"teacher_temp": temp.value} if dino else {}),
                              **({"weight_decay": optimizer.param_groups[0]["weight_decay"]} if wd_schedule else {})}
                 with accelerator.accumulate(model):

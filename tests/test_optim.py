@@ -6,6 +6,23 @@ import torch
 from visrep.engine import OptimConfig, ScheduleConfig, StepSchedule, build_optimizer, lr_factor
 
 
+def test_half_cosine_is_the_one_schedule_shape():
+    """start at 0, the mean at K/2, end at K and after; the rate, EMA momentum, DINO's weight decay use it."""
+    from visrep.engine.optim import half_cosine
+    from visrep.ssl.ema import cosine_tau
+    from visrep.ssl.optim import cosine_weight_decay
+
+    assert half_cosine(0, 10, 0.04, 0.4) == pytest.approx(0.04) and half_cosine(10, 10, 0.04, 0.4) == pytest.approx(0.4)
+    assert half_cosine(5, 10, 0.04, 0.4) == pytest.approx(0.22)
+    assert half_cosine(25, 10, 0.04, 0.4) == half_cosine(10, 10, 0.04, 0.4)
+    assert half_cosine(3, 0, 1.0, 0.0) == 0.0
+    k, big_k = 7, 20
+    by_hand = 1 - (1 - 0.99) * (math.cos(math.pi * k / big_k) + 1) / 2  # BYOL's tau, as its paper writes it
+    assert cosine_tau(k, big_k, 0.99) == pytest.approx(by_hand, abs=1e-15)
+    wd = 0.4 + (0.04 - 0.4) * (1 + math.cos(math.pi * k / big_k)) / 2
+    assert cosine_weight_decay(k, big_k, 0.04, 0.4) == pytest.approx(wd)
+
+
 def test_lr_factor_warmup_cosine_values():
     assert lr_factor(0, 100, 10) == pytest.approx(0.1)
     assert lr_factor(9, 100, 10) == pytest.approx(1.0)

@@ -333,3 +333,6 @@ def test_a_failure_to_save_the_samples_is_a_warning_once(tmp_path, monkeypatch, 
             stage.record_samples(views, {"mean": [0.5], "std": [0.25]})  # once a run, not at every batch
     assert not (d / "samples").exists() and not list(d.glob(".samples-*"))  # nothing half written is left
     assert engine_run.view_names(views) == ["view 1", "view 2", "local 1"]
+    same_size = [views[0], views[1], views[0]]  # local crops as large as the global views: told by position
+    assert engine_run.view_names(same_size, global_views=2) == ["view 1", "view 2", "local 1"]
+    assert engine_run.view_names(same_size) == ["view 1", "view 2", "view 3"]

@@ -356,7 +356,7 @@ def test_inception_v3_aux_contract_eval_and_errors(inception_aux):
         assert m(small).shape == (2, 5)  # eval: no aux head run, so the main net's 75 px minimum holds
     assert m.aux_logits is None and recorded_aux_logits(m) == ()
     m.train()
-    with pytest.raises(ValueError, match=f"at least {AUX_MIN_INPUT}x{AUX_MIN_INPUT} px.*3x3 map"):
+    with pytest.raises(BackboneArgumentError, match=f"at least {AUX_MIN_INPUT}x{AUX_MIN_INPUT} px.*3x3 map"):
         m(small)
     with torch.device("meta"):
         bare = create_backbone("inception_v3", aux_classifiers=True)  # num_classes=0: nothing to classify
@@ -373,3 +373,5 @@ def test_inception_v3_aux_contract_eval_and_errors(inception_aux):
         create_backbone("resnet18", aux_classifiers=True)
     with pytest.raises(BackboneArgumentError, match="aux_classifiers=True instead"):
         create_backbone("inception_v3", num_classes=3, aux_logits=True)
+    with pytest.raises(BackboneArgumentError, match="needs 299x299 inputs"):
+        create_backbone("inception_v3", num_classes=3, aux_classifiers=True, small_input=True)

@@ -139,6 +139,16 @@ def _torch_optimizer(cfg: OptimConfig, groups: list, lr: float) -> torch.optim.O
     return make(foreach=impl != "loop")
 
 
+def half_cosine(step: int, total_steps: int, start: float, end: float) -> float:
+    """``start`` at step 0 to ``end`` at ``total_steps`` (and held after) on a half cosine:
+    ``end + (start - end) * (1 + cos(pi * k / K)) / 2`` -- the shape of the learning-rate decay, BYOL's EMA
+    momentum, DINO's weight decay and the linear probe's rate. ``total_steps <= 0``: ``end``."""
+    if total_steps <= 0:
+        return float(end)
+    progress = min(max(step, 0), total_steps) / total_steps
+    return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
               min_lr_ratio: float = 0.0) -> float:
     """Multiplier of the peak rate at optimizer step ``step`` (0-based): linear warm-up from
@@ -147,11 +157,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "c
         return (step + 1) / warmup_steps
     if schedule == "constant" or total_steps <= warmup_steps:
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        shape = half_cosine(step - warmup_steps, total_steps - warmup_steps, 1.0, 0.0)
     elif schedule == "linear":
-        shape = 1.0 - progress
+        shape = 1.0 - min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     else:
         raise ValueError(f"unknown schedule {schedule!r}; expected cosine, linear or constant")
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape

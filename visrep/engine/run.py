@@ -179,11 +179,14 @@ class SamplesWarning(UserWarning):
     """The first training batch could not be saved for the report; the run goes on."""
 
 
-def view_names(views: list[torch.Tensor]) -> list[str]:
-    """"view k" for the views at the first view's size, "local k" for the others (multi-crop's small crops)."""
+def view_names(views: list[torch.Tensor], global_views: Optional[int] = None) -> list[str]:
+    """"view k" for the first ``global_views`` views, "local k" for the rest (multi-crop's local crops); with
+    ``global_views`` None, "view k" for those at the first view's size (local crops as large as the global
+    views then count as views)."""
     size, counts, names = views[0].shape[-2:], {"view": 0, "local": 0}, []
-    for v in views:
-        kind = "view" if v.shape[-2:] == size else "local"
+    for i, v in enumerate(views):
+        kind = ("view" if v.shape[-2:] == size else "local") if global_views is None else \
+            ("view" if i < global_views else "local")
         counts[kind] += 1
         names.append(f"{kind} {counts[kind]}")
     return names
@@ -540,11 +543,11 @@ class Stage:
             self.schedule.apply(self.step)
 
     def record_samples(self, views, data_config: dict, captions=None, decode: Optional[Callable] = None,
-                       names: Optional[list[str]] = None) -> None:
+                       names: Optional[list[str]] = None, global_views: Optional[int] = None) -> None:
         """Save the first training batch exactly as the model receives it (after every augmentation, on
         the device too) for the report's sample grid: :func:`save_samples` (``data_config``: the mean / std
         to undo; ``captions``: texts, or tokens that ``decode`` turns into texts; ``names``: default "view
-        k" / "local k"). Call it with every batch, before the forward: it acts once, on the main process,
+        k" / "local k", the first ``global_views`` views being the global ones: :func:`view_names`). Call it with every batch, before the forward: it acts once, on the main process,
         at the first batch of a fresh run (never after a resume, whose first batch is not the run's; a
         run dir that holds samples keeps them) and of the run's first stage that records. Nothing
         collective; a failure is a :class:`SamplesWarning` and training goes on."""
@@ -559,6 +562,8 @@ class Stage:
         try:
             if decode is not None and captions is not None:
                 captions = decode(captions[:MAX_SAMPLES])
+            if names is None and not isinstance(views, torch.Tensor):
+                names = view_names(list(views), global_views)
             save_samples(run.run_dir, views, data_config["mean"], data_config["std"], captions, names, self.name)
         except Exception as e:  # noqa: BLE001 -- the report's samples never fail a run
             warnings.warn(f"the first training batch was not saved for the report ({run.run_dir / SAMPLES_DIR}): "

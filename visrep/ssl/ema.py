@@ -2,12 +2,12 @@
 optimizer steps."""
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 import torch
 
 from visrep.engine.distributed import local_shard, whole_copy_beside_shard
+from visrep.engine.optim import half_cosine
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -21,10 +21,7 @@ def cosine_tau(step: int, total_steps: int, base_tau: float = 0.996, final_tau: 
     at k = 0, rising to ``final`` at k = K (and held there after K).
     Paper: Grill et al. 2020, arXiv:2006.07733, Sec. 3.2 / Appendix J.
     """
-    if total_steps <= 0:
-        return float(final_tau)
-    progress = min(max(step, 0), total_steps) / total_steps
-    return float(final_tau - (final_tau - base_tau) * (math.cos(math.pi * progress) + 1.0) / 2.0)
+    return half_cosine(step, total_steps, base_tau, final_tau)
 
 
 class EMAUpdater:

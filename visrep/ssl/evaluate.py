@@ -16,6 +16,7 @@ from visrep.checks import check
 from visrep.engine.config import to_dict
 from visrep.engine.distributed import broadcast_buffers, gather_rows, is_deepspeed, is_distributed, release_gathered
 from visrep.engine.evaluate import evaluate_classifier
+from visrep.engine.optim import half_cosine
 from visrep.ssl.loss import normalized_std
 
 
@@ -161,7 +162,7 @@ def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
             order = torch.randperm(n, generator=g).to(dev)
             for idx in order.split(batch_size):
                 for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                    group["lr"] = lr * half_cosine(step, total, 1.0, 0.0)
                 loss = F.cross_entropy(clf(xtr[idx]), ytr[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

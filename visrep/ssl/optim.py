@@ -3,7 +3,6 @@ parameters, the probe and predictor groups."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from visrep.checks import check
 from visrep.engine.config import OptimConfig
-from visrep.engine.optim import build_optimizer
+from visrep.engine.optim import build_optimizer, half_cosine
 
 
 @dataclasses.dataclass
@@ -102,7 +101,7 @@ def cosine_weight_decay(step: int, total_steps: int, start: float, end: float) -
     arXiv:2104.14294, Appendix (ViT: 0.04 -> 0.4; facebookresearch/dino ``weight_decay_end``)."""
     if step < 0 or total_steps < 1:
         raise ValueError(f"step must be >= 0 and total_steps >= 1, got step={step}, total_steps={total_steps}")
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    return half_cosine(step, total_steps, start, end)
 
 
 class WeightDecaySchedule:

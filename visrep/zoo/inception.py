@@ -25,6 +25,8 @@ import torch.nn as nn
 from timm.layers import ConvNormAct, get_device_dtype, trunc_normal_
 from timm.models.inception_v3 import InceptionAux, InceptionV3
 
+from .errors import BackboneArgumentError
+
 AUX_MIN_MAP = 17
 """The smallest ``Mixed_6e`` map timm's ``InceptionAux`` takes: 5x5/3 pool to 5x5, then a 5x5 conv."""
 AUX_MIN_INPUT = 299
@@ -89,7 +91,7 @@ class ZooInceptionV3(InceptionV3):
         """``AuxLogits`` on the ``Mixed_6e`` map ``x``; a map under 17x17 is one clear error."""
         h, w = x.shape[-2:]
         if h < AUX_MIN_MAP or w < AUX_MIN_MAP:
-            raise ValueError(
+            raise BackboneArgumentError(
                 f"Inception-v3's auxiliary classifier needs an input of at least {AUX_MIN_INPUT}x{AUX_MIN_INPUT} "
                 f"px (a {AUX_MIN_MAP}x{AUX_MIN_MAP} Mixed_6e map for its 5x5/3 pool and 5x5 conv); this input gives "
                 f"a {h}x{w} map. Train at {AUX_MIN_INPUT} px (the model's data_config) or build it without "

@@ -241,6 +241,10 @@ def create_timm_backbone(name: str, pretrained: bool = False, num_classes: int =
     if shortcut is not None:
         _check_shortcut(name, shortcut, kwargs)
     aux = _check_aux(name, aux_classifiers, kwargs)
+    if aux and small_input:
+        raise BackboneArgumentError(
+            f"aux_classifiers=True with small_input=True for {name!r}: Inception-v3's auxiliary classifier needs "
+            "299x299 inputs (a 17x17 Mixed_6e map), small_input builds for 32x32. Drop one of the two.")
     if pretrained and name.startswith(HF_HUB_PREFIX):
         name = _hf_hub_source(name)
     if small_input:
