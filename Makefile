@@ -23,8 +23,9 @@ demo: install
 	$(VENV)/bin/accelerate launch recipes/distill.py --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # two workers: the 2-process launches leave a core idle while they start and wait (tests/conftest.py keeps
-# the tests that share a reference run on one worker, so the run is made once)
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
+# the tests that share a reference run on one worker, so the run is made once); in the order conftest.py
+# sorts them (groups with an end-to-end run first), not xdist's own (groups with the most tests first)
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 # what CI runs; `test-all` adds the zoo's larger family siblings at full width (tests/test_zoo_coverage.py)
 test: install

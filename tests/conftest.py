@@ -43,8 +43,8 @@ def pytest_collection_modifyitems(config, items):
     """For ``pytest -n 2 --dist loadgroup`` (``make test``): tests that share an expensive module-scoped
     fixture (a reference run) stay on one worker, so the run is made once; every other test goes
     wherever a worker is free. Groups holding an end-to-end run (marked ``slow``) are handed out first and
-    the many short tests last, so the two workers finish together instead of one waiting on a long run
-    that started late (longest first)."""
+    the many short tests last (each part in collection order; the Makefile turns xdist's own reordering off),
+    so the two workers finish together instead of one waiting on a long run that started late."""
     groups = {}
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
