@@ -91,7 +91,7 @@ def _carry_hf_files(out: Path, config: dict, hf_names: dict[str, bool]) -> dict[
     return carried
 
 
-def _point_into_export(config: dict, path: Path) -> dict:
+def point_into_export(config: dict, path: Path) -> dict:
     """The keys an export carries the transformers files of (``hf_files``) pointed at those files."""
     from visrep.zoo.hf_models import PREFIX
 
@@ -209,7 +209,7 @@ def read_model_config(path: str | Path) -> dict:
     if not cfg_file.is_file():
         raise MissingFileError(f"'{path}' is not an exported visrep model: '{cfg_file}' is missing. Expected a "
                                 f"directory with {WEIGHTS_NAME} and {CONFIG_NAME} (e.g. RUN_DIR/models/STAGE).")
-    return _point_into_export(json.loads(cfg_file.read_text()), path)
+    return point_into_export(json.loads(cfg_file.read_text()), path)
 
 
 def load_model(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict]:

@@ -250,13 +250,13 @@ def plot_grid(images: torch.Tensor, titles: list[str], out: Path, cols: int = 8)
 
 
 # ---------------------------------------------------------------------------------------- recorded views
-def recorded_views(run_dir: Path) -> tuple[list[torch.Tensor], dict]:
+def recorded_views(run_dir: Path) -> Optional[tuple[list[torch.Tensor], dict]]:
     """The first training batch as the recipe's model received it (``RUN_DIR/samples/``, written by
     ``Stage.record_samples``): every view for display, (N, H, W, 3) in [0, 1], and the record's meta
-    (names, captions, mean, std, stage)."""
+    (names, captions, mean, std, stage); None when the run recorded none."""
     got = read_samples(run_dir)
     if got is None:
-        raise NotAvailable("the run recorded no training batch (samples/)")
+        return None
     views, meta = got
     dc = {"mean": meta["mean"], "std": meta["std"]}
     return [unnormalize(v.float(), dc) for v in views], meta

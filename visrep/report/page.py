@@ -174,8 +174,9 @@ def _training_grid(page: _Page, run_dir: Path, cache: dict) -> tuple[str, str]:
     """(heading, body): the first batch the recipe recorded (SSL: every view of a sample in a row; CLIP: each
     image with its caption), else, for a classifier, the first views of epoch 0 rebuilt from the config."""
     out = page.out / "training_views.png"
-    if figures.read_samples(run_dir) is not None:
-        views, meta = figures.recorded_views(run_dir)
+    recorded = figures.recorded_views(run_dir)
+    if recorded is not None:
+        views, meta = recorded
         if meta.get("captions") is not None:
             p = figures.plot_captioned(views[0], meta["captions"], out)
         else:

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Optional
 
-from visrep.engine.export import _point_into_export, export_kind, kind_loader, read_model_config
+from visrep.engine.export import point_into_export, export_kind, kind_loader, read_model_config
 from visrep.launch.hub.transport import CONFIG_NAME, HUB_PREFIX, WEIGHTS_NAME, HubError, _locate
 from visrep.zoo import create_backbone, register_prefix
 from visrep.zoo.errors import CheckpointMismatchError
@@ -78,7 +78,7 @@ def load_backbone_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional
     ``return_config=True``)."""
     src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
     config = read_model_config(folder)  # carried transformers files (hf_files) pointed into the folder
-    vis = _point_into_export(config["visrep"], folder) if "visrep" in config else config
+    vis = point_into_export(config["visrep"], folder) if "visrep" in config else config
     kind = export_kind(vis)
     if kind not in ("backbone", "adaptation") or "architecture" not in vis:
         hint = f" Load it with visrep.launch.hub.load_clip_from_hub('{src}')." if kind == "clip" else ""
