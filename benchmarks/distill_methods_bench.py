@@ -14,16 +14,28 @@
    ``kd`` run trains the teacher and the scratch student; the other methods distil from that run's
    teacher (``--teacher.source checkpoint``), so every method of a seed shares teacher and scratch
    student. Prints student KD test accuracy mean +- std (sample std) and the gain over scratch.
+   ``--impl torchdistill``: the same runs (same seeds, recipe arguments and per-seed ``kd`` teacher, which
+   is trained with our recipe in any case) with the method's loss term computed by torchdistill's module
+   instead of ours -- a benchmark-only substitution: the recipe runs in a child of this script with the
+   loss functions that ``visrep.distill.losses.DistillationLoss`` calls (``fitnets_hint_loss``, ``at_loss``,
+   ``dist_loss``, ``rkd_distance_loss``/``rkd_angle_loss``) replaced by thin adapters around
+   torchdistill's modules (same inputs, same weights; checked against ours on random tensors before the
+   recipe starts). The runs go to ``METHOD_td_seedS``; the table then sets them beside ours (run or
+   reused from ``METHOD_seedS``) with the ratio torchdistill / ours.
 
     pip install torchdistill --no-deps     # the bench extra; only torchdistill.losses is imported
     python benchmarks/distill_methods_bench.py                               # throughput, CPU
     python benchmarks/distill_methods_bench.py --device cuda --batch-size 256
     python benchmarks/distill_methods_bench.py --accuracy --seeds 0 1 2      # 5 methods x 3 seeds
+    python benchmarks/distill_methods_bench.py --accuracy --impl torchdistill --methods fitnets at rkd dist
 """
 from __future__ import annotations
 
 import json
+import os
+import runpy
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -123,13 +135,169 @@ def throughput(args) -> dict:
 # ---------------------------------------------------------------- 2. accuracy
 
 
-def run_one(method: str, seed: int, out: Path, extra: list[str], teacher: Path | None) -> dict:
+def td_adapters() -> dict:
+    """Drop-ins for the loss functions ``visrep.distill.losses`` calls, each computing the term with
+    torchdistill's module (built per call with the caller's weights: the modules hold no state)."""
+    from torchdistill.losses import mid_level as td
+
+    def fitnets_hint_loss(student_regressed, teacher_hint):
+        loss = td.SimpleLossWrapper(nn.MSELoss(), input={"is_from_teacher": False, "module_path": "reg", "io": "output"},
+                                    target={"is_from_teacher": True, "module_path": "hint", "io": "output"})
+        return loss({"reg": {"output": student_regressed}}, {"hint": {"output": teacher_hint}}, None)
+
+    def at_loss(student_maps, teacher_maps, beta=1000.0):
+        pairs = {f"p{i}": {"student": {"io": "output", "path": f"s{i}"}, "teacher": {"io": "output", "path": f"t{i}"},
+                           "weight": beta / 2} for i in range(len(student_maps))}
+        return td.ATLoss(pairs, mode="code")({f"s{i}": {"output": m} for i, m in enumerate(student_maps)},
+                                             {f"t{i}": {"output": m} for i, m in enumerate(teacher_maps)})
+
+    def dist_loss(student_logits, teacher_logits, tau=1.0, beta=1.0, gamma=1.0):
+        mod = td.DISTLoss(".", "output", ".", "output", beta=beta, gamma=gamma, tau=tau)
+        loss = mod({".": {"output": student_logits}}, {".": {"output": teacher_logits}})
+        with torch.no_grad():  # the parts, for the recipe's log only
+            ys, yt = (student_logits / tau).softmax(dim=1), (teacher_logits / tau).softmax(dim=1)
+            inter, intra = tau ** 2 * mod.inter_class_relation(ys, yt), tau ** 2 * mod.intra_class_relation(ys, yt)
+        return {"loss": loss, "inter": inter, "intra": intra}
+
+    def rkd(dist_factor, angle_factor):
+        mod = td.RKDLoss("emb", "emb", dist_factor=dist_factor, angle_factor=angle_factor, reduction="mean")
+        return lambda s, t: mod({"emb": {"output": s}}, {"emb": {"output": t}})
+
+    return {"fitnets_hint_loss": fitnets_hint_loss, "at_loss": at_loss, "dist_loss": dist_loss,
+            "rkd_distance_loss": rkd(1.0, 0.0), "rkd_angle_loss": rkd(0.0, 1.0)}
+
+
+def check_adapters(adapters: dict) -> None:
+    """Each adapter against ours on one batch of random tensors shaped as the recipe's (values and grads)."""
+    from visrep.distill import losses
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    b = 32
+    cases = {"fitnets_hint_loss": ([r(b, 32, 8, 8)], [r(b, 32, 8, 8)]),
+             "at_loss": ([r(b, 4, 16, 16), r(b, 8, 8, 8), r(b, 16, 4, 4)], [r(b, 16, 16, 16), r(b, 32, 8, 8),
+                                                                             r(b, 64, 4, 4)], 1000.0),
+             "dist_loss": ([r(b, 10)], [r(b, 10)], 4.0, 2.0, 2.0),
+             "rkd_distance_loss": ([r(b, 16)], [r(b, 64)]), "rkd_angle_loss": ([r(b, 16)], [r(b, 64)])}
+    for name, (s, t, *rest) in cases.items():
+        vals, grads = [], []
+        for fn in (getattr(losses, name), adapters[name]):
+            leaves = [x.clone().requires_grad_() for x in s]
+            out = fn(leaves if name == "at_loss" else leaves[0], t if name == "at_loss" else t[0], *rest)
+            out = out["loss"] if isinstance(out, dict) else out
+            out.backward()
+            vals.append(out.detach())
+            grads.append(torch.cat([x.grad.flatten() for x in leaves]))
+        gdiff = float((grads[0] - grads[1]).abs().max() / grads[0].abs().max().clamp_min(1e-30))
+        if not torch.allclose(vals[0], vals[1], rtol=1e-5, atol=1e-6) or gdiff > 1e-4:
+            raise SystemExit(f"torchdistill adapter for {name} differs from ours: {float(vals[1])} vs "
+                             f"{float(vals[0])}, grads max rel diff {gdiff:.2e}")
+        print(f"adapter {name}: torchdistill {float(vals[1]):.6f} = ours {float(vals[0]):.6f} "
+              f"(grads max diff / max {gdiff:.1e})", flush=True)
+
+
+def td_child(recipe_argv: list[str]) -> None:
+    """This script's child for ``--impl torchdistill``: recipes/distill.py with torchdistill's losses."""
+    from visrep.distill import losses
+
+    adapters = td_adapters()
+    check_adapters(adapters)
+
+    def first_batch_checked(name, fn, ref):  # the recipe's first batch: torchdistill's value against ours
+        seen = []
+
+        def call(*a, **k):
+            out = fn(*a, **k)
+            if not seen:
+                seen.append(1)
+                with torch.no_grad():
+                    v, w = (x["loss"] if isinstance(x, dict) else x for x in (out, ref(*a, **k)))
+                if not torch.allclose(v.float(), w.float(), rtol=1e-4, atol=1e-6):
+                    raise SystemExit(f"first batch: torchdistill {name} {float(v)} != ours {float(w)}")
+                print(f"first batch {name}: torchdistill {float(v):.6f}, ours {float(w):.6f}", flush=True)
+            return out
+        return call
+
+    for name, fn in adapters.items():  # DistillationLoss looks these up in its module at call time
+        setattr(losses, name, first_batch_checked(name, fn, getattr(losses, name)))
+    sys.argv = [str(ROOT / "recipes" / "distill.py"), *recipe_argv]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def td_results(args: list, out: Path, tag: str) -> dict:
+    """``recipe_results`` for a run with torchdistill's losses (this script's ``--td-child``): reused when
+    ``out`` has results.json, resumed when interrupted."""
+    res, saved = out / "results.json", out / "bench_args.json"
+    if saved.is_file() and json.loads(saved.read_text()) != ["torchdistill", *args]:
+        raise SystemExit(f"{out} holds a run with other arguments ({saved}); give this benchmark another --output-dir")
+    if res.is_file():
+        return json.loads(res.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(["torchdistill", *args]))
+    rargs = [*args, "--output-dir", str(out), "--run.progress", "False"]
+    if (out / "state.json").exists() or (out / "checkpoints").exists():
+        rargs += ["--resume", "latest"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--td-child", *rargs]
+    print(f"[{tag}] -> {out}", flush=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True)
+    (out / "td_child_stdout.log").write_text(p.stdout)  # the adapters' checks against ours, the recipe's table
+    if p.returncode != 0:
+        raise SystemExit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}")
+    return json.loads(res.read_text())
+
+
+def run_one(method: str, seed: int, out: Path, extra: list[str], teacher: Path | None, impl: str = "ours") -> dict:
     teacher_args = ["--teacher.source", "checkpoint", "--teacher.checkpoint", str(teacher)] if teacher else []
-    return recipe_results("distill", ["--kd.method", method, "--seed", str(seed), *extra, *teacher_args], out,
-                          f"distill_methods_bench {method} seed {seed}")
+    rargs = ["--kd.method", method, "--seed", str(seed), *extra, *teacher_args]
+    if impl == "torchdistill":
+        return td_results(rargs, out, f"distill_methods_bench {method} torchdistill seed {seed}")
+    return recipe_results("distill", rargs, out, f"distill_methods_bench {method} seed {seed}")
+
+
+def versus(args) -> dict:
+    """``--impl torchdistill``: per seed the ``kd`` run (ours: the teacher), then each method with
+    torchdistill's loss, then with ours (reused when present; ``--no-run-ours``: only read)."""
+    out = Path(args.output_dir)
+    methods = [m for m in args.methods if m != "kd"]
+    td_rows: dict[str, list[float]] = {m: [] for m in methods}
+    our_rows: dict[str, list] = {m: [] for m in methods}
+    for seed in args.seeds:
+        run_one("kd", seed, out / f"kd_seed{seed}", args.recipe_args, None)
+        teacher = out / f"kd_seed{seed}" / "models" / "teacher"
+        for method in methods:
+            td_rows[method].append(run_one(method, seed, out / f"{method}_td_seed{seed}", args.recipe_args, teacher,
+                                           "torchdistill")["student_kd_acc"])
+        for method in methods:
+            d = out / f"{method}_seed{seed}"
+            if args.no_run_ours and not (d / "results.json").is_file():
+                our_rows[method].append(None)
+                continue
+            our_rows[method].append(run_one(method, seed, d, args.recipe_args, teacher)["student_kd_acc"])
+    lines = [f"\nrecipes/distill.py, student KD test accuracy, seeds {', '.join(map(str, args.seeds))}: the method's "
+             f"loss term from visrep (ours) vs torchdistill, same teacher and recipe",
+             f"{'method':<10}{'ours':>18}{'torchdistill':>18}{'ratio td/ours':>15}   per seed ours | torchdistill",
+             "-" * 100]
+    summary = {}
+    for method in methods:
+        td_acc, our_acc = td_rows[method], our_rows[method]
+        have = [a for a in our_acc if a is not None]
+        tm, ts = mean_std(td_acc)
+        om, os_ = mean_std(have) if have else (float("nan"), float("nan"))
+        fmt = lambda xs: " ".join("-" if x is None else f"{x:.4f}" for x in xs)  # noqa: E731
+        lines.append(f"{method:<10}{om:>10.4f} +- {os_:.4f}{tm:>10.4f} +- {ts:.4f}{tm / om:>15.3f}   "
+                     f"{fmt(our_acc)} | {fmt(td_acc)}")
+        summary[method] = {"ours": our_acc, "torchdistill": td_acc}
+    text = "\n".join(lines)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary_torchdistill.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary_torchdistill.txt").write_text(text + "\n")
+    return summary
 
 
 def accuracy(args) -> dict:
+    if args.impl == "torchdistill":
+        return versus(args)
     out = Path(args.output_dir)
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: a partial benchmark already compares methods on equal seeds
@@ -160,12 +328,19 @@ def accuracy(args) -> dict:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--td-child"]:  # internal: one recipe run with torchdistill's losses (--impl torchdistill)
+        return td_child(argv[1:])
     p = bench_parser(__doc__, "auto", image_size=32, batch_size=64, num_classes=10, rounds=5, steps=20, warmup=5,
                      threads=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--accuracy", action="store_true", help="train with recipes/distill.py instead of timing")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--output-dir", default="runs/distill_methods_bench")
+    p.add_argument("--impl", choices=("ours", "torchdistill"), default="ours",
+                   help="--accuracy: whose loss the methods train with (torchdistill: beside ours, with the ratio)")
+    p.add_argument("--no-run-ours", action="store_true",
+                   help="--impl torchdistill: read ours' runs where present instead of running the missing ones")
     p.add_argument("recipe_args", nargs="*", help="after --: passed to recipes/distill.py (--accuracy)")
     args = p.parse_args(argv)
     if args.threads:
