@@ -287,11 +287,16 @@ def versus(args) -> dict:
         lines.append(f"{method:<10}{om:>10.4f} +- {os_:.4f}{tm:>10.4f} +- {ts:.4f}{tm / om:>15.3f}   "
                      f"{fmt(our_acc)} | {fmt(td_acc)}")
         summary[method] = {"ours": our_acc, "torchdistill": td_acc}
+    return report(lines, summary, out, "summary_torchdistill")
+
+
+def report(lines: list[str], summary: dict, out: Path, name: str) -> dict:
+    """Print the table and write it (``NAME.txt``) and the figures (``NAME.json``) to ``out``."""
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary_torchdistill.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary_torchdistill.txt").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"{name}.txt").write_text(text + "\n")
     return summary
 
 
@@ -319,12 +324,7 @@ def accuracy(args) -> dict:
         wins = sum(a > b for a, b in zip(acc, scratch))
         lines.append(f"{method:<10}{m:>12.4f} +- {s:.4f}{m - statistics.fmean(scratch):>+18.4f}{wins:>5}/{len(acc)}")
         summary[method] = {"student_kd_acc": acc, "student_scratch_acc": scratch}
-    text = "\n".join(lines)
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.txt").write_text(text + "\n")
-    return summary
+    return report(lines, summary, out, "summary")
 
 
 def main(argv=None) -> dict:
