@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Optional
 
-from visrep.engine.export import point_into_export, export_kind, kind_loader, read_model_config
+from visrep.engine.export import export_kind, kind_loader, point_into_export, read_model_config
 from visrep.launch.hub.transport import CONFIG_NAME, HUB_PREFIX, WEIGHTS_NAME, HubError, _locate
 from visrep.zoo import create_backbone, register_prefix
 from visrep.zoo.errors import CheckpointMismatchError
@@ -74,8 +74,8 @@ def load_backbone_from_hub(repo_id_or_dir: str | os.PathLike, *, token: Optional
     ``model.safetensors`` are read (and, for an ``hf:`` architecture, the transformers config its export
     carries under ``hf/``: the original repo or folder is not needed). ``overrides`` go to
     ``create_backbone`` (``features_only``, ``out_indices``, builder kwargs such as ``drop_rate``);
-    ``num_classes=K`` different from the saved head loads the weights and then ``reset_classifier(K)``. Returns the model (and the config with
-    ``return_config=True``)."""
+    ``num_classes=K`` different from the saved head loads the weights and then ``reset_classifier(K)``.
+    Returns the model (and the config with ``return_config=True``)."""
     src, folder, where = _locate(repo_id_or_dir, token, revision, cache_dir)
     config = read_model_config(folder)  # carried transformers files (hf_files) pointed into the folder
     vis = point_into_export(config["visrep"], folder) if "visrep" in config else config
