@@ -193,14 +193,16 @@ def view_names(views: list[torch.Tensor], global_views: Optional[int] = None) ->
 
 
 def save_samples(run_dir: str | os.PathLike, views, mean, std, captions: Optional[list[str]] = None,
-                 names: Optional[list[str]] = None, stage: str = "", n: int = MAX_SAMPLES) -> Path:
+                 names: Optional[list[str]] = None, stage: str = "", n: int = MAX_SAMPLES,
+                 global_views: Optional[int] = None) -> Path:
     """``RUN_DIR/samples/``: the first ``n`` samples of every view (``views``: a tensor or a list, each
     (N, C, H, W), normalised with ``mean`` / ``std``) copied to the CPU as they are (dtype included), in
-    ``train_views.pt``; their names, captions and normalisation in ``train_views.json``. The directory is
-    written whole, then renamed into place (:func:`visrep.engine.io.replace_dir`)."""
+    ``train_views.pt``; their names (``names``, else :func:`view_names` with ``global_views``), captions and
+    normalisation in ``train_views.json``. The directory is written whole, then renamed into place
+    (:func:`visrep.engine.io.replace_dir`)."""
     views = [views] if isinstance(views, torch.Tensor) else list(views)
     tensors = [v.detach()[:n].to("cpu", copy=True) for v in views]  # a copy: a slice would save the whole batch
-    meta = {"stage": stage, "names": list(names) if names else view_names(tensors),
+    meta = {"stage": stage, "names": list(names) if names else view_names(tensors, global_views),
             "captions": [str(c) for c in captions[:n]] if captions is not None else None,
             "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     if len(meta["names"]) != len(tensors):
@@ -547,8 +549,8 @@ class Stage:
         """Save the first training batch exactly as the model receives it (after every augmentation, on
         the device too) for the report's sample grid: :func:`save_samples` (``data_config``: the mean / std
         to undo; ``captions``: texts, or tokens that ``decode`` turns into texts; ``names``: default "view
-        k" / "local k", the first ``global_views`` views being the global ones: :func:`view_names`). Call it with every batch, before the forward: it acts once, on the main process,
-        at the first batch of a fresh run (never after a resume, whose first batch is not the run's; a
+        k" / "local k", the first ``global_views`` views being the global ones: :func:`view_names`). Call it
+        with every batch, before the forward: it acts once, on the main process, at the first batch of a fresh run (never after a resume, whose first batch is not the run's; a
         run dir that holds samples keeps them) and of the run's first stage that records. Nothing
         collective; a failure is a :class:`SamplesWarning` and training goes on."""
         if self._samples_seen:
@@ -562,9 +564,8 @@ class Stage:
         try:
             if decode is not None and captions is not None:
                 captions = decode(captions[:MAX_SAMPLES])
-            if names is None and not isinstance(views, torch.Tensor):
-                names = view_names(list(views), global_views)
-            save_samples(run.run_dir, views, data_config["mean"], data_config["std"], captions, names, self.name)
+            save_samples(run.run_dir, views, data_config["mean"], data_config["std"], captions, names, self.name,
+                         global_views=global_views)
         except Exception as e:  # noqa: BLE001 -- the report's samples never fail a run
             warnings.warn(f"the first training batch was not saved for the report ({run.run_dir / SAMPLES_DIR}): "
                           f"{type(e).__name__}: {e}", SamplesWarning, stacklevel=2)

@@ -40,7 +40,8 @@ from visrep.ssl.transforms import (BatchedBYOLAugment, BatchedMultiCrop, MultiCr
 __all__ = [
     "BYOL", "BYOLConfig", "MLPHead", "byol_loss", "regression_loss",
     "normalized_std", "EMAUpdater", "cosine_tau", "LARS", "SSLOptimConfig", "build_ssl_optimizer",
-    "scaled_lr", "ssl_param_groups", "cosine_weight_decay", "WeightDecaySchedule", "SSLAugmentConfig", "TwoViews", "byol_transforms", "byol_view_transform",
+    "scaled_lr", "ssl_param_groups", "cosine_weight_decay", "WeightDecaySchedule", "SSLAugmentConfig", "TwoViews",
+    "byol_transforms", "byol_view_transform",
     "refuse_lars_under_deepspeed", "BatchedBYOLAugment", "base_transform", "batch_seed", "SSLEvalConfig",
     "extract_features", "knn_predict",
     "knn_accuracy", "linear_eval", "evaluate_representation", "export_backbone", "export_byol",
