@@ -26,7 +26,9 @@ the recipe's digits preset (``recipes/configs/ssl_digits.yaml``), the same batch
 2. Accuracy (``--epochs``, ``--seeds``): both trained with the preset's augmentations, LARS at the scaled
    rate, warm-up + cosine, EMA momentum and teacher-temperature schedules, from the same initial weights and
    data order, then weighted kNN and linear evaluation of the frozen encoder on the test split (the
-   preset's ``eval`` group; nothing is selected on the test split), mean +- std over the seeds.
+   preset's ``eval`` group; nothing is selected on the test split), mean +- std over the seeds. ``--data
+   digits_m`` trains with the Digits-M preset (``recipes/configs/ssl_digits_m.yaml``: the digits' preset with
+   colour augmentation, chosen on validation).
 
     python benchmarks/ssl_bench.py --epochs 0                      # throughput only, every method
     python benchmarks/ssl_bench.py --methods simclr dino --epochs 0 --no-compile-variants
@@ -53,15 +55,18 @@ VARIANTS = {"visrep fast": "visrep fast (channels_last + compile + foreach)", "v
             "lightly": "lightly default (eager)", "lightly compiled": "lightly + channels_last + compile + foreach"}
 
 
-def preset(method: str, seed: int = 0, epochs: int | None = None, data: str | None = None):
+PRESETS = {"digits": "ssl_digits.yaml", "digits_m": "ssl_digits_m.yaml"}
+
+
+def preset(method: str, seed: int = 0, epochs: int | None = None, data: str = "digits"):
+    """The recipe's preset for ``data`` (Digits-M has its own: the digits' preset plus colour augmentation)."""
     from selfsup import SSLRecipeConfig
 
     from visrep.engine.config import parse_config
 
     over = ["--method", method, "--seed", str(seed)]
     over += ["--schedule.epochs", str(epochs)] if epochs else []
-    over += ["--data.source", data] if data else []
-    return parse_config(SSLRecipeConfig, ["--config", str(ROOT / "recipes" / "configs" / "ssl_digits.yaml"), *over])
+    return parse_config(SSLRecipeConfig, ["--config", str(ROOT / "recipes" / "configs" / PRESETS[data]), *over])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +230,7 @@ def throughput(args, cfg, backbone, accelerator, make_opt) -> tuple[dict, dict, 
 
 
 def accuracy(args, method: str, accelerator, seed: int) -> dict:
-    """Both trained with the preset (``--epochs`` overrides its length; ``--data`` its source) from the same
+    """Both trained with the preset of ``--data`` (``--epochs`` overrides its length) from the same
     initial weights and data order, then kNN + linear evaluation on the test split; and the untrained floor."""
     from selfsup import bank_loader
 
@@ -281,7 +286,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None,
                    help="accuracy: pre-training epochs (default: the preset's; 0: throughput only)")
     p.add_argument("--seeds", type=int, default=3, help="accuracy: seeds 0..N-1 (init, data order)")
-    p.add_argument("--data", choices=["digits", "digits_m"], default=None, help="accuracy: the data (default: the preset's)")
+    p.add_argument("--data", choices=list(PRESETS), default="digits",
+                   help="accuracy: the data, each with its preset (recipes/configs/ssl_digits.yaml, ssl_digits_m.yaml)")
     p.add_argument("--no-compile-variants", dest="compile_variants", action="store_false")
     args = p.parse_args(argv)
     if args.threads:
@@ -318,7 +324,7 @@ def main(argv=None):
                   f"visrep fast / lightly compiled: {line[3]:.3f} (target >= 1.0)")
         if args.epochs != 0:
             runs = [accuracy(args, method, accelerator, s) for s in range(args.seeds)]
-            print(f"accuracy: {method}, {args.data or cfg.data.source}, seeds 0..{args.seeds - 1} (test split)")
+            print(f"accuracy: {method}, {args.data} ({PRESETS[args.data]}), seeds 0..{args.seeds - 1} (test split)")
             print(f"{'implementation':<20}{'kNN mean +- std':>20}{'linear mean +- std':>22}{'train s':>9}")
             for name in ("visrep", "lightly", "random init"):
                 knn, lin = [r[name][0] for r in runs], [r[name][1] for r in runs]

@@ -184,3 +184,39 @@ def test_missing_required_key_and_defaults():
     cfg = from_dict(Root, {})
     assert cfg == Root() and cfg.run.trackers == ["jsonl"] and cfg.run.trackers is not RunConfig().trackers
     assert from_dict(Root, None) == Root()
+
+
+def test_base_preset_merges_section_by_section(tmp_path):
+    (tmp_path / "sub").mkdir()
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"seed": 3, "output-dir": "runs/base",
+                                    "sub": {"name": "b", "size": 5, "pair": [0.3, 0.4]}, "optim": {"lr": 0.5}}))
+    mid = tmp_path / "sub" / "mid.yaml"   # _base_ is relative to the preset's own folder
+    mid.write_text(yaml.safe_dump({"_base_": "../base.yaml", "sub": {"size": 7}, "output_dir": "runs/mid"}))
+    top = tmp_path / "top.yaml"
+    top.write_text(yaml.safe_dump({"_base_": "sub/mid.yaml", "sub": {"pair": [0.9, 1.0]}}))
+    cfg = load_yaml(Root, top)
+    # from base: seed, sub.name, optim.lr; from mid: sub.size, output_dir (one key however spelled); top: sub.pair
+    assert (cfg.seed, cfg.sub.name, cfg.sub.size, cfg.sub.pair) == (3, "b", 7, (0.9, 1.0))
+    assert cfg.output_dir == "runs/mid" and cfg.optim.lr == 0.5 and cfg.sub.scale == 1.0
+    # command-line overrides still come last
+    cfg = parse_config(Root, ["--config", str(top), "--sub.size", "9"])
+    assert cfg.sub.size == 9 and cfg.sub.name == "b" and cfg.config == str(top)
+
+
+def test_base_preset_errors(tmp_path):
+    p = write(tmp_path, {"_base_": "nope.yaml"})
+    with pytest.raises(ConfigError, match=r"the _base_ of '.*preset\.yaml' '.*nope\.yaml' does not exist"):
+        load_yaml(Root, p)
+    p = write(tmp_path, {"_base_": 3})
+    with pytest.raises(ConfigError, match="config key '_base_'.*expected the path of another preset"):
+        load_yaml(Root, p)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("_base_: b.yaml\n")
+    b.write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"comes back to a file already read .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_yaml(Root, a)
+    # a bad key in the base names both files
+    b.write_text(yaml.safe_dump({"sub": {"sise": 1}}))
+    with pytest.raises(ConfigError, match=r"'sub\.sise' in .*a\.yaml \(with its _base_ .*b\.yaml\)"):
+        load_yaml(Root, a)

@@ -326,3 +326,19 @@ def test_unknown_method_in_a_preset_is_a_config_error(tmp_path, capsys):
     bad = write_preset(tmp_path / "bad.yaml", dict(TINY, method="SimCLR"))
     p = run_in_process(RECIPE, ["--config", str(bad), "--output-dir", str(tmp_path / "run")], capsys)
     assert_one_clear_line(p, "'method'", "'SimCLR'", "one of simclr")
+
+
+def test_digits_m_preset_is_the_digits_preset_with_colour_augmentation():
+    """recipes/configs/ssl_digits_m.yaml names ssl_digits.yaml as its _base_: every method's hyper-parameters,
+    the backbone, optimizer and schedule come from there; only the data, the augmentation and the run folder
+    differ."""
+    from visrep.engine.config import diff_configs, parse_config, to_dict
+
+    mod = load_recipe(RECIPE)
+    presets = mod.PRESETS
+    digits = to_dict(parse_config(mod.SSLRecipeConfig, ["--config", str(presets / "ssl_digits.yaml")]))
+    digits_m = to_dict(parse_config(mod.SSLRecipeConfig, ["--config", str(presets / "ssl_digits_m.yaml")]))
+    changed = {line.split(":")[0] for line in diff_configs(digits, digits_m)}
+    assert changed == {"config", "output_dir", "data.source", "augment.crop_scale", "augment.jitter_prob",
+                       "augment.saturation", "augment.grayscale_prob"}, changed
+    assert digits_m["data"]["source"] == "digits_m" and digits_m["augment"]["jitter_prob"] == 0.8

@@ -18,6 +18,7 @@ import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import dacite
@@ -362,14 +363,61 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
-    path = existing(path, ConfigError, f"config file '{path}' does not exist. Pass --config with a YAML preset "
-                    f"(see recipes/configs/).")
+BASE_KEY = "_base_"
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    return str(a).replace("-", "_") == str(b).replace("-", "_")
+
+
+def merge_presets(base: Mapping, over: Mapping) -> dict:
+    """``over`` on top of ``base``, section by section: mappings merge key by key (``output-dir`` and
+    ``output_dir`` are one key; the spelling of ``over`` is kept), anything else (numbers, lists) is replaced
+    whole."""
+    out = dict(base)
+    for k, v in over.items():
+        same = [b for b in out if _same_key(b, k)]
+        prev = out[same[-1]] if same else None
+        for b in same:
+            del out[b]
+        out[k] = merge_presets(prev, v) if isinstance(prev, Mapping) and isinstance(v, Mapping) else v
+    return out
+
+
+def read_preset(path: str | os.PathLike, _chain: tuple = ()) -> tuple[Any, list[Path]]:
+    """The YAML mapping of a preset with its ``_base_`` chain merged in, and the files read (this one first).
+
+    A preset may start from another: ``_base_: ssl_digits.yaml`` (a path relative to the preset's own folder)
+    takes every key of that preset, and the keys written here override it (:func:`merge_presets`)."""
+    what = f"the _base_ of '{_chain[0]}'" if _chain else "config file"
+    path = existing(path, ConfigError, f"{what} '{path}' does not exist. "
+                    + ("Fix the _base_ path (it is relative to the preset's folder)." if _chain else
+                       "Pass --config with a YAML preset (see recipes/configs/)."))
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-    return from_dict(cls, data, source=str(path))
+    if not isinstance(data, Mapping) or BASE_KEY not in data:
+        return data, [path]
+    base = data[BASE_KEY]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config key '{BASE_KEY}' in {path} has value {base!r}; expected the path of another "
+                          f"preset (relative to {path.parent}).")
+    base_path = (path.parent / base).resolve()
+    if base_path in {p.resolve() for p in (*_chain, path)}:
+        loop = " -> ".join(str(p) for p in (*_chain, path, base_path))
+        raise ConfigError(f"config file '{path}': its _base_ chain comes back to a file already read ({loop}). "
+                          f"Remove the loop.")
+    base_data, files = read_preset(base_path, (*_chain, path))
+    if base_data is not None and not isinstance(base_data, Mapping):
+        raise ConfigError(f"config section '<root>' in {base_path} must be a mapping, got {type(base_data).__name__}.")
+    return merge_presets(base_data or {}, {k: v for k, v in data.items() if k != BASE_KEY}), [path, *files]
+
+
+def load_yaml(cls: type[T], path: str | os.PathLike) -> T:
+    data, files = read_preset(path)
+    source = str(files[0]) + (f" (with its _base_ {', '.join(str(f) for f in files[1:])})" if files[1:] else "")
+    return from_dict(cls, data, source=source)
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
