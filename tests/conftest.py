@@ -32,6 +32,8 @@ if _WORKERS > 1:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import sitecustomize  # noqa: E402,F401  (tests/sitecustomize.py: DeepSpeed without its CPU inference kernel, here too)
+
 torch.set_num_threads(_THREADS)
 
 
