@@ -32,7 +32,9 @@ if _WORKERS > 1:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import sitecustomize  # noqa: E402,F401  (tests/sitecustomize.py: DeepSpeed without its CPU inference kernel, here too)
+import sitecustomize as _ds_without_shm_kernel  # noqa: E402  (tests/sitecustomize.py: DeepSpeed without its CPU inference kernel)
+
+_ds_without_shm_kernel.install()  # already done if Python imported it at start-up; here too otherwise
 
 torch.set_num_threads(_THREADS)
 
