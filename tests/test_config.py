@@ -220,3 +220,7 @@ def test_base_preset_errors(tmp_path):
     b.write_text(yaml.safe_dump({"sub": {"sise": 1}}))
     with pytest.raises(ConfigError, match=r"'sub\.sise' in .*a\.yaml \(with its _base_ .*b\.yaml\)"):
         load_yaml(Root, a)
+    # a base that is not a mapping
+    b.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"'<root>' in .*b\.yaml must be a mapping, got list"):
+        load_yaml(Root, a)
