@@ -194,9 +194,10 @@ def test_base_preset_merges_section_by_section(tmp_path):
     mid = tmp_path / "sub" / "mid.yaml"   # _base_ is relative to the preset's own folder
     mid.write_text(yaml.safe_dump({"_base_": "../base.yaml", "sub": {"size": 7}, "output_dir": "runs/mid"}))
     top = tmp_path / "top.yaml"
-    top.write_text(yaml.safe_dump({"_base_": "sub/mid.yaml", "sub": {"pair": [0.9, 1.0]}}))
+    top.write_text(yaml.safe_dump({"_base_": "sub/mid.yaml", "sub": {"pair": [0.9, 1.0]}, "optim": None}))
     cfg = load_yaml(Root, top)
-    # from base: seed, sub.name, optim.lr; from mid: sub.size, output_dir (one key however spelled); top: sub.pair
+    # from base: seed, sub.name, optim.lr (top's empty `optim:` keeps it); from mid: sub.size, output_dir (one
+    # key however spelled); top: sub.pair
     assert (cfg.seed, cfg.sub.name, cfg.sub.size, cfg.sub.pair) == (3, "b", 7, (0.9, 1.0))
     assert cfg.output_dir == "runs/mid" and cfg.optim.lr == 0.5 and cfg.sub.scale == 1.0
     # command-line overrides still come last

@@ -3,7 +3,8 @@
 A recipe declares one root dataclass. ``parse_config`` loads the preset named by ``--config`` (or the
 recipe's default preset) strictly -- unknown keys and ill-typed values are errors that name the key,
 the file and the valid choices -- and then applies command-line overrides with tyro
-(``--optim.lr 0.1``; ``--output-dir`` and ``--output_dir`` both work). Presets are turned into
+(``--optim.lr 0.1``; ``--output-dir`` and ``--output_dir`` both work). A preset may extend another
+(``_base_: other.yaml``, :func:`read_preset`). Presets are turned into
 dataclasses by dacite, chosen because it is small, pure Python and builds plain dataclasses with strict
 type checks, leaving us only hooks (bools are not numbers, lists become tuples, ``output-dir`` keys) and
 our own messages.
@@ -372,14 +373,16 @@ def _same_key(a: Any, b: Any) -> bool:
 
 def merge_presets(base: Mapping, over: Mapping) -> dict:
     """``over`` on top of ``base``, section by section: mappings merge key by key (``output-dir`` and
-    ``output_dir`` are one key; the spelling of ``over`` is kept), anything else (numbers, lists) is replaced
-    whole."""
+    ``output_dir`` are one key; the spelling of ``over`` is kept; an empty section keeps the base's), anything
+    else (numbers, lists) is replaced whole."""
     out = dict(base)
     for k, v in over.items():
         same = [b for b in out if _same_key(b, k)]
         prev = out[same[-1]] if same else None
         for b in same:
             del out[b]
+        if isinstance(prev, Mapping) and v is None:  # an empty section (`eval:`) changes nothing
+            v = {}
         out[k] = merge_presets(prev, v) if isinstance(prev, Mapping) and isinstance(v, Mapping) else v
     return out
 
@@ -389,7 +392,7 @@ def read_preset(path: str | os.PathLike, _chain: tuple = ()) -> tuple[Any, list[
 
     A preset may start from another: ``_base_: ssl_digits.yaml`` (a path relative to the preset's own folder)
     takes every key of that preset, and the keys written here override it (:func:`merge_presets`)."""
-    what = f"the _base_ of '{_chain[0]}'" if _chain else "config file"
+    what = f"the _base_ of '{_chain[-1]}'" if _chain else "config file"
     path = existing(path, ConfigError, f"{what} '{path}' does not exist. "
                     + ("Fix the _base_ path (it is relative to the preset's folder)." if _chain else
                        "Pass --config with a YAML preset (see recipes/configs/)."))
