@@ -285,7 +285,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--epochs", type=int, default=None,
                    help="accuracy: pre-training epochs (default: the preset's; 0: throughput only)")
-    p.add_argument("--seeds", type=int, default=3, help="accuracy: seeds 0..N-1 (init, data order)")
+    p.add_argument("--seeds", type=int, default=3, help="accuracy: N seeds (init, data order)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="accuracy: the first seed (two processes can share the seeds of one comparison)")
     p.add_argument("--data", choices=list(PRESETS), default="digits",
                    help="accuracy: the data, each with its preset (recipes/configs/ssl_digits.yaml, ssl_digits_m.yaml)")
     p.add_argument("--no-compile-variants", dest="compile_variants", action="store_false")
@@ -323,8 +325,9 @@ def main(argv=None):
             print(f"ratio visrep fast / lightly default: {line[2]:.3f} (target >= 1.25); "
                   f"visrep fast / lightly compiled: {line[3]:.3f} (target >= 1.0)")
         if args.epochs != 0:
-            runs = [accuracy(args, method, accelerator, s) for s in range(args.seeds)]
-            print(f"accuracy: {method}, {args.data} ({PRESETS[args.data]}), seeds 0..{args.seeds - 1} (test split)")
+            seeds = range(args.first_seed, args.first_seed + args.seeds)
+            runs = [accuracy(args, method, accelerator, s) for s in seeds]
+            print(f"accuracy: {method}, {args.data} ({PRESETS[args.data]}), seeds {seeds[0]}..{seeds[-1]} (test split)")
             print(f"{'implementation':<20}{'kNN mean +- std':>20}{'linear mean +- std':>22}{'train s':>9}")
             for name in ("visrep", "lightly", "random init"):
                 knn, lin = [r[name][0] for r in runs], [r[name][1] for r in runs]
