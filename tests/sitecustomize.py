@@ -6,7 +6,9 @@ g++ and ninja) the first time a process group starts on a machine, and probes ev
 needs on the way. On a fresh machine -- every CI run -- that took 110 s of the first DeepSpeed test,
 while the other DeepSpeed tests waited on its lock. The kernel serves only ``inference_all_reduce``,
 which training never calls (ZeRO's collectives go through ``torch.distributed``), so the tests start
-DeepSpeed without it: the same code path as on a machine where the kernel cannot be built."""
+DeepSpeed without it: the same code path as on a machine where the kernel cannot be built. (Being first
+on the path, this file hides any system ``sitecustomize`` from those processes; this machine's Python and
+the venv have none.)"""
 from __future__ import annotations
 
 import importlib.abc
