@@ -32,10 +32,8 @@
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -224,33 +222,13 @@ def td_child(recipe_argv: list[str]) -> None:
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 
-def td_results(args: list, out: Path, tag: str) -> dict:
-    """``recipe_results`` for a run with torchdistill's losses (this script's ``--td-child``): reused when
-    ``out`` has results.json, resumed when interrupted."""
-    res, saved = out / "results.json", out / "bench_args.json"
-    if saved.is_file() and json.loads(saved.read_text()) != ["torchdistill", *args]:
-        raise SystemExit(f"{out} holds a run with other arguments ({saved}); give this benchmark another --output-dir")
-    if res.is_file():
-        return json.loads(res.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(["torchdistill", *args]))
-    rargs = [*args, "--output-dir", str(out), "--run.progress", "False"]
-    if (out / "state.json").exists() or (out / "checkpoints").exists():
-        rargs += ["--resume", "latest"]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--td-child", *rargs]
-    print(f"[{tag}] -> {out}", flush=True)
-    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True)
-    (out / "td_child_stdout.log").write_text(p.stdout)  # the adapters' checks against ours, the recipe's table
-    if p.returncode != 0:
-        raise SystemExit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}")
-    return json.loads(res.read_text())
-
-
 def run_one(method: str, seed: int, out: Path, extra: list[str], teacher: Path | None, impl: str = "ours") -> dict:
     teacher_args = ["--teacher.source", "checkpoint", "--teacher.checkpoint", str(teacher)] if teacher else []
     rargs = ["--kd.method", method, "--seed", str(seed), *extra, *teacher_args]
-    if impl == "torchdistill":
-        return td_results(rargs, out, f"distill_methods_bench {method} torchdistill seed {seed}")
+    if impl == "torchdistill":  # this script's --td-child runs the recipe with torchdistill's losses
+        child = ("torchdistill", [sys.executable, str(Path(__file__).resolve()), "--td-child"])
+        return recipe_results("distill", rargs, out, f"distill_methods_bench {method} torchdistill seed {seed}",
+                              via=child)
     return recipe_results("distill", rargs, out, f"distill_methods_bench {method} seed {seed}")
 
 

@@ -86,10 +86,14 @@ def require_compiler(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"the compiled rows need torch.compile, but {missing}; --no-compile-variants skips them")
 
 
-def recipe_results(recipe: str, args: list, out, tag: str, processes: int = 1) -> dict:
+def recipe_results(recipe: str, args: list, out, tag: str, processes: int = 1,
+                   via: tuple[str, list] | None = None) -> dict:
     """``results.json`` of ``recipes/RECIPE.py ARGS --output-dir OUT`` (for the accuracy benchmarks): reused
     when ``out`` already has one, the run resumed when it was interrupted, else run now (``processes`` > 1:
-    through ``accelerate launch`` on CPU ranks). A failed run stops the benchmark with its stderr."""
+    through ``accelerate launch`` on CPU ranks). ``via = (name, command)``: the recipe's arguments go to
+    ``command`` instead (a script that runs the recipe its own way, e.g. with a peer's losses); ``name`` is
+    recorded with the arguments, so a run made another way is never reused, and the command's stdout is kept in
+    ``OUT/NAME_stdout.log``. A failed run stops the benchmark with its stderr."""
     import json
     import os
     import shutil
@@ -99,26 +103,33 @@ def recipe_results(recipe: str, args: list, out, tag: str, processes: int = 1) -
 
     root, out = Path(__file__).resolve().parent.parent, Path(out)
     res, saved = out / "results.json", out / "bench_args.json"
-    if saved.is_file() and json.loads(saved.read_text()) != list(args):
+    key = list(args) if via is None else [via[0], *args]
+    if saved.is_file() and json.loads(saved.read_text()) != key:
         raise SystemExit(f"{out} holds a run with other arguments ({saved}); give this benchmark another "
                          f"--output-dir")
     if res.is_file():
         return json.loads(res.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(list(args)))
-    args = [str(root / "recipes" / f"{recipe}.py"), *args, "--output-dir", str(out), "--run.progress", "False"]
+    saved.write_text(json.dumps(key))
+    args = [*args, "--output-dir", str(out), "--run.progress", "False"]
     if (out / "state.json").exists() or (out / "checkpoints").exists():
         args += ["--resume", "latest"]
-    if processes > 1:
+    script = str(root / "recipes" / f"{recipe}.py")
+    if via is not None:
+        cmd = [*via[1], *args]
+    elif processes > 1:
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
         cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+               "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
     else:
-        cmd = [sys.executable, *args]
+        cmd = [sys.executable, script, *args]
     print(f"[{tag}] -> {out}", flush=True)
     p = subprocess.run(cmd, cwd=root, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True)
+    if via is not None:
+        (out / f"{via[0]}_stdout.log").write_text(p.stdout)
     if p.returncode != 0:
-        raise SystemExit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+        shown = f"{p.stdout[-1500:]}\n" if via is not None else ""
+        raise SystemExit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{shown}{p.stderr[-3000:]}")
     return json.loads(res.read_text())
 
 
