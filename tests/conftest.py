@@ -32,9 +32,9 @@ if _WORKERS > 1:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import sitecustomize as _ds_without_shm_kernel  # noqa: E402  (tests/sitecustomize.py: DeepSpeed without its CPU inference kernel)
+import ds_without_shm  # noqa: E402
 
-_ds_without_shm_kernel.install()  # already done if Python imported it at start-up; here too otherwise
+ds_without_shm.install()  # DeepSpeed without its JIT-built CPU inference kernel, as in the test subprocesses
 
 torch.set_num_threads(_THREADS)
 

@@ -310,10 +310,15 @@ def _expected(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _same_key(a: Any, b: Any) -> bool:
+    """One config key however written (``output-dir`` is ``output_dir``)."""
+    return str(a).replace("-", "_") == str(b).replace("-", "_")
+
+
 def _given(data: Any, path: str, default: Any) -> Any:
     """The value at dotted ``path`` in the mapping as written (``output-dir`` for ``output_dir``)."""
     for part in path.split("."):
-        keys = [k for k in data if str(k).replace("-", "_") == part] if isinstance(data, Mapping) else []
+        keys = [k for k in data if _same_key(k, part)] if isinstance(data, Mapping) else []
         if not keys:
             return default
         data = data[keys[-1]]
@@ -365,10 +370,6 @@ def to_dict(cfg: Any) -> dict:
 
 
 BASE_KEY = "_base_"
-
-
-def _same_key(a: Any, b: Any) -> bool:
-    return str(a).replace("-", "_") == str(b).replace("-", "_")
 
 
 def merge_presets(base: Mapping, over: Mapping) -> dict:

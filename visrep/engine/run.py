@@ -185,8 +185,8 @@ def view_names(views: list[torch.Tensor], global_views: Optional[int] = None) ->
     views then count as views)."""
     size, counts, names = views[0].shape[-2:], {"view": 0, "local": 0}, []
     for i, v in enumerate(views):
-        kind = ("view" if v.shape[-2:] == size else "local") if global_views is None else \
-            ("view" if i < global_views else "local")
+        is_global = v.shape[-2:] == size if global_views is None else i < global_views
+        kind = "view" if is_global else "local"
         counts[kind] += 1
         names.append(f"{kind} {counts[kind]}")
     return names
@@ -550,9 +550,10 @@ class Stage:
         the device too) for the report's sample grid: :func:`save_samples` (``data_config``: the mean / std
         to undo; ``captions``: texts, or tokens that ``decode`` turns into texts; ``names``: default "view
         k" / "local k", the first ``global_views`` views being the global ones: :func:`view_names`). Call it
-        with every batch, before the forward: it acts once, on the main process, at the first batch of a fresh run (never after a resume, whose first batch is not the run's; a
-        run dir that holds samples keeps them) and of the run's first stage that records. Nothing
-        collective; a failure is a :class:`SamplesWarning` and training goes on."""
+        with every batch, before the forward: it acts once, on the main process, at the first batch of a
+        fresh run (never after a resume, whose first batch is not the run's; a run dir that holds samples
+        keeps them) and of the run's first stage that records. Nothing collective; a failure is a
+        :class:`SamplesWarning` and training goes on."""
         if self._samples_seen:
             return
         self._samples_seen = True
