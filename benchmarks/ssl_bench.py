@@ -33,10 +33,18 @@ the recipe's digits preset (``recipes/configs/ssl_digits.yaml``), the same batch
     python benchmarks/ssl_bench.py --epochs 0                      # throughput only, every method
     python benchmarks/ssl_bench.py --methods simclr dino --epochs 0 --no-compile-variants
     python benchmarks/ssl_bench.py --methods simclr --seeds 3 --data digits_m   # + accuracy, 3 seeds
+
+Seeds can be spread over processes (two 1-thread processes on two cores) and pooled: each process appends
+its finished seeds to a file, and ``--summarise`` prints the table over all of them::
+
+    python benchmarks/ssl_bench.py --methods vicreg --seeds 5 --first-seed 0 --threads 1 --record runs/a.jsonl
+    python benchmarks/ssl_bench.py --methods vicreg --seeds 5 --first-seed 5 --threads 1 --record runs/b.jsonl
+    python benchmarks/ssl_bench.py --summarise runs/a.jsonl runs/b.jsonl
 """
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import sys
 import time
@@ -278,6 +286,41 @@ def accuracy(args, method: str, accelerator, seed: int) -> dict:
     return out
 
 
+def print_accuracy(runs: list[dict]) -> None:
+    """Mean +- std over seeds of kNN and linear accuracy (and the mean pre-training seconds) per implementation,
+    then each seed's kNN / linear for visrep and lightly."""
+    print(f"{'implementation':<20}{'kNN mean +- std':>20}{'linear mean +- std':>22}{'train s':>9}")
+    sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)  # noqa: E731
+    for name in ("visrep", "lightly", "random init"):
+        knn, lin = [r[name][0] for r in runs], [r[name][1] for r in runs]
+        print(f"{name:<20}{f'{statistics.mean(knn):.4f} +- {sd(knn):.4f}':>20}"
+              f"{f'{statistics.mean(lin):.4f} +- {sd(lin):.4f}':>22}{statistics.mean(r[name][2] for r in runs):>9.1f}")
+    print("per seed kNN visrep / lightly: " + ", ".join(f"{r['visrep'][0]:.3f} / {r['lightly'][0]:.3f}" for r in runs))
+    print("per seed linear visrep / lightly: " + ", ".join(f"{r['visrep'][1]:.3f} / {r['lightly'][1]:.3f}"
+                                                           for r in runs))
+
+
+def summarise(files: list[Path]) -> dict:
+    """The accuracy table of every (method, data) in the ``--record`` files, seeds sorted; a seed recorded
+    twice is an error (two runs of one comparison overlapped)."""
+    groups: dict = {}
+    for path in files:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            seeds = groups.setdefault((r["method"], r["data"]), {})
+            if r["seed"] in seeds:
+                raise SystemExit(f"error: {path}:{n}: {r['method']} on {r['data']} seed {r['seed']} is recorded twice; "
+                                 "keep one run per seed")
+            seeds[r["seed"]] = r
+    for (method, data), seeds in groups.items():
+        order = sorted(seeds)
+        print(f"\naccuracy: {method}, {data}, {len(order)} seeds: {', '.join(map(str, order))} (test split)")
+        print_accuracy([seeds[s] for s in order])
+    return groups
+
+
 def main(argv=None):
     from accelerate import Accelerator
 
@@ -291,7 +334,13 @@ def main(argv=None):
     p.add_argument("--data", choices=list(PRESETS), default="digits",
                    help="accuracy: the data, each with its preset (recipes/configs/ssl_digits.yaml, ssl_digits_m.yaml)")
     p.add_argument("--no-compile-variants", dest="compile_variants", action="store_false")
+    p.add_argument("--record", type=Path, default=None, metavar="FILE",
+                   help="accuracy: append each finished seed to FILE as a JSON line (method, data, seed, results)")
+    p.add_argument("--summarise", type=Path, nargs="+", default=None, metavar="FILE",
+                   help="print the accuracy table of the seeds recorded in FILEs (several runs' --record) and exit")
     args = p.parse_args(argv)
+    if args.summarise:
+        return summarise(args.summarise)
     if args.threads:
         torch.set_num_threads(args.threads)
     require_compiler(p, args)
@@ -326,16 +375,14 @@ def main(argv=None):
                   f"visrep fast / lightly compiled: {line[3]:.3f} (target >= 1.0)")
         if args.epochs != 0:
             seeds = range(args.first_seed, args.first_seed + args.seeds)
-            runs = [accuracy(args, method, accelerator, s) for s in seeds]
+            runs = []
+            for s in seeds:
+                runs.append(accuracy(args, method, accelerator, s))
+                if args.record:
+                    with open(args.record, "a") as f:
+                        f.write(json.dumps({"method": method, "data": args.data, "seed": s, **runs[-1]}) + "\n")
             print(f"accuracy: {method}, {args.data} ({PRESETS[args.data]}), seeds {seeds[0]}..{seeds[-1]} (test split)")
-            print(f"{'implementation':<20}{'kNN mean +- std':>20}{'linear mean +- std':>22}{'train s':>9}")
-            for name in ("visrep", "lightly", "random init"):
-                knn, lin = [r[name][0] for r in runs], [r[name][1] for r in runs]
-                sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-                print(f"{name:<20}{f'{statistics.mean(knn):.4f} +- {sd(knn):.4f}':>20}"
-                      f"{f'{statistics.mean(lin):.4f} +- {sd(lin):.4f}':>22}"
-                      f"{statistics.mean(r[name][2] for r in runs):>9.1f}")
-            print("per seed kNN visrep / lightly: " + ", ".join(f"{r['visrep'][0]:.3f} / {r['lightly'][0]:.3f}" for r in runs))
+            print_accuracy(runs)
         summary.append(line)
     print(f"\n{'method':<10}{'eager / lightly':>17}" + (f"{'fast / lightly':>16}{'fast / lightly compiled':>25}"
                                                        if args.compile_variants else ""))
