@@ -298,6 +298,14 @@ def print_accuracy(runs: list[dict]) -> None:
     print("per seed kNN visrep / lightly: " + ", ".join(f"{r['visrep'][0]:.3f} / {r['lightly'][0]:.3f}" for r in runs))
     print("per seed linear visrep / lightly: " + ", ".join(f"{r['visrep'][1]:.3f} / {r['lightly'][1]:.3f}"
                                                            for r in runs))
+    if len(runs) > 1:  # the seeds pair the two (same initial backbone, same data order)
+        line = []
+        for i, name in ((0, "kNN"), (1, "linear")):
+            d = [r["visrep"][i] - r["lightly"][i] for r in runs]
+            wins = sum(x > 0 for x in d), sum(x < 0 for x in d)
+            line.append(f"{name} {statistics.mean(d):+.4f} +- {statistics.stdev(d) / len(d) ** 0.5:.4f} "
+                        f"(visrep ahead on {wins[0]} seeds, behind on {wins[1]})")
+        print("paired difference visrep - lightly, mean +- standard error: " + "; ".join(line))
 
 
 def summarise(files: list[Path]) -> dict:
