@@ -7,9 +7,10 @@ implementation of the same method, assembled as lightly's examples assemble it:
 
   simclr  -- ``SimCLRProjectionHead`` + ``NTXentLoss``;
   mocov3  -- ``MoCoProjectionHead`` (projector: ``proj_layers`` layers with BN; predictor:
-             ``pred_layers``) + ``update_momentum`` / ``cosine_schedule``; lightly has no MoCo v3 loss, so
-             the peer's loss is the paper's Algorithm 1 ``ctr`` written out (cross-entropy of q k^T / t
-             against the diagonal, times 2t);
+             ``pred_layers``; with ``batch_norm=True`` both end in an affine BN, whatever the preset's
+             ``pred_last_bn``, which only ours follow) + ``update_momentum`` / ``cosine_schedule``;
+             lightly has no MoCo v3 loss, so the peer's loss is the paper's Algorithm 1 ``ctr`` written
+             out (cross-entropy of q k^T / t against the diagonal, times 2t);
   dino    -- ``DINOProjectionHead`` + ``DINOLoss`` (its own centre) + ``update_momentum``, global and
              local crops through the student one crop at a time, as lightly's example does;
   vicreg  -- ``VICRegProjectionHead`` + ``VICRegLoss``;
