@@ -314,10 +314,16 @@ def summarise(files: list[Path]) -> dict:
     twice is an error (two runs of one comparison overlapped)."""
     groups: dict = {}
     for path in files:
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no such file; pass the files that --record wrote")
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+                r["method"], r["data"], r["seed"], r["visrep"], r["lightly"], r["random init"]  # noqa: B018
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"error: {path}:{n}: not a seed recorded by --record ({type(e).__name__}: {e})")
             seeds = groups.setdefault((r["method"], r["data"]), {})
             if r["seed"] in seeds:
                 raise SystemExit(f"error: {path}:{n}: {r['method']} on {r['data']} seed {r['seed']} is recorded twice; "
