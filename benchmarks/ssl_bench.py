@@ -309,6 +309,9 @@ def print_accuracy(runs: list[dict]) -> None:
         print("paired difference visrep - lightly, mean +- standard error: " + "; ".join(line))
 
 
+RECORD_KEYS = ("method", "data", "seed", "visrep", "lightly", "random init")  # one line of --record
+
+
 def summarise(files: list[Path]) -> dict:
     """The accuracy table of every (method, data) in the ``--record`` files, seeds sorted; a seed recorded
     twice is an error (two runs of one comparison overlapped)."""
@@ -321,9 +324,11 @@ def summarise(files: list[Path]) -> dict:
                 continue
             try:
                 r = json.loads(line)
-                r["method"], r["data"], r["seed"], r["visrep"], r["lightly"], r["random init"]  # noqa: B018
-            except (ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"error: {path}:{n}: not a seed recorded by --record ({type(e).__name__}: {e})")
+            except ValueError as e:
+                raise SystemExit(f"error: {path}:{n}: not a seed recorded by --record (not JSON: {e})")
+            missing = [k for k in RECORD_KEYS if not isinstance(r, dict) or k not in r]
+            if missing:
+                raise SystemExit(f"error: {path}:{n}: not a seed recorded by --record (no {', '.join(missing)})")
             seeds = groups.setdefault((r["method"], r["data"]), {})
             if r["seed"] in seeds:
                 raise SystemExit(f"error: {path}:{n}: {r['method']} on {r['data']} seed {r['seed']} is recorded twice; "
@@ -354,6 +359,8 @@ def main(argv=None):
     p.add_argument("--summarise", type=Path, nargs="+", default=None, metavar="FILE",
                    help="print the accuracy table of the seeds recorded in FILEs (several runs' --record) and exit")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds {args.seeds}: give at least one seed (--epochs 0 measures throughput only)")
     if args.summarise:
         return summarise(args.summarise)
     if args.threads:
