@@ -5,7 +5,8 @@ For SimCLR, MoCo v3, DINO, VICReg and Barlow Twins, ours is what ``recipes/selfs
 global batch), ``EMAUpdater`` and ``TeacherTemperature`` where the method has them. The peer is lightly's
 implementation of the same method, assembled as lightly's examples assemble it:
 
-  simclr  -- ``SimCLRProjectionHead`` + ``NTXentLoss``;
+  simclr  -- ``SimCLRProjectionHead`` + ``NTXentLoss`` (lightly's head ends in an affine BN; ours, with
+             ``proj_last_bn`` as in SimCLR's official code, in a BN with a scale and no shift);
   mocov3  -- ``MoCoProjectionHead`` (projector: ``proj_layers`` layers with BN; predictor:
              ``pred_layers``; with ``batch_norm=True`` both end in an affine BN, whatever the preset's
              ``pred_last_bn``, which only ours follow) + ``update_momentum`` / ``cosine_schedule``;

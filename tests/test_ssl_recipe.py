@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import load_file
 
 from ds_helpers import fake_accelerator, load_recipe, without_use_cpu, zero_config_args
@@ -262,6 +263,38 @@ def test_dino_model_teacher_temperature_and_interface():
         assert other.ema_pairs() is None and z["z"][0].shape == (4, 8) and z["logits"].shape == (4, 10)
 
 
+def test_simclr_projector_ends_in_the_official_codes_scale_only_batch_norm():
+    """SimCLR's head as google-research/simclr builds it: the last Linear without bias, then BN with a learnt
+    scale and no shift. In training mode each output feature has mean 0 and standard deviation |scale| over
+    the batch (the 2N views); the scale is trained without decay or LARS' trust ratio; SyncBatchNorm swaps
+    the norm and keeps the scale; ``proj_last_bn=False`` gives the paper text's head (a biased Linear last)."""
+    from visrep.ssl import SimCLRConfig, SSLOptimConfig, build_method, build_ssl_optimizer
+    from visrep.ssl.heads import ScaledBatchNorm1d
+    from visrep.zoo import create_backbone
+
+    torch.manual_seed(0)
+    bb = create_backbone("resnet20", num_classes=0, small_input=True, width=0.25)
+    net = build_method("simclr", SimCLRConfig(proj_hidden_dim=16, proj_dim=8), bb, 0)
+    last_linear, norm = net.projector[3], net.projector[4]
+    assert isinstance(norm, ScaledBatchNorm1d) and last_linear.bias is None and len(net.projector) == 5
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    z1, z2 = net(torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16))["z"]
+    z = torch.cat([z1, z2])
+    torch.testing.assert_close(z.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(0, unbiased=False).sqrt(), torch.linspace(0.5, 2.0, 8), atol=1e-3, rtol=0)
+    F.normalize(z, dim=1).sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    groups = build_ssl_optimizer(net, SSLOptimConfig(name="lars", lr=0.5, weight_decay=1e-5), 32).param_groups
+    (home,) = [g for g in groups if any(p is norm.weight for p in g["params"])]
+    assert home["weight_decay"] == 0 and home["lars_exclude"]
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(net.projector)
+    assert isinstance(synced[4].bn, nn.SyncBatchNorm) and synced[4].weight is norm.weight
+
+    plain = build_method("simclr", SimCLRConfig(proj_hidden_dim=16, proj_dim=8, proj_last_bn=False), bb, 0)
+    assert len(plain.projector) == 4 and plain.projector[3].bias is not None
+
+
 @pytest.mark.parametrize("opt", ["lars", "sgd", "adamw"])
 def test_dino_last_layer_freeze_and_weight_decay_cosine(opt):
     """DINO's two step schedules on each optimizer: for the first 3 of 6 steps the head's last layer (V and
@@ -343,3 +376,4 @@ def test_digits_m_preset_is_the_digits_preset_with_colour_augmentation():
                        "augment.saturation", "augment.grayscale_prob"}, changed
     assert digits_m["data"]["source"] == "digits_m" and digits_m["augment"]["jitter_prob"] == 0.8
     assert digits_m["mocov3"]["pred_last_bn"] is True and digits["mocov3"]["pred_last_bn"] is True
+    assert digits["simclr"]["proj_last_bn"] is False  # chosen on validation; the config's default is True

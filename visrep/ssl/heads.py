@@ -10,25 +10,46 @@ from torch import nn
 from visrep.checks import check
 
 
+class ScaledBatchNorm1d(nn.Module):
+    """BatchNorm1d with a learnt per-feature scale and no shift (TensorFlow's ``center=False``), the
+    output norm of SimCLR's official projection head.
+
+    A plain ``BatchNorm1d(affine=False)`` inside (``bn``) and the scale beside it (``weight``, ones at
+    init), so that ``nn.SyncBatchNorm.convert_sync_batchnorm`` swaps the norm and keeps the scale."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum, affine=False)
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) * self.weight
+
+
 class MLPHead(nn.Sequential):
-    """Linear -> BatchNorm1d -> ReLU -> Linear, no normalisation on the output.
+    """Linear -> BatchNorm1d -> ReLU -> Linear, no normalisation on the output unless ``last_bn``.
 
     The projector ``g`` and the predictor ``q`` of BYOL have this shape (hidden 4096, output 256 in
     the paper; smaller for CPU runs). The first linear layer has no bias when a BatchNorm follows it
     (the norm's shift replaces it). ``batch_norm=False`` drops the norm (an ablation, and a head whose
-    output does not depend on how the batch is split across ranks).
+    output does not depend on how the batch is split across ranks). ``last_bn=True`` ends the head as
+    SimCLR's official code does: the last linear layer without bias, then :class:`ScaledBatchNorm1d`.
 
     Paper: Grill et al., "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning",
     2020, arXiv:2006.07733, Sec. 3.3 ("Architecture").
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, batch_norm: bool = True):
-        super().__init__(
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, batch_norm: bool = True,
+                 last_bn: bool = False):
+        layers: list[nn.Module] = [
             nn.Linear(in_dim, hidden_dim, bias=not batch_norm),
             nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity(),
             nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
+            nn.Linear(hidden_dim, out_dim, bias=not last_bn),
+        ]
+        if last_bn:
+            layers.append(ScaledBatchNorm1d(out_dim))
+        super().__init__(*layers)
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
 
 

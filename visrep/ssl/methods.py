@@ -69,10 +69,15 @@ def _check_tau(cfg, prefix: str) -> None:
 @dataclasses.dataclass
 class SimCLRConfig:
     """SimCLR (Chen et al. 2020, arXiv:2002.05709): projector Linear -> BN -> ReLU -> Linear (paper:
-    2048 -> 128) and the NT-Xent temperature (0.5 on CIFAR-10; 0.1 on ImageNet at batch 4096)."""
+    2048 -> 128), with the official code's BN on the output, and the NT-Xent temperature (0.5 on CIFAR-10;
+    0.1 on ImageNet at batch 4096)."""
 
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
+    proj_last_bn: bool = True
+    """BatchNorm on the projector's output with a learnt scale and no shift, as the official code has it
+    (``google-research/simclr``, ``model_util.projection_head``: the last layer without bias, BN with
+    ``center=False``); the paper's text writes ``W2 relu(W1 h)``. lightly's head has an affine BN there."""
     temperature: float = 0.5
     sync_batchnorm: bool = False
     """Convert BatchNorm to SyncBatchNorm on several processes (SimCLR's global BN)."""
@@ -241,8 +246,10 @@ class _Siamese(nn.Module):
 
 
 class SimCLR(_Siamese):
-    """SimCLR's encoder f and projection head g (Linear -> BN -> ReLU -> Linear), both views in one
-    batch; ``nt_xent_loss(*out["z"], temperature)``.
+    """SimCLR's encoder f and projection head g (Linear -> BN -> ReLU -> Linear, and with ``last_bn``
+    the official code's output BN: the last Linear without bias, then BN with a learnt scale and no
+    shift, :class:`visrep.ssl.heads.ScaledBatchNorm1d`), both views in one batch;
+    ``nt_xent_loss(*out["z"], temperature)``.
 
     Paper: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
     Representations", 2020, arXiv:2002.05709, Sec. 2.1 and Appendix B.
@@ -250,8 +257,10 @@ class SimCLR(_Siamese):
 
     joint_batch = True
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 128, num_classes: int = 0):
-        super().__init__(backbone, MLPHead(int(backbone.num_features), proj_hidden_dim, proj_dim), num_classes)
+    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 128, num_classes: int = 0,
+                 last_bn: bool = True):
+        head = MLPHead(int(backbone.num_features), proj_hidden_dim, proj_dim, last_bn=last_bn)
+        super().__init__(backbone, head, num_classes)
 
 
 class VICReg(_Siamese):
@@ -376,7 +385,7 @@ def build_method(name: str, cfg, backbone: nn.Module, num_classes: int = 0) -> n
     ``cfg`` (:class:`SimCLRConfig`, :class:`MoCoV3Config`, ...; BYOL: :class:`visrep.ssl.BYOLConfig`), with a
     probe of ``num_classes`` outputs (0: none)."""
     if name == "simclr":
-        return SimCLR(backbone, cfg.proj_hidden_dim, cfg.proj_dim, num_classes)
+        return SimCLR(backbone, cfg.proj_hidden_dim, cfg.proj_dim, num_classes, last_bn=cfg.proj_last_bn)
     if name == "mocov3":
         return MoCoV3Method(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim, num_classes,
                             cfg.proj_layers, cfg.pred_layers, cfg.pred_last_bn)
