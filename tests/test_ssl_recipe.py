@@ -295,6 +295,33 @@ def test_simclr_projector_ends_in_the_official_codes_scale_only_batch_norm():
     assert len(plain.projector) == 4 and plain.projector[3].bias is not None
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_mocov3_output_batch_norms_with_and_without_scale_and_shift(affine):
+    """MoCo v3's heads end in BN (the predictor only with ``pred_last_bn``): without affine parameters as in
+    the official code, or with lightly's scale and shift (``last_bn_affine``), which then train on the query
+    side and are carried to the key encoder by the EMA like every other parameter."""
+    from visrep.ssl import MoCoV3Config, build_method
+    from visrep.zoo import create_backbone
+
+    torch.manual_seed(0)
+    cfg = MoCoV3Config(proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16, pred_last_bn=True, last_bn_affine=affine)
+    net = build_method("mocov3", cfg, create_backbone("resnet20", num_classes=0, small_input=True, width=0.25), 0)
+    outs = [net.projector[-1], net.predictor[-1], net.target_projector[-1]]
+    assert all(isinstance(bn, nn.BatchNorm1d) and bn.affine is affine for bn in outs)
+    out = net(torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16))
+    q = torch.cat(out["q"])
+    torch.testing.assert_close(q[:6].mean(0), torch.zeros(8), atol=1e-5, rtol=0)  # each view its own batch
+    F.normalize(q, dim=1).pow(3).sum().backward()
+    online, target = net.ema_pairs()
+    if affine:
+        assert net.projector[-1].weight.grad.abs().sum() > 0 and net.predictor[-1].bias.grad.abs().sum() > 0
+        assert any(p is net.projector[-1].weight for p in online)
+        assert any(t is net.target_projector[-1].weight for t in target)
+    else:
+        assert not list(outs[0].parameters()) and not list(outs[1].parameters())
+    assert len(online) == len(target)
+
+
 @pytest.mark.parametrize("opt", ["lars", "sgd", "adamw"])
 def test_dino_last_layer_freeze_and_weight_decay_cosine(opt):
     """DINO's two step schedules on each optimizer: for the first 3 of 6 steps the head's last layer (V and

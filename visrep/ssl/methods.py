@@ -99,6 +99,9 @@ class MoCoV3Config:
     proj_layers: int = 2
     pred_layers: int = 2
     pred_last_bn: bool = False
+    last_bn_affine: bool = False
+    """A scale and a shift in the heads' output BNs (lightly's ``MoCoProjectionHead``); the official code
+    has neither (``BatchNorm1d(affine=False)``)."""
     temperature: float = 1.0
     base_tau: float = 0.99
     """Momentum of the key encoder at step 0; a cosine to final_tau at the last optimizer step."""
@@ -388,7 +391,7 @@ def build_method(name: str, cfg, backbone: nn.Module, num_classes: int = 0) -> n
         return SimCLR(backbone, cfg.proj_hidden_dim, cfg.proj_dim, num_classes, last_bn=cfg.proj_last_bn)
     if name == "mocov3":
         return MoCoV3Method(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim, num_classes,
-                            cfg.proj_layers, cfg.pred_layers, cfg.pred_last_bn)
+                            cfg.proj_layers, cfg.pred_layers, cfg.pred_last_bn, cfg.last_bn_affine)
     if name == "dino":
         return DINO(backbone, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.head_batch_norm,
                     cfg.norm_last_layer, cfg.student_temp, cfg.center_momentum, num_classes)

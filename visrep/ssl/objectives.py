@@ -178,7 +178,8 @@ def mocov3_loss(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.
 class MoCoV3MLP(MLPHead):
     """MoCo v3's projector / predictor: ``num_layers`` linear layers without bias, each but the last
     followed by BatchNorm1d and ReLU, and with ``last_bn`` a BatchNorm1d without affine parameters on
-    the output (SimCLR's design, with the scale removed too).
+    the output (SimCLR's design, with the scale removed too; ``last_bn_affine`` keeps a scale and a shift,
+    as lightly's ``MoCoProjectionHead`` does).
 
     An :class:`MLPHead` (``in_dim``, ``hidden_dim``, ``out_dim``) of another depth: BYOL's head is the
     2-layer case with a bias on the output layer and no output norm. The paper uses a 3-layer projector
@@ -189,7 +190,7 @@ class MoCoV3MLP(MLPHead):
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2,
-                 last_bn: bool = True):
+                 last_bn: bool = True, last_bn_affine: bool = False):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         layers: list[nn.Module] = []
@@ -199,7 +200,7 @@ class MoCoV3MLP(MLPHead):
             if not last:
                 layers += [nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             elif last_bn:
-                layers.append(nn.BatchNorm1d(out_dim, affine=False))
+                layers.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
         nn.Sequential.__init__(self, *layers)  # MLPHead's own __init__ builds BYOL's fixed shape
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
         self.num_layers, self.last_bn = num_layers, last_bn
@@ -223,10 +224,12 @@ class MoCoV3(BYOL):
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256,
                  pred_hidden_dim: int = 4096, num_classes: int = 0, proj_layers: int = 3, pred_layers: int = 2,
-                 pred_last_bn: bool = True):
+                 pred_last_bn: bool = True, last_bn_affine: bool = False):
         super().__init__(backbone, 1, 1, 1, num_classes=num_classes)  # BYOL's heads, replaced here
-        self.projector = MoCoV3MLP(self.num_features, proj_hidden_dim, proj_dim, proj_layers, last_bn=True)
-        self.predictor = MoCoV3MLP(proj_dim, pred_hidden_dim, proj_dim, pred_layers, last_bn=pred_last_bn)
+        self.projector = MoCoV3MLP(self.num_features, proj_hidden_dim, proj_dim, proj_layers, last_bn=True,
+                                   last_bn_affine=last_bn_affine)
+        self.predictor = MoCoV3MLP(proj_dim, pred_hidden_dim, proj_dim, pred_layers, last_bn=pred_last_bn,
+                                   last_bn_affine=last_bn_affine)
         self.target_projector = copy.deepcopy(self.projector)
         for p in self.target_projector.parameters():
             p.requires_grad_(False)
