@@ -2,6 +2,8 @@
 of DINO and MoCo v3 (weights, DINO's centre, teacher temperature and EMA momentum), DINO and MoCo v3
 under DeepSpeed ZeRO-2 and ZeRO-3 ending with DDP's weights, the multi-crop views, and the config
 errors."""
+import copy
+import dataclasses
 import json
 import math
 
@@ -322,6 +324,32 @@ def test_mocov3_output_batch_norms_with_and_without_scale_and_shift(affine):
     assert len(online) == len(target)
 
 
+def test_dino_crops_one_batch_or_one_at_a_time():
+    """``dino.joint_batch``: with BatchNorm on running statistics (eval mode) the two ways give the same
+    outputs in the same order (global crops, then local crops); in training mode one crop at a time normalises
+    each crop by its own statistics -- the first crop's student output is then that crop alone through the
+    student -- while the joint batch does not."""
+    from visrep.ssl import DINOConfig, build_method
+    from visrep.zoo import create_backbone
+
+    torch.manual_seed(0)
+    bb = create_backbone("resnet20", num_classes=0, small_input=True, width=0.25)
+    cfg = DINOConfig(out_dim=12, hidden_dim=16, bottleneck_dim=8, head_batch_norm=True)
+    joint = build_method("dino", cfg, bb, 0)
+    alone = build_method("dino", dataclasses.replace(cfg, joint_batch=False), copy.deepcopy(bb), 0)
+    alone.load_state_dict(joint.state_dict())
+    crops = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    with torch.no_grad():
+        a, b = joint.eval()(*crops), alone.eval()(*crops)
+        for key in ("student", "teacher", "features"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        a, b = joint.train()(*crops), alone.train()(*crops)
+        first = alone.head(alone.backbone(crops[0]))
+    assert a["student"].shape == b["student"].shape == (16, 12) and b["teacher"].shape == (8, 12)
+    torch.testing.assert_close(b["student"][:4], first, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a["student"][:4], first, atol=1e-3)
+
+
 @pytest.mark.parametrize("opt", ["lars", "sgd", "adamw"])
 def test_dino_last_layer_freeze_and_weight_decay_cosine(opt):
     """DINO's two step schedules on each optimizer: for the first 3 of 6 steps the head's last layer (V and
@@ -391,7 +419,7 @@ def test_unknown_method_in_a_preset_is_a_config_error(tmp_path, capsys):
 def test_digits_m_preset_is_the_digits_preset_with_colour_augmentation():
     """recipes/configs/ssl_digits_m.yaml names ssl_digits.yaml as its _base_: every method's hyper-parameters,
     the backbone, optimizer and schedule come from there (MoCo v3's predictor output BN too); only the data,
-    the augmentation and the run folder differ."""
+    the augmentation, the run folder and DINO's crop batching (chosen on Digits-M's validation split) differ."""
     from visrep.engine.config import diff_configs, parse_config, to_dict
 
     mod = load_recipe(RECIPE)
@@ -400,7 +428,8 @@ def test_digits_m_preset_is_the_digits_preset_with_colour_augmentation():
     digits_m = to_dict(parse_config(mod.SSLRecipeConfig, ["--config", str(presets / "ssl_digits_m.yaml")]))
     changed = {line.split(":")[0] for line in diff_configs(digits, digits_m)}
     assert changed == {"config", "output_dir", "data.source", "augment.crop_scale", "augment.jitter_prob",
-                       "augment.saturation", "augment.grayscale_prob"}, changed
+                       "augment.saturation", "augment.grayscale_prob", "dino.joint_batch"}, changed
     assert digits_m["data"]["source"] == "digits_m" and digits_m["augment"]["jitter_prob"] == 0.8
     assert digits_m["mocov3"]["pred_last_bn"] is True and digits["mocov3"]["pred_last_bn"] is True
     assert digits["simclr"]["proj_last_bn"] is False  # chosen on validation; the config's default is True
+    assert digits["dino"]["joint_batch"] is True and digits_m["dino"]["joint_batch"] is False

@@ -153,6 +153,10 @@ class DINOConfig:
     weight_decay_end: Optional[float] = None
     """Weight decay at the end: a cosine over the optimizer steps from optim.weight_decay to this value, on
     the groups that decay (the paper's ViTs: 0.04 -> 0.4); null: constant optim.weight_decay."""
+    joint_batch: bool = True
+    """The two global crops through backbone and head as one batch (BatchNorm statistics over both, as the
+    official code groups crops by resolution; the local crops as another); false: one crop at a time, as
+    lightly's example does."""
     sync_batchnorm: bool = False
 
     def validate(self, prefix: str) -> None:
@@ -301,7 +305,8 @@ class DINO(nn.Module):
 
     ``forward(g1, g2, *local_crops)``: the two global crops go through the student as one batch and
     through the teacher (under ``no_grad``), the local crops (one size) through the student as another
-    batch, as the official multi-crop forward groups crops by resolution. Returns ``student``
+    batch, as the official multi-crop forward groups crops by resolution (``joint_batch=False``: every
+    crop on its own, lightly's way). Returns ``student``
     (``(n_crops * B, out_dim)``, global crops first), ``teacher`` (``(2B, out_dim)``), ``features``
     and ``logits``: ``model.criterion(out["student"], out["teacher"], teacher_temp)``, then, once per
     optimizer step, ``model.criterion.update_center(teacher outputs of the step)``.
@@ -312,8 +317,10 @@ class DINO(nn.Module):
 
     def __init__(self, backbone: nn.Module, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  head_layers: int = 3, head_batch_norm: bool = False, norm_last_layer: bool = True,
-                 student_temp: float = 0.1, center_momentum: float = 0.9, num_classes: int = 0):
+                 student_temp: float = 0.1, center_momentum: float = 0.9, num_classes: int = 0,
+                 joint_batch: bool = True):
         super().__init__()
+        self.joint_batch = joint_batch
         self.num_features = width = int(backbone.num_features)
         self.backbone = backbone
         self.head = DINOHead(width, out_dim, hidden_dim, bottleneck_dim, head_layers, head_batch_norm, norm_last_layer)
@@ -349,13 +356,20 @@ class DINO(nn.Module):
         return nn.functional.normalize(self.head.mlp(self.backbone(x)), dim=-1)
 
     def forward(self, g1: torch.Tensor, g2: torch.Tensor, *local_crops: torch.Tensor) -> dict:
-        globals_ = torch.cat([g1, g2])
-        f = self.backbone(globals_)
-        feats = [f] + ([self.backbone(torch.cat(local_crops))] if local_crops else [])
-        student = self.head(torch.cat(feats))
-        with torch.no_grad():
-            teacher = self.teacher_head(self.teacher_backbone(globals_))
-        f1 = f[: g1.shape[0]]
+        if not self.joint_batch:  # one crop at a time: BatchNorm statistics per crop
+            feats = [self.backbone(c) for c in (g1, g2, *local_crops)]
+            student = torch.cat([self.head(f) for f in feats])
+            with torch.no_grad():
+                teacher = torch.cat([self.teacher_head(self.teacher_backbone(g)) for g in (g1, g2)])
+            f1 = feats[0]
+        else:
+            globals_ = torch.cat([g1, g2])
+            f = self.backbone(globals_)
+            feats = [f] + ([self.backbone(torch.cat(local_crops))] if local_crops else [])
+            student = self.head(torch.cat(feats))
+            with torch.no_grad():
+                teacher = self.teacher_head(self.teacher_backbone(globals_))
+            f1 = f[: g1.shape[0]]
         out = {"student": student, "teacher": teacher, "features": f1}
         if self.probe is not None:
             out["logits"] = self.probe(f1.detach())
@@ -394,7 +408,7 @@ def build_method(name: str, cfg, backbone: nn.Module, num_classes: int = 0) -> n
                             cfg.proj_layers, cfg.pred_layers, cfg.pred_last_bn, cfg.last_bn_affine)
     if name == "dino":
         return DINO(backbone, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.head_batch_norm,
-                    cfg.norm_last_layer, cfg.student_temp, cfg.center_momentum, num_classes)
+                    cfg.norm_last_layer, cfg.student_temp, cfg.center_momentum, num_classes, cfg.joint_batch)
     if name == "vicreg":
         return VICReg(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, num_classes)
     if name == "barlow":
