@@ -11,8 +11,13 @@ Rounds interleave the variants (one block of ``--steps`` steps of each per round
 untimed steps, which include compilation: its cost is printed apart); the table gives the median step
 time, each variant's speed-up over the default, and the fraction of the GEMM peak it reaches: the
 step's FLOPs (``torch.utils.flop_counter`` on the eager step: forward and backward) per second over a
-large fp32 matrix product's FLOPs per second, measured in the same run. A switch is on by default in
-the recipes only where this table shows it wins.
+large fp32 matrix product's FLOPs per second. The peak is measured in every round, just before that
+round's steps, as the faster of two products of 2048 x 2048 matrices: ``torch.mm`` (the BLAS: MKL on
+x86) and the same product as a 1x1 convolution (oneDNN on a CPU, cuDNN on CUDA: the library the
+convolutions run in). A shared machine's speed drifts by a third within minutes; a peak taken once
+and steps timed later make the fraction mostly that drift, so each round's steps are divided by its
+own peak and the table gives the median of those fractions. A switch is on by default in the recipes
+only where this table shows it wins.
 """
 from __future__ import annotations
 
@@ -75,11 +80,17 @@ def step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def gemm_peak(device: str, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of an n x n x n fp32 matrix product (median of ``reps``): the peak the step is measured against."""
+def gemm_peaks(device: str, n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """FLOP/s of an n x n x n fp32 matrix product (median of ``reps`` after one untimed call), two ways:
+    ``torch.mm`` and a 1x1 convolution of an (n x n) image with n channels by an (n x n) filter bank."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    times = time_steps(lambda: torch.mm(a, b), [()], reps + 2, device)[2:]
-    return 2 * n ** 3 / statistics.median(times)
+    x = torch.randn(1, n, n, 1, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1, device=device).contiguous(memory_format=torch.channels_last)
+    out = {}
+    for name, fn in (("mm", lambda: torch.mm(a, b)), ("1x1 conv", lambda: torch.nn.functional.conv2d(x, w))):
+        times = time_steps(fn, [()], reps + 1, device)[1:]
+        out[name] = 2 * n ** 3 / statistics.median(times)
+    return out
 
 
 def main(argv=None) -> int:
@@ -92,10 +103,9 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(args.device),
                 torch.randint(0, 10, (args.batch_size,), generator=g).to(args.device)) for _ in range(2)]
-    peak = gemm_peak(args.device)
     print(f"train step (fwd + bwd + SGD), batch {args.batch_size} at {args.image_size} px, {args.device}, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds x {args.steps} steps (medians); "
-          f"fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s")
+          f"the fp32 GEMM peak measured in every round")
     w = max(map(len, VARIANTS)) + 2
     for model_name in args.models:
         spec = MODELS[model_name]
@@ -107,15 +117,24 @@ def main(argv=None) -> int:
             setup[v] = time.perf_counter() - t
         flops = step_flops(make_step(spec, "loop", False, False, args.device)[1], *batches[0])
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        for _ in range(args.rounds):
-            for v, step in steps.items():
+        peaks: list[dict[str, float]] = []
+        for r in range(args.rounds):
+            peaks.append(gemm_peaks(args.device))
+            for v, step in (list(steps.items()) if r % 2 == 0 else reversed(list(steps.items()))):
                 times[v].append(statistics.median(time_steps(step, batches, args.steps, args.device)))
+        peak = [max(p.values()) for p in peaks]
         base = statistics.median(times["default (loop, NCHW)"])
-        print(f"\n{model_name}: {flops / 1e9:.2f} GFLOP per step")
-        print(f"  {'variant':<{w}}{'ms / step':>10}{'speed-up':>10}{'of peak':>9}{'warm-up s':>11}")
+        print(f"\n{model_name}: {flops / 1e9:.2f} GFLOP per step; GEMM peak per round "
+              f"{' '.join(f'{p / 1e9:.0f}' for p in peak)} GFLOP/s (the faster of "
+              + ", ".join(f"{k} median {statistics.median(p[k] for p in peaks) / 1e9:.0f}" for k in peaks[0]) + ")")
+        print(f"  {'variant':<{w}}{'ms / step':>10}{'speed-up':>10}{'of peak':>9}{'rounds':>10}{'GFLOP/s':>9}"
+              f"{'warm-up s':>11}")
         for v, ts in times.items():
             m = statistics.median(ts)
-            print(f"  {v:<{w}}{1e3 * m:>10.1f}{base / m:>9.2f}x{100 * flops / m / peak:>8.0f}%{setup[v]:>11.1f}")
+            fracs = [100 * flops / t / p for t, p in zip(ts, peak)]
+            spread = f"{min(fracs):.0f}-{max(fracs):.0f}%"
+            print(f"  {v:<{w}}{1e3 * m:>10.1f}{base / m:>9.2f}x{statistics.median(fracs):>8.0f}%{spread:>10}"
+                  f"{flops / m / 1e9:>9.0f}{setup[v]:>11.1f}")
     return 0
 
 
