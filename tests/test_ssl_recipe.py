@@ -297,6 +297,30 @@ def test_simclr_projector_ends_in_the_official_codes_scale_only_batch_norm():
     assert len(plain.projector) == 4 and plain.projector[3].bias is not None
 
 
+def test_simclr_projector_with_lightlys_affine_output_batch_norm():
+    """``last_bn_affine``: lightly's SimCLR head, an affine BN on the output (mean = shift, std = |scale| per
+    feature over the 2N views in training mode); asking for it without the output BN is one clear error."""
+    from visrep.engine import ConfigError, from_dict
+    from visrep.ssl import SimCLRConfig, build_method
+    from visrep.zoo import create_backbone
+
+    torch.manual_seed(0)
+    bb = create_backbone("resnet20", num_classes=0, small_input=True, width=0.25)
+    net = build_method("simclr", SimCLRConfig(proj_hidden_dim=16, proj_dim=8, last_bn_affine=True), bb, 0)
+    last_linear, norm = net.projector[3], net.projector[4]
+    assert type(norm) is nn.BatchNorm1d and norm.affine and last_linear.bias is None
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+        norm.bias.copy_(torch.linspace(-1.0, 1.0, 8))
+    z = torch.cat(net(torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16))["z"])
+    torch.testing.assert_close(z.mean(0), torch.linspace(-1.0, 1.0, 8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(0, unbiased=False).sqrt(), torch.linspace(0.5, 2.0, 8), atol=1e-3, rtol=0)
+    F.normalize(z, dim=1).sum().backward()
+    assert norm.bias.grad is not None and norm.bias.grad.abs().sum() > 0  # the shift moves the cosines
+    with pytest.raises(ConfigError, match="simclr.last_bn_affine.*false while simclr.proj_last_bn is false"):
+        from_dict(SimCLRConfig, dict(proj_last_bn=False, last_bn_affine=True)).validate("simclr.")
+
+
 @pytest.mark.parametrize("affine", [False, True])
 def test_mocov3_output_batch_norms_with_and_without_scale_and_shift(affine):
     """MoCo v3's heads end in BN (the predictor only with ``pred_last_bn``): without affine parameters as in

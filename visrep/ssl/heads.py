@@ -33,14 +33,16 @@ class MLPHead(nn.Sequential):
     the paper; smaller for CPU runs). The first linear layer has no bias when a BatchNorm follows it
     (the norm's shift replaces it). ``batch_norm=False`` drops the norm (an ablation, and a head whose
     output does not depend on how the batch is split across ranks). ``last_bn=True`` ends the head as
-    SimCLR's official code does: the last linear layer without bias, then :class:`ScaledBatchNorm1d`.
+    SimCLR's official code does: the last linear layer without bias, then :class:`ScaledBatchNorm1d`;
+    with ``last_bn_affine`` that norm is an affine ``BatchNorm1d`` (scale and shift), as in lightly's
+    ``SimCLRProjectionHead``.
 
     Paper: Grill et al., "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning",
     2020, arXiv:2006.07733, Sec. 3.3 ("Architecture").
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, batch_norm: bool = True,
-                 last_bn: bool = False):
+                 last_bn: bool = False, last_bn_affine: bool = False):
         layers: list[nn.Module] = [
             nn.Linear(in_dim, hidden_dim, bias=not batch_norm),
             nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity(),
@@ -48,7 +50,7 @@ class MLPHead(nn.Sequential):
             nn.Linear(hidden_dim, out_dim, bias=not last_bn),
         ]
         if last_bn:
-            layers.append(ScaledBatchNorm1d(out_dim))
+            layers.append(nn.BatchNorm1d(out_dim) if last_bn_affine else ScaledBatchNorm1d(out_dim))
         super().__init__(*layers)
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
 

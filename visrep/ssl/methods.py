@@ -77,7 +77,9 @@ class SimCLRConfig:
     proj_last_bn: bool = True
     """BatchNorm on the projector's output with a learnt scale and no shift, as the official code has it
     (``google-research/simclr``, ``model_util.projection_head``: the last layer without bias, BN with
-    ``center=False``); the paper's text writes ``W2 relu(W1 h)``. lightly's head has an affine BN there."""
+    ``center=False``); the paper's text writes ``W2 relu(W1 h)``."""
+    last_bn_affine: bool = False
+    """With ``proj_last_bn``: that BN with a scale and a shift, as lightly's ``SimCLRProjectionHead`` has it."""
     temperature: float = 0.5
     sync_batchnorm: bool = False
     """Convert BatchNorm to SyncBatchNorm on several processes (SimCLR's global BN)."""
@@ -85,6 +87,8 @@ class SimCLRConfig:
     def validate(self, prefix: str) -> None:
         _check_dims(self, prefix, "proj_hidden_dim", "proj_dim")
         check(self.temperature > 0, f"{prefix}temperature", self.temperature, "a positive number")
+        check(self.proj_last_bn or not self.last_bn_affine, f"{prefix}last_bn_affine", self.last_bn_affine,
+              f"false while {prefix}proj_last_bn is false (it shapes the output BN that proj_last_bn adds)")
 
 
 @dataclasses.dataclass
@@ -255,7 +259,8 @@ class _Siamese(nn.Module):
 class SimCLR(_Siamese):
     """SimCLR's encoder f and projection head g (Linear -> BN -> ReLU -> Linear, and with ``last_bn``
     the official code's output BN: the last Linear without bias, then BN with a learnt scale and no
-    shift, :class:`visrep.ssl.heads.ScaledBatchNorm1d`), both views in one batch;
+    shift, :class:`visrep.ssl.heads.ScaledBatchNorm1d`; with ``last_bn_affine`` an affine BN, lightly's
+    head), both views in one batch;
     ``nt_xent_loss(*out["z"], temperature)``.
 
     Paper: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
@@ -265,8 +270,9 @@ class SimCLR(_Siamese):
     joint_batch = True
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 128, num_classes: int = 0,
-                 last_bn: bool = True):
-        head = MLPHead(int(backbone.num_features), proj_hidden_dim, proj_dim, last_bn=last_bn)
+                 last_bn: bool = True, last_bn_affine: bool = False):
+        head = MLPHead(int(backbone.num_features), proj_hidden_dim, proj_dim, last_bn=last_bn,
+                       last_bn_affine=last_bn_affine)
         super().__init__(backbone, head, num_classes)
 
 
@@ -402,7 +408,8 @@ def build_method(name: str, cfg, backbone: nn.Module, num_classes: int = 0) -> n
     ``cfg`` (:class:`SimCLRConfig`, :class:`MoCoV3Config`, ...; BYOL: :class:`visrep.ssl.BYOLConfig`), with a
     probe of ``num_classes`` outputs (0: none)."""
     if name == "simclr":
-        return SimCLR(backbone, cfg.proj_hidden_dim, cfg.proj_dim, num_classes, last_bn=cfg.proj_last_bn)
+        return SimCLR(backbone, cfg.proj_hidden_dim, cfg.proj_dim, num_classes, last_bn=cfg.proj_last_bn,
+                      last_bn_affine=cfg.last_bn_affine)
     if name == "mocov3":
         return MoCoV3Method(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim, num_classes,
                             cfg.proj_layers, cfg.pred_layers, cfg.pred_last_bn, cfg.last_bn_affine)
