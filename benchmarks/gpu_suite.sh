@@ -15,9 +15,11 @@ timeout 200 $PY benchmarks/gpu_mfu.py --rounds 3 --steps 10 --warmup 4
 echo "== 2. fast paths on the recipes' models (batch 512 at 32 px)"
 timeout 90 $PY benchmarks/fast_paths_bench.py --device cuda --batch-size 512 --rounds 3 --models "ResNet-20 (teacher)" "ResNet-56"
 echo "== 3. every recipe, 30 steps at its defaults on the GPU (compile forced on)"
-for r in distill byol clip finetune adapt; do
-  timeout 60 $PY -m accelerate.commands.launch --num_processes 1 recipes/$r.py --output-dir "$OUT/$r" \
-    --run.compile on --run.stop-after-steps 30 --run.progress False 2>&1 | tail -3
+for r in distill byol clip finetune adapt segment "selfsup --method dino" "selfsup --method mocov3"; do
+  name=${r%% *}; extra=${r#"$name"}  # selfsup: DINO (EMA teacher, centre) and MoCo v3 (EMA keys)
+  # shellcheck disable=SC2086
+  timeout 60 $PY -m accelerate.commands.launch --num_processes 1 recipes/$name.py $extra \
+    --output-dir "$OUT/${r/ --method /-}" --run.compile on --run.stop-after-steps 30 --run.progress False 2>&1 | tail -3
 done
 echo "== 3b. every recipe for one epoch under DeepSpeed ZeRO-2 bf16, and the precision unit tests"
 timeout 120 $PY -m pytest -q -p no:xdist tests/test_precision.py "tests/test_ssl.py::test_ema_of_a_bf16_target_moves_by_the_fp32_amount"
