@@ -321,6 +321,31 @@ def test_simclr_projector_with_lightlys_affine_output_batch_norm():
         from_dict(SimCLRConfig, dict(proj_last_bn=False, last_bn_affine=True)).validate("simclr.")
 
 
+def test_simclr_views_one_batch_or_one_at_a_time():
+    """``simclr.joint_batch``: in eval mode the two ways give the same projections; in training mode with the
+    official output BN, one view at a time gives each view's projections zero mean per feature (its own
+    statistics), the joint batch only the 2N together."""
+    from visrep.ssl import SimCLRConfig, build_method
+    from visrep.zoo import create_backbone
+
+    torch.manual_seed(0)
+    bb = create_backbone("resnet20", num_classes=0, small_input=True, width=0.25)
+    cfg = SimCLRConfig(proj_hidden_dim=16, proj_dim=8)
+    joint = build_method("simclr", cfg, bb, 0)
+    alone = build_method("simclr", dataclasses.replace(cfg, joint_batch=False), copy.deepcopy(bb), 0)
+    alone.load_state_dict(joint.state_dict())
+    assert joint.joint_batch and not alone.joint_batch
+    v1, v2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16) + 1.0
+    with torch.no_grad():
+        for a, b in zip(joint.eval()(v1, v2)["z"], alone.eval()(v1, v2)["z"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        (a1, a2), (b1, b2) = joint.train()(v1, v2)["z"], alone.train()(v1, v2)["z"]
+    for z in (b1, b2):
+        torch.testing.assert_close(z.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([a1, a2]).mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    assert a1.mean(0).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("affine", [False, True])
 def test_mocov3_output_batch_norms_with_and_without_scale_and_shift(affine):
     """MoCo v3's heads end in BN (the predictor only with ``pred_last_bn``): without affine parameters as in

@@ -81,6 +81,9 @@ class SimCLRConfig:
     last_bn_affine: bool = False
     """With ``proj_last_bn``: that BN with a scale and a shift, as lightly's ``SimCLRProjectionHead`` has it."""
     temperature: float = 0.5
+    joint_batch: bool = True
+    """Both views through backbone and head as one batch of 2N (BatchNorm statistics over both, as the
+    official code concatenates them); false: one view at a time, as lightly's example does."""
     sync_batchnorm: bool = False
     """Convert BatchNorm to SyncBatchNorm on several processes (SimCLR's global BN)."""
 
@@ -260,7 +263,7 @@ class SimCLR(_Siamese):
     """SimCLR's encoder f and projection head g (Linear -> BN -> ReLU -> Linear, and with ``last_bn``
     the official code's output BN: the last Linear without bias, then BN with a learnt scale and no
     shift, :class:`visrep.ssl.heads.ScaledBatchNorm1d`; with ``last_bn_affine`` an affine BN, lightly's
-    head), both views in one batch;
+    head), both views in one batch (``joint_batch=False``: one at a time);
     ``nt_xent_loss(*out["z"], temperature)``.
 
     Paper: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
@@ -270,10 +273,11 @@ class SimCLR(_Siamese):
     joint_batch = True
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 128, num_classes: int = 0,
-                 last_bn: bool = True, last_bn_affine: bool = False):
+                 last_bn: bool = True, last_bn_affine: bool = False, joint_batch: bool = True):
         head = MLPHead(int(backbone.num_features), proj_hidden_dim, proj_dim, last_bn=last_bn,
                        last_bn_affine=last_bn_affine)
         super().__init__(backbone, head, num_classes)
+        self.joint_batch = joint_batch
 
 
 class VICReg(_Siamese):
@@ -409,7 +413,7 @@ def build_method(name: str, cfg, backbone: nn.Module, num_classes: int = 0) -> n
     probe of ``num_classes`` outputs (0: none)."""
     if name == "simclr":
         return SimCLR(backbone, cfg.proj_hidden_dim, cfg.proj_dim, num_classes, last_bn=cfg.proj_last_bn,
-                      last_bn_affine=cfg.last_bn_affine)
+                      last_bn_affine=cfg.last_bn_affine, joint_batch=cfg.joint_batch)
     if name == "mocov3":
         return MoCoV3Method(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim, num_classes,
                             cfg.proj_layers, cfg.pred_layers, cfg.pred_last_bn, cfg.last_bn_affine)
