@@ -42,6 +42,12 @@ its finished seeds to a file, and ``--summarise`` prints the table over all of t
     python benchmarks/ssl_bench.py --methods vicreg --seeds 5 --first-seed 0 --threads 1 --record runs/a.jsonl
     python benchmarks/ssl_bench.py --methods vicreg --seeds 5 --first-seed 5 --threads 1 --record runs/b.jsonl
     python benchmarks/ssl_bench.py --summarise runs/a.jsonl runs/b.jsonl
+
+``--visrep-set KEY=VALUE`` (repeatable) changes visrep's side alone, within the measured method's group,
+to ask whether one implementation difference separates the two (the setting is recorded, and
+``--summarise`` keeps such seeds apart)::
+
+    python benchmarks/ssl_bench.py --methods simclr --data digits_m --visrep-set simclr.joint_batch=false
 """
 from __future__ import annotations
 
@@ -68,15 +74,31 @@ VARIANTS = {"visrep fast": "visrep fast (channels_last + compile + foreach)", "v
 PRESETS = {"digits": "ssl_digits.yaml", "digits_m": "ssl_digits_m.yaml"}
 
 
-def preset(method: str, seed: int = 0, epochs: int | None = None, data: str = "digits"):
-    """The recipe's preset for ``data`` (Digits-M has its own: the digits' preset plus colour augmentation)."""
+def preset(method: str, seed: int = 0, epochs: int | None = None, data: str = "digits", sets: tuple = ()):
+    """The recipe's preset for ``data`` (Digits-M has its own: the digits' preset plus colour augmentation),
+    with ``sets`` (``"KEY=VALUE"`` strings, as ``--KEY VALUE`` on the recipe's command line) on top."""
     from selfsup import SSLRecipeConfig
 
     from visrep.engine.config import parse_config
 
     over = ["--method", method, "--seed", str(seed)]
     over += ["--schedule.epochs", str(epochs)] if epochs else []
+    for kv in sets:
+        key, value = kv.split("=", 1)
+        over += ["--" + key, value]
     return parse_config(SSLRecipeConfig, ["--config", str(ROOT / "recipes" / "configs" / PRESETS[data]), *over])
+
+
+def check_visrep_sets(parser, sets: list[str], methods) -> None:
+    """``--visrep-set`` takes KEY=VALUE with KEY in the group of the one method measured: the data, augmentation,
+    optimizer and schedule stay the preset's on both sides, and only visrep's side is changed."""
+    for kv in sets:
+        key = kv.split("=", 1)[0]
+        if "=" not in kv or len(methods) != 1 or not key.startswith(methods[0] + "."):
+            parser.error(f"--visrep-set {kv}: give KEY=VALUE with KEY in the group of the one method of --methods "
+                         f"(e.g. --methods simclr --visrep-set simclr.joint_batch=false)")
+    if sets:
+        preset(methods[0], sets=tuple(sets))  # an unknown key or a bad value stops here, before any timing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +272,7 @@ def accuracy(args, method: str, accelerator, seed: int) -> dict:
     from visrep.zoo import get_data_config
 
     cfg = preset(method, seed, args.epochs, args.data)
+    vcfg = preset(method, seed, args.epochs, args.data, tuple(args.visrep_set)) if args.visrep_set else cfg
     hp = getattr(cfg, method)
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.model)
@@ -270,7 +293,7 @@ def accuracy(args, method: str, accelerator, seed: int) -> dict:
         make_opt = lambda mo: build_ssl_optimizer(mo, cfg.optim, cfg.run.batch_size,  # noqa: E731
                                                   predictor_prefix="predictor.")
         if name == "visrep":
-            step, encoder, model, opt = ours(cfg, backbone, make_opt, accelerator, spe * epochs)
+            step, encoder, model, opt = ours(vcfg, backbone, make_opt, accelerator, spe * epochs)
         else:
             step, encoder, model, opt = peer(cfg, backbone, make_opt, torch.device(args.device), spe * epochs)
         sched = StepSchedule(opt, cfg.schedule, spe)
@@ -330,14 +353,16 @@ def summarise(files: list[Path]) -> dict:
             missing = [k for k in RECORD_KEYS if not isinstance(r, dict) or k not in r]
             if missing:
                 raise SystemExit(f"error: {path}:{n}: not a seed recorded by --record (no {', '.join(missing)})")
-            seeds = groups.setdefault((r["method"], r["data"]), {})
+            sets = tuple(r.get("visrep_set", ()))
+            seeds = groups.setdefault((r["method"], r["data"], sets), {})
             if r["seed"] in seeds:
                 raise SystemExit(f"error: {path}:{n}: {r['method']} on {r['data']} seed {r['seed']} is recorded twice; "
                                  "keep one run per seed")
             seeds[r["seed"]] = r
-    for (method, data), seeds in groups.items():
+    for (method, data, sets), seeds in groups.items():
         order = sorted(seeds)
-        print(f"\naccuracy: {method}, {data}, {len(order)} seeds: {', '.join(map(str, order))} (test split)")
+        print(f"\naccuracy: {method}, {data}" + (f", visrep with {' '.join(sets)}" if sets else "")
+              + f", {len(order)} seeds: {', '.join(map(str, order))} (test split)")
         print_accuracy([seeds[s] for s in order])
     return groups
 
@@ -357,6 +382,9 @@ def main(argv=None):
     p.add_argument("--no-compile-variants", dest="compile_variants", action="store_false")
     p.add_argument("--record", type=Path, default=None, metavar="FILE",
                    help="accuracy: append each finished seed to FILE as a JSON line (method, data, seed, results)")
+    p.add_argument("--visrep-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="accuracy: a setting of the method's group for visrep's side only (repeatable; recorded), "
+                        "e.g. simclr.joint_batch=false")
     p.add_argument("--summarise", type=Path, nargs="+", default=None, metavar="FILE",
                    help="print the accuracy table of the seeds recorded in FILEs (several runs' --record) and exit")
     args = p.parse_args(argv)
@@ -364,6 +392,7 @@ def main(argv=None):
         p.error(f"--seeds {args.seeds}: give at least one seed (--epochs 0 measures throughput only)")
     if args.summarise:
         return summarise(args.summarise)
+    check_visrep_sets(p, args.visrep_set, args.methods)
     if args.threads:
         torch.set_num_threads(args.threads)
     require_compiler(p, args)
@@ -403,8 +432,11 @@ def main(argv=None):
                 runs.append(accuracy(args, method, accelerator, s))
                 if args.record:
                     with open(args.record, "a") as f:
-                        f.write(json.dumps({"method": method, "data": args.data, "seed": s, **runs[-1]}) + "\n")
-            print(f"accuracy: {method}, {args.data} ({PRESETS[args.data]}), seeds {seeds[0]}..{seeds[-1]} (test split)")
+                        f.write(json.dumps({"method": method, "data": args.data, "seed": s, **runs[-1],
+                                            **({"visrep_set": args.visrep_set} if args.visrep_set else {})}) + "\n")
+            print(f"accuracy: {method}, {args.data} ({PRESETS[args.data]})"
+                  + (f", visrep with {' '.join(args.visrep_set)}" if args.visrep_set else "")
+                  + f", seeds {seeds[0]}..{seeds[-1]} (test split)")
             print_accuracy(runs)
         summary.append(line)
     print(f"\n{'method':<10}{'eager / lightly':>17}" + (f"{'fast / lightly':>16}{'fast / lightly compiled':>25}"
