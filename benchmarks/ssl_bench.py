@@ -47,7 +47,7 @@ its finished seeds to a file, and ``--summarise`` prints the table over all of t
 to ask whether one implementation difference separates the two (the setting is recorded, and
 ``--summarise`` keeps such seeds apart)::
 
-    python benchmarks/ssl_bench.py --methods simclr --data digits_m --visrep-set simclr.joint_batch=false
+    python benchmarks/ssl_bench.py --methods simclr --data digits_m --visrep-set simclr.joint_batch=False
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def check_visrep_sets(parser, sets: list[str], methods) -> None:
         key = kv.split("=", 1)[0]
         if "=" not in kv or len(methods) != 1 or not key.startswith(methods[0] + "."):
             parser.error(f"--visrep-set {kv}: give KEY=VALUE with KEY in the group of the one method of --methods "
-                         f"(e.g. --methods simclr --visrep-set simclr.joint_batch=false)")
+                         f"(e.g. --methods simclr --visrep-set simclr.joint_batch=False)")
     if sets:
         preset(methods[0], sets=tuple(sets))  # an unknown key or a bad value stops here, before any timing
 
@@ -384,7 +384,7 @@ def main(argv=None):
                    help="accuracy: append each finished seed to FILE as a JSON line (method, data, seed, results)")
     p.add_argument("--visrep-set", action="append", default=[], metavar="KEY=VALUE",
                    help="accuracy: a setting of the method's group for visrep's side only (repeatable; recorded), "
-                        "e.g. simclr.joint_batch=false")
+                        "e.g. simclr.joint_batch=False")
     p.add_argument("--summarise", type=Path, nargs="+", default=None, metavar="FILE",
                    help="print the accuracy table of the seeds recorded in FILEs (several runs' --record) and exit")
     args = p.parse_args(argv)
