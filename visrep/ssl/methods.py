@@ -270,8 +270,6 @@ class SimCLR(_Siamese):
     Representations", 2020, arXiv:2002.05709, Sec. 2.1 and Appendix B.
     """
 
-    joint_batch = True
-
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 128, num_classes: int = 0,
                  last_bn: bool = True, last_bn_affine: bool = False, joint_batch: bool = True):
         head = MLPHead(int(backbone.num_features), proj_hidden_dim, proj_dim, last_bn=last_bn,
