@@ -13,9 +13,11 @@ implementations compute with chance. This script separates the two:
    students on both sides). A bias that only one side has is set to zero; it is followed by a BatchNorm or
    its loss ignores a constant shift (VICReg, Barlow Twins), and its gradient is reported.
 3. One training step on the same random views: the loss and every parameter's gradient, in float64 (the
-   two must agree to rounding: differences near 1e-12 mean the same function) and in float32.
+   same function agrees to rounding, about 1e-15) and in float32.
 4. ``--steps`` optimizer steps with the preset's optimizer (LARS at the preset's base rate, no warm-up):
-   how far apart the two backbones end, relative to how far they moved, in float64 and in float32.
+   how far apart the two backbones end, relative to how far they moved, in float64 and in float32; and, in
+   float32, how far visrep ends from itself with its first weight nudged by one ulp -- the spread that
+   float rounding alone gives, against which the visrep - lightly distance is read.
 
     python benchmarks/ssl_parity.py                     # every method
     python benchmarks/ssl_parity.py --methods dino --steps 20
