@@ -48,6 +48,9 @@ to ask whether one implementation difference separates the two (the setting is r
 ``--summarise`` keeps such seeds apart)::
 
     python benchmarks/ssl_bench.py --methods simclr --data digits_m --visrep-set simclr.joint_batch=False
+
+``benchmarks/ssl_parity.py`` checks the other half of such a comparison: from the same weights, the two
+implementations compute the same loss, gradients and trajectory.
 """
 from __future__ import annotations
 
