@@ -70,8 +70,7 @@ def head_pairs(method: str, ours: nn.Module, peer: nn.Module) -> list[tuple[nn.M
         mine, theirs = [ours.projector], [peer.head]
     leaves = lambda mods: [m for mod in mods for m in mod.modules() if any(True for _ in m.parameters(False))]  # noqa: E731
     a, b = leaves(mine), leaves(theirs)
-    kinds = lambda ms: [type(m).__name__.replace("_WeightNormLinear", "WN") if not hasattr(m, "weight_g")  # noqa: E731
-                        else "WN" for m in ms]
+    kinds = lambda ms: ["WN" if hasattr(m, "weight_g") else type(m).__name__ for m in ms]  # noqa: E731
     if kinds(a) != kinds(b):
         raise SystemExit(f"error: {method}: the heads differ in structure ({kinds(a)} vs {kinds(b)}); "
                          "the parity check needs lightly's structure on visrep's side (STRUCTURE)")
@@ -132,7 +131,7 @@ def compare(method: str, dtype: torch.dtype, steps: int, accelerator, seed: int 
         start = [q.detach().clone() for _, _, q in pairs]
         control = None
         if nudge:
-            step_c, enc_c, model_c, _ = ssl_bench.ours(vcfg, backbone, make_opt, accelerator, 10_000)
+            step_c, _, model_c, _ = ssl_bench.ours(vcfg, backbone, make_opt, accelerator, 10_000)
             net_c = accelerator.unwrap_model(model_c)
             with torch.no_grad():
                 net_c.load_state_dict(net.state_dict())  # ours after the copy: student, teacher, centre
