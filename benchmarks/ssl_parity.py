@@ -105,6 +105,11 @@ def copy_heads(method: str, net: nn.Module, model: nn.Module) -> tuple[list, lis
     return pairs, extra
 
 
+def flat(tensors) -> torch.Tensor:
+    """The tensors as one vector, in order."""
+    return torch.cat([t.detach().flatten() for t in tensors])
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
@@ -150,24 +155,23 @@ def compare(method: str, dtype: torch.dtype, steps: int, accelerator, seed: int 
                 if missing:
                     raise SystemExit(f"error: {method}: only one side has a gradient for {missing}")
                 both = [(name, a, b) for name, a, b in grads if b is not None]
-                whole = torch.cat([b.flatten() for _, _, b in both]).norm()
-                out["grad_all"] = rel(torch.cat([a.flatten() for _, a, _ in both]),
-                                      torch.cat([b.flatten() for _, _, b in both]))
+                lightly_grad = flat(b for _, _, b in both)
+                out["grad_all"] = rel(flat(a for _, a, _ in both), lightly_grad)
                 # a tensor whose gradient is zero but for rounding (< 1e-6 of the whole) has no relative error
-                out["grad"] = max((rel(a, b), name) for name, a, b in both if b.norm() >= 1e-6 * whole)
-                out["tiny"] = [name for name, a, b in both if b.norm() < 1e-6 * whole]
+                floor = 1e-6 * lightly_grad.norm()
+                out["tiny"] = [name for name, _, b in both if b.norm() < floor]
+                out["grad"] = max((rel(a, b), name) for name, a, b in both if name not in out["tiny"])
                 seen = {**opts[0].grads, **opts[1].grads}
                 out["extra_grad"] = max([float(seen[p].abs().max()) for _, p in extra if p in seen] or [0.0])
             if control is not None:
                 control[0](views)
         with torch.no_grad():
             bb = [(p, q, s) for (name, p, q), s in zip(pairs, start) if name.startswith("backbone.")]
-            moved = torch.cat([(q - s).flatten() for _, q, s in bb]).norm()
-            out["backbone_apart"] = float(torch.cat([(p - q).flatten() for p, q, _ in bb]).norm() / moved)
+            visrep_w, lightly_w = flat(p for p, _, _ in bb), flat(q for _, q, _ in bb)
+            moved = (lightly_w - flat(s for _, _, s in bb)).norm()
+            out["backbone_apart"] = float((visrep_w - lightly_w).norm() / moved)
             if control is not None:  # the same code, its first weight nudged by one ulp: rounding alone
-                cb = list(control[1].parameters())
-                out["control_apart"] = float(torch.cat([(c - p).flatten() for c, (p, _, _) in zip(cb, bb)]).norm()
-                                             / moved)
+                out["control_apart"] = float((flat(control[1].parameters()) - visrep_w).norm() / moved)
         out["extra"] = [name for name, _ in extra]
         return out
     finally:
