@@ -75,6 +75,25 @@ def warm_and_interleave(steps: dict, batches, warmup: int, rounds: int, n: int, 
     return times, warm
 
 
+def round_ratios(times: dict, fast: str, slow: str, n: int) -> list[float]:
+    """``fast``'s speed over ``slow``'s in each interleaved round of ``warm_and_interleave`` (``n`` timed
+    calls a round): the ratio of the two rounds' median step times. The two rounds of a pair ran next to each
+    other, so drift in machine load moves both; their spread says how far one run's ratio can be trusted."""
+    import statistics
+
+    a, b = times[fast], times[slow]
+    if len(a) != len(b) or len(a) % n:
+        raise ValueError(f"round_ratios: {fast!r} has {len(a)} times and {slow!r} {len(b)}, not whole rounds of {n}")
+    return [statistics.median(b[i:i + n]) / statistics.median(a[i:i + n]) for i in range(0, len(a), n)]
+
+
+def ratio_spread(ratios: list[float]) -> str:
+    """``median [lowest-highest] over K rounds`` of per-round ratios, for a benchmark's ratio line."""
+    import statistics
+
+    return f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds]"
+
+
 def require_compiler(parser: argparse.ArgumentParser, args) -> None:
     """With ``args.compile_variants``, stop with one usage error when torch.compile cannot run on
     ``args.device`` (no C++ compiler, no Triton, ...), naming the flag that skips the compiled rows."""
