@@ -307,52 +307,109 @@ def test_teacher_temperature_schedule():
 
 
 # ---------------------------------------------------------------------------- VICReg
+GRAM = [False, True]  # the covariance / cross-correlation through the D x D matrix, or the N x N Gram matrices
+
+
+@pytest.mark.parametrize("gram", GRAM)
 @pytest.mark.parametrize("scale", [0.3, 2.0])  # below and above the unit-std hinge
-def test_vicreg_matches_naive_formula(scale):
+def test_vicreg_matches_naive_formula(scale, gram):
     z1 = (randn(8, 5, seed=1, grad=False) * scale).requires_grad_()
     z2 = (randn(8, 5, seed=2, grad=False) * scale).requires_grad_()
-    out = check_against_naive(lambda a, b: vicreg_loss(a, b)["loss"], lambda a, b: naive_vicreg(a, b)[0], (z1, z2))
-    parts = vicreg_loss(z1, z2)
+    out = check_against_naive(lambda a, b: vicreg_loss(a, b, gram=gram)["loss"], lambda a, b: naive_vicreg(a, b)[0],
+                              (z1, z2))
+    parts = vicreg_loss(z1, z2, gram=gram)
     for key, ref in zip(("invariance", "variance", "covariance"), naive_vicreg(z1, z2)[1]):
         close(parts[key], ref)
         assert not parts[key].requires_grad
     close(out, 25 * parts["invariance"] + 25 * parts["variance"] + parts["covariance"])
-    close(vicreg_loss(z1, z2, 2.0, 3.0, 4.0)["loss"], naive_vicreg(z1, z2, 2.0, 3.0, 4.0)[0])
+    close(vicreg_loss(z1, z2, 2.0, 3.0, 4.0, gram=gram)["loss"], naive_vicreg(z1, z2, 2.0, 3.0, 4.0)[0])
 
 
-def test_vicreg_hand_computed():
+@pytest.mark.parametrize("gram", GRAM)
+def test_vicreg_hand_computed(gram):
     # orthogonal, centred +-c columns with unbiased std 1/2: variance hinge 1/2, covariance 0
     h = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=F64)
     z = h * math.sqrt(3) / 4
-    out = vicreg_loss(z, z.clone(), eps=0.0)
+    out = vicreg_loss(z, z.clone(), eps=0.0, gram=gram)
     close(out["variance"], 0.5)
     close(out["invariance"], 0.0)
     close(out["covariance"], 0.0)
     close(out["loss"], 25 * 0.5)
-    close(vicreg_loss(z, z, eps=1e-4)["variance"], 1 - math.sqrt(0.25 + 1e-4))
-    close(vicreg_loss(4 * z, 4 * z)["loss"], 0.0)  # std 2 >= 1: no hinge
-    close(vicreg_loss(z, z + 1.0, eps=0.0)["invariance"], 1.0)
+    close(vicreg_loss(z, z, eps=1e-4, gram=gram)["variance"], 1 - math.sqrt(0.25 + 1e-4))
+    close(vicreg_loss(4 * z, 4 * z, gram=gram)["loss"], 0.0)  # std 2 >= 1: no hinge
+    close(vicreg_loss(z, z + 1.0, eps=0.0, gram=gram)["invariance"], 1.0)
+    # one column copied into another: C_01 = C_10 = Var = 1/4 off the diagonal, over D = 3
+    dup = z.clone()
+    dup[:, 1] = dup[:, 0]
+    close(vicreg_loss(dup, dup, eps=0.0, gram=gram)["covariance"], 2 * (2 * 0.25 ** 2) / 3)
 
 
 # ---------------------------------------------------------------------------- Barlow Twins
+@pytest.mark.parametrize("gram", GRAM)
 @pytest.mark.parametrize("lambd", [5e-3, 0.5])
-def test_barlow_twins_matches_naive_formula(lambd):
+def test_barlow_twins_matches_naive_formula(lambd, gram):
     z1, z2 = randn(9, 5, seed=1), randn(9, 5, seed=2)
-    check_against_naive(lambda a, b: barlow_twins_loss(a, b, lambd), lambda a, b: naive_barlow(a, b, lambd),
-                        (z1, z2))
+    check_against_naive(lambda a, b: barlow_twins_loss(a, b, lambd, gram=gram),
+                        lambda a, b: naive_barlow(a, b, lambd), (z1, z2))
 
 
-def test_barlow_twins_hand_computed():
+@pytest.mark.parametrize("gram", GRAM)
+def test_barlow_twins_hand_computed(gram):
     # centred orthogonal columns of biased variance 1 (any scale and shift): C = I, or -I when negated
     h = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=F64)
     z = 3 * h + 5
-    close(barlow_twins_loss(z, z, eps=0.0), 0.0)
-    assert barlow_twins_loss(z, z).item() < 1e-9  # BatchNorm's eps 1e-5 moves C_ii by ~1e-6
-    close(barlow_twins_loss(z, -z, eps=0.0), 4.0 * 3)
+    close(barlow_twins_loss(z, z, eps=0.0, gram=gram), 0.0, atol=1e-12)
+    assert barlow_twins_loss(z, z, gram=gram).item() < 1e-9  # BatchNorm's eps 1e-5 moves C_ii by ~1e-6
+    close(barlow_twins_loss(z, -z, eps=0.0, gram=gram), 4.0 * 3)
     # one dimension copied into another: C_01 = C_10 = 1 off the diagonal
     dup = h.clone()
     dup[:, 1] = dup[:, 0]
-    close(barlow_twins_loss(dup, dup, lambd=0.5, eps=0.0), 0.5 * 2)
+    close(barlow_twins_loss(dup, dup, lambd=0.5, eps=0.0, gram=gram), 0.5 * 2)
+
+
+@pytest.mark.parametrize("n,d", [(64, 512), (512, 64)])
+def test_gram_and_matrix_paths_agree_in_float32(n, d):
+    """The two ways to ||C||^2 in fp32, where the Gram path subtracts the diagonal from the whole sum: at the
+    sizes where each is the one chosen, value and gradient within fp32 rounding of the float64 truth."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(d, d, generator=g, dtype=F64) / d ** 0.5 + torch.eye(d, dtype=F64)  # correlated columns
+    z1 = torch.randn(n, d, generator=g, dtype=F64) @ mix
+    z2 = z1 + 0.5 * torch.randn(n, d, generator=g, dtype=F64)
+    for fn in (lambda a, b, gram: vicreg_loss(a, b, gram=gram)["loss"],
+               lambda a, b, gram: barlow_twins_loss(a, b, 0.01, gram=gram)):
+        a64, b64 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        truth = fn(a64, b64, False)
+        grad64 = torch.autograd.grad(truth, a64)[0]
+        for gram in GRAM:
+            a, b = z1.float().requires_grad_(), z2.float().requires_grad_()
+            value = fn(a, b, gram)
+            assert value.dtype == torch.float32
+            close(value, truth, rtol=2e-5, atol=0)
+            close(torch.autograd.grad(value, a)[0], grad64, rtol=1e-3, atol=1e-4 * grad64.abs().max().item())
+
+
+def test_gram_path_is_chosen_where_it_does_less_work(monkeypatch):
+    from visrep.ssl import objectives
+
+    # Barlow Twins: 2 blocks of ceil(N / W) x N x D against N x D x D; VICReg 1 block per view against one product
+    assert objectives._use_gram(None, 64, 512, 1, products=2)
+    assert not objectives._use_gram(None, 256, 512, 1, products=2)
+    assert objectives._use_gram(None, 2048, 8192, 8, products=2)  # the paper's sizes over 8 ranks
+    assert objectives._use_gram(None, 256, 512, 2, products=2)  # W = 2: 2 x 128 < 512
+    assert not objectives._use_gram(None, 512, 512, 2, products=2)  # 2 x 256 = 512: the product is no dearer
+    assert objectives._use_gram(None, 9, 20, 2, products=2)  # unequal rows: ceil(9 / 2) = 5, 2 x 5 < 20
+    assert objectives._use_gram(None, 255, 512, 1, products=1)
+    assert not objectives._use_gram(None, 512, 512, 1, products=1)
+    assert objectives._use_gram(True, 512, 8, 1, products=2) and not objectives._use_gram(False, 2, 512, 1, 2)
+    calls = []
+    real = objectives._gram_sq_sum
+    monkeypatch.setattr(objectives, "_gram_sq_sum", lambda *a: calls.append(a[0].shape) or real(*a))
+    z = randn(8, 40, seed=3)
+    barlow_twins_loss(z, z + 1)
+    vicreg_loss(z, z + 1)
+    assert calls == [(8, 40)] * 3  # Barlow once (both views in one sum), VICReg once per view
+    barlow_twins_loss(z[:, :10], z[:, :10])  # 2 x 8 >= 10: the D x D product
+    assert len(calls) == 3
 
 
 # ---------------------------------------------------------------------------- bad inputs
@@ -399,9 +456,12 @@ PAIR_LOSSES = {
     "nt_xent": lambda z1, z2, same: nt_xent_loss(z1, z2, 0.5, same_size=same),
     "vicreg": lambda z1, z2, same: vicreg_loss(z1, z2, same_size=same)["loss"],
     "barlow": lambda z1, z2, same: barlow_twins_loss(z1, z2, same_size=same),
+    # the Gram path: each rank its rows' block, the partial sums added by all_reduce_with_grad
+    "vicreg_gram": lambda z1, z2, same: vicreg_loss(z1, z2, same_size=same, gram=True)["loss"],
+    "barlow_gram": lambda z1, z2, same: barlow_twins_loss(z1, z2, same_size=same, gram=True),
 }
 CASES = [(name, split) for name in [*PAIR_LOSSES, "mocov3"] for split in SPLITS] + [("dino", "equal")]
-VALUE_IS_GLOBAL = {"vicreg", "barlow"}  # L on every rank; the others return a share whose mean is L
+VALUE_IS_GLOBAL = {"vicreg", "barlow", "vicreg_gram", "barlow_gram"}  # L on every rank; the others return a share whose mean is L
 
 
 def problem():

@@ -111,6 +111,31 @@ def all_gather_with_grad(x: torch.Tensor, same_size: bool = False) -> torch.Tens
     return _AllGatherWithGrad.apply(x, sizes)
 
 
+class _AllReduceWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks, on every rank, with a gradient: the backward sums the ranks' gradients
+    of the result, so each rank's ``x`` receives the gradient of every rank's loss (the adjoint of the sum
+    for the total over ranks, as :func:`all_gather_with_grad`'s reduce-scatter). For a statistic whose
+    rows are shared out across ranks, e.g. one Gram-matrix block each. The identity without a process
+    group."""
+    if dist_info()[1] == 1:
+        return x
+    return _AllReduceWithGrad.apply(x)
+
+
 @torch.no_grad()
 def all_gather_no_grad(x: torch.Tensor, same_size: bool = True) -> torch.Tensor:
     """As :func:`all_gather_with_grad`, for constants (a frozen teacher's features)."""
