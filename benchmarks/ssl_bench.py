@@ -427,7 +427,8 @@ def main(argv=None):
             if key in ips:
                 print(f"{label:<48}{ms[key]:>10.1f}{ips[key]:>10.1f}{warm[key]:>11.1f}")
         line = [method, ips["visrep"] / ips["lightly"]]
-        print(f"ratio visrep eager / lightly default: {line[1]:.3f}; per round {ratio_spread(per_round['visrep', 'lightly'])}")
+        print(f"ratio visrep eager / lightly default: {line[1]:.3f}; "
+              f"per round {ratio_spread(per_round['visrep', 'lightly'])}")
         if args.compile_variants:
             line += [ips["visrep fast"] / ips["lightly"], ips["visrep fast"] / ips["lightly compiled"]]
             print(f"ratio visrep fast / lightly default: {line[2]:.3f} (target >= 1.25); "

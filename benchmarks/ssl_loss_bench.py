@@ -95,7 +95,8 @@ def main(argv=None) -> list:
             print(f"\n{loss}, N={n}, D={d} (loss: " + ", ".join(f"{k} {v:.7g}" for k, v in values.items()) + ")")
             for k, v in ms.items():
                 print(f"  {k:<22}{v:>10.2f} ms")
-            print(f"  visrep / lightly speed: {ratio:.2f}x; per round {ratio_spread(round_ratios(times, 'visrep', 'lightly', args.steps))}")
+            spread = ratio_spread(round_ratios(times, "visrep", "lightly", args.steps))
+            print(f"  visrep / lightly speed: {ratio:.2f}x; per round {spread}")
             table.append((loss, n, d, ms["visrep"], ms["visrep gram=False"], ms["lightly"], ratio))
     print(f"\n{'loss':<8}{'N':>6}{'D':>6}{'visrep ms':>11}{'gram=False ms':>15}{'lightly ms':>12}{'speed-up':>10}")
     for loss, n, d, a, b, c, r in table:

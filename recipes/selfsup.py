@@ -47,8 +47,8 @@ from visrep.engine.distributed import require
 from visrep.errors import main_entry
 from visrep.launch import finish_run
 from visrep.ssl.optim import refuse_lars_under_deepspeed
-from visrep.ssl import (METHODS, BarlowConfig, BatchedMultiCrop, BYOLConfig, DINOConfig, EMAUpdater, MoCoV3Config,
-                        SimCLRConfig, SSLAugmentConfig, SSLEvalConfig, SSLOptimConfig, TeacherTemperature,
+from visrep.ssl import (LOSS_PATHS, METHODS, BarlowConfig, BatchedMultiCrop, BYOLConfig, DINOConfig, EMAUpdater,
+                        MoCoV3Config, SimCLRConfig, SSLAugmentConfig, SSLEvalConfig, SSLOptimConfig, TeacherTemperature,
                         VICRegConfig, WeightDecaySchedule, bank_loader, barlow_twins_loss, base_transform, batch_seed,
                         build_backbone, build_method, build_ssl_optimizer, byol_loss, eval_protocol, evaluate_pretrained,
                         evaluate_representation, export_method, mocov3_loss, multicrop_transforms, nt_xent_loss,
@@ -115,10 +115,11 @@ def ssl_loss(cfg: SSLRecipeConfig, net, out: dict, teacher_temp: Optional[float]
     if cfg.method == "dino":  # cross-entropy: centred, sharpened teacher (global crops) -> student (every other crop)
         return net.criterion(out["student"], out["teacher"], teacher_temp), {}
     if cfg.method == "vicreg":  # invariance + variance hinge + covariance, weighted
-        terms = vicreg_loss(*out["z"], hp.sim_coeff, hp.std_coeff, hp.cov_coeff, same_size=True)
+        terms = vicreg_loss(*out["z"], hp.sim_coeff, hp.std_coeff, hp.cov_coeff, same_size=True,
+                            gram=LOSS_PATHS[hp.loss_path])
         return terms.pop("loss"), terms
     if cfg.method == "barlow":  # cross-correlation of the standardised views -> identity
-        return barlow_twins_loss(*out["z"], hp.lambd, same_size=True), {}
+        return barlow_twins_loss(*out["z"], hp.lambd, same_size=True, gram=LOSS_PATHS[hp.loss_path]), {}
     return byol_loss(*out["p"], *out["z_target"]), {}  # BYOL: predict the target's projection of the other view
 
 

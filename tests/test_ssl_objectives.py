@@ -461,7 +461,8 @@ PAIR_LOSSES = {
     "barlow_gram": lambda z1, z2, same: barlow_twins_loss(z1, z2, same_size=same, gram=True),
 }
 CASES = [(name, split) for name in [*PAIR_LOSSES, "mocov3"] for split in SPLITS] + [("dino", "equal")]
-VALUE_IS_GLOBAL = {"vicreg", "barlow", "vicreg_gram", "barlow_gram"}  # L on every rank; the others return a share whose mean is L
+# L on every rank; the others return a share whose mean is L
+VALUE_IS_GLOBAL = {"vicreg", "barlow", "vicreg_gram", "barlow_gram"}
 
 
 def problem():

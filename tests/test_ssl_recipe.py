@@ -452,6 +452,7 @@ def test_dino_last_layer_freeze_and_weight_decay_cosine(opt):
     (["--method", "simclr", "--simclr.temperature", "0"], ("'simclr.temperature'", "positive")),
     (["--method", "mocov3", "--mocov3.base-tau", "1.2"], ("'mocov3.base_tau'", "1.2")),
     (["--method", "barlow", "--barlow.proj-dim", "0"], ("'barlow.proj_dim'", ">= 1")),
+    (["--method", "vicreg", "--vicreg.loss-path", "fast"], ("'vicreg.loss_path'", "'fast'", "auto, gram, matrix")),
 ])
 def test_config_errors_are_one_clear_line(tiny, tmp_path, capsys, args, needles):
     p = run_in_process(RECIPE, ["--config", str(tiny), "--output-dir", str(tmp_path / "run"), *args], capsys)
@@ -482,3 +483,25 @@ def test_digits_m_preset_is_the_digits_preset_with_colour_augmentation():
     assert digits_m["mocov3"]["pred_last_bn"] is True and digits["mocov3"]["pred_last_bn"] is True
     assert digits["simclr"]["proj_last_bn"] is False  # chosen on validation; the config's default is True
     assert digits["dino"]["joint_batch"] is True and digits_m["dino"]["joint_batch"] is False
+
+
+@pytest.mark.parametrize("method", ["vicreg", "barlow"])
+def test_loss_path_reaches_the_loss(method, monkeypatch):
+    """``vicreg.loss_path`` / ``barlow.loss_path``: ``matrix`` never takes the Gram path, ``gram`` always, ``auto``
+    where it does less work (64 rows, D = 512 here); the loss is the same to fp32 rounding on all three."""
+    from visrep.ssl import objectives
+
+    mod = load_recipe(RECIPE)
+    calls = []
+    real = objectives._gram_sq_sum
+    monkeypatch.setattr(objectives, "_gram_sq_sum", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(64, 512, generator=g), torch.randn(64, 512, generator=g))
+    values = {}
+    for path in ("matrix", "gram", "auto"):
+        cfg = mod.parse_config(mod.SSLRecipeConfig, ["--method", method, f"--{method}.loss-path", path])
+        calls.clear()
+        values[path] = mod.ssl_loss(cfg, None, {"z": z}, None)[0].item()
+        assert len(calls) == {"matrix": 0, "gram": 1, "auto": 1}[path] * (2 if method == "vicreg" else 1), path
+    assert values["gram"] == pytest.approx(values["matrix"], rel=1e-5)
+    assert values["auto"] == values["gram"]

@@ -25,9 +25,9 @@ from visrep.ssl.evaluate import (SSLEvalConfig, bank_loader, eval_protocol, eval
 from visrep.ssl.export import export_backbone, export_byol
 from visrep.ssl.heads import BYOL, BYOLConfig, MLPHead
 from visrep.ssl.loss import byol_loss, normalized_std, regression_loss
-from visrep.ssl.methods import (DINO, METHODS, BarlowConfig, BarlowTwins, BYOLMethod, DINOConfig, MoCoV3Config,
-                                MoCoV3Method, SimCLR, SimCLRConfig, TeacherTemperature, VICReg, VICRegConfig,
-                                build_backbone, build_method, export_method)
+from visrep.ssl.methods import (DINO, LOSS_PATHS, METHODS, BarlowConfig, BarlowTwins, BYOLMethod, DINOConfig,
+                                MoCoV3Config, MoCoV3Method, SimCLR, SimCLRConfig, TeacherTemperature, VICReg,
+                                VICRegConfig, build_backbone, build_method, export_method)
 from visrep.ssl.objectives import (DINOHead, DINOLoss, MoCoV3, MoCoV3MLP, barlow_twins_loss, mocov3_loss,
                                    nt_xent_loss, teacher_temp_schedule, vicreg_loss)
 from visrep.engine.optim import LARS
@@ -46,7 +46,8 @@ __all__ = [
     "extract_features", "knn_predict",
     "knn_accuracy", "linear_eval", "evaluate_representation", "export_backbone", "export_byol",
     "nt_xent_loss", "mocov3_loss", "MoCoV3", "MoCoV3MLP", "DINOHead", "DINOLoss", "teacher_temp_schedule",
-    "vicreg_loss", "barlow_twins_loss", "bank_loader", "eval_protocol", "evaluate_pretrained", "offline_eval",
+    "vicreg_loss", "barlow_twins_loss", "LOSS_PATHS",
+    "bank_loader", "eval_protocol", "evaluate_pretrained", "offline_eval",
     "rank0_buffers", "results_table", "validation_monitor", "METHODS", "SimCLR",
     "SimCLRConfig", "MoCoV3Method", "MoCoV3Config", "DINO", "DINOConfig", "VICReg", "VICRegConfig", "BarlowTwins",
     "BarlowConfig", "BYOLMethod", "TeacherTemperature", "build_backbone", "build_method", "export_method",

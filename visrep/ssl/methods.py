@@ -61,6 +61,13 @@ def _check_dims(cfg, prefix: str, *keys: str) -> None:
         check(getattr(cfg, key) >= 1, f"{prefix}{key}", getattr(cfg, key), "an integer >= 1")
 
 
+LOSS_PATHS = {"auto": None, "gram": True, "matrix": False}  # loss_path -> the losses' ``gram`` argument
+
+
+def _check_loss_path(cfg, prefix: str) -> None:
+    check(cfg.loss_path in LOSS_PATHS, f"{prefix}loss_path", cfg.loss_path, "one of " + ", ".join(LOSS_PATHS))
+
+
 def _check_tau(cfg, prefix: str) -> None:
     check(0 <= cfg.base_tau <= cfg.final_tau <= 1, f"{prefix}base_tau", cfg.base_tau,
           "a number with 0 <= base_tau <= final_tau <= 1")
@@ -196,11 +203,16 @@ class VICRegConfig:
     std_coeff: float = 25.0
     cov_coeff: float = 1.0
     sync_batchnorm: bool = False
+    loss_path: str = "auto"
+    """How the covariance term's squared D x D matrix is summed: ``gram`` (through the N x N Gram matrices of
+    the rows, each rank its own block), ``matrix`` (the D x D covariance, as the official code), ``auto``
+    (whichever does fewer multiply-adds). The same loss to rounding; ``vicreg_loss(gram=...)``."""
 
     def validate(self, prefix: str) -> None:
         _check_dims(self, prefix, "proj_hidden_dim", "proj_dim", "proj_layers")
         for key in ("sim_coeff", "std_coeff", "cov_coeff"):
             check(getattr(self, key) >= 0, f"{prefix}{key}", getattr(self, key), "a number >= 0")
+        _check_loss_path(self, prefix)
 
 
 @dataclasses.dataclass
@@ -213,10 +225,14 @@ class BarlowConfig:
     proj_layers: int = 3
     lambd: float = 5e-3
     sync_batchnorm: bool = False
+    loss_path: str = "auto"
+    """How the squared cross-correlation is summed: ``gram``, ``matrix`` or ``auto``, as
+    ``VICRegConfig.loss_path``; ``barlow_twins_loss(gram=...)``."""
 
     def validate(self, prefix: str) -> None:
         _check_dims(self, prefix, "proj_hidden_dim", "proj_dim", "proj_layers")
         check(self.lambd >= 0, f"{prefix}lambd", self.lambd, "a number >= 0")
+        _check_loss_path(self, prefix)
 
 
 # ----------------------------------------------------------------------------------------------
