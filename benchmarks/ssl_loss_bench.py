@@ -17,7 +17,7 @@ Inputs are random ``N x D`` projections of two views in fp32 (the losses' cost d
 values). The sizes: the preset's (``N = 64`` images a step, ``D = 512``) and the papers' (``D = 8192``,
 ``N = 256``: one GPU's share of the papers' 2048).
 
-    python benchmarks/ssl_loss_bench.py                      # both sizes, about 2 minutes on 1 thread
+    python benchmarks/ssl_loss_bench.py                      # both sizes, about 4 minutes on 1 thread
     python benchmarks/ssl_loss_bench.py --sizes 64x512
 """
 from __future__ import annotations
