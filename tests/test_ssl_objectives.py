@@ -388,6 +388,24 @@ def test_gram_and_matrix_paths_agree_in_float32(n, d):
             close(torch.autograd.grad(value, a)[0], grad64, rtol=1e-3, atol=1e-4 * grad64.abs().max().item())
 
 
+@pytest.mark.parametrize("gram", GRAM)
+def test_batch_statistic_losses_stay_fp32_under_autocast(gram):
+    """Called under bf16 autocast (a user's training loop), VICReg and Barlow Twins give the fp32 value and
+    gradient: their matmuls are not cast down (bf16's 8 bits would not survive the Gram path's subtraction)."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 24, generator=g), torch.randn(16, 24, generator=g)
+    for fn in (lambda a, b: vicreg_loss(a, b, gram=gram)["loss"], lambda a, b: barlow_twins_loss(a, b, gram=gram)):
+        a = z1.clone().requires_grad_()
+        ref = fn(a, z2)
+        ref_grad = torch.autograd.grad(ref, a)[0]
+        a = z1.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = fn(a, z2)
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, ref, rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(value, a)[0], ref_grad, rtol=1e-6, atol=1e-8)
+
+
 def test_gram_path_is_chosen_where_it_does_less_work(monkeypatch):
     from visrep.ssl import objectives
 

@@ -36,7 +36,7 @@ How each loss meets it:
 ``same_size=True`` promises that every rank holds the same number of rows (loaders that drop the last
 incomplete batch): no row count is exchanged and nothing is read on the host. Without it the counts are
 exchanged first (one small all-gather and one host read). Inputs in fp16 / bf16 are computed in fp32;
-fp32 and fp64 inputs keep their precision.
+fp32 and fp64 inputs keep their precision. VICReg and Barlow Twins turn autocast off around their statistics.
 """
 from __future__ import annotations
 
@@ -86,6 +86,13 @@ def _global_rows(x: torch.Tensor, grad: bool, same_size: bool) -> tuple[torch.Te
         return gather(x, same_size=True), rank * x.shape[0], world
     sizes = row_counts(x)
     return gather(x, same_size=len(set(sizes)) == 1), sum(sizes[:rank]), world
+
+
+def _no_autocast(x: torch.Tensor):
+    """An autocast-off context on ``x``'s device: the batch-statistic losses keep their matmuls in fp32 even when
+    called under ``torch.autocast`` (the Gram path subtracts the diagonal from the whole sum, which low precision
+    would not survive)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def _global_views(z1: torch.Tensor, z2: torch.Tensor, same_size: bool,
@@ -477,17 +484,18 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
                                                           "variance")
     n, d = x.shape
     by_gram = _use_gram(gram, n, d, world, products=1)
-    invariance = F.mse_loss(x, y)
-    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
-    variance = covariance = 0.0
-    for z in (x, y):
-        var = z.pow(2).sum(dim=0) / (n - 1)
-        variance = variance + F.relu(1.0 - torch.sqrt(var + eps)).mean() / 2
-        if by_gram:
-            covariance = covariance + (_gram_sq_sum(z, z, rows, world) / (n - 1) ** 2 - var.pow(2).sum()) / d
-        else:
-            covariance = covariance + _off_diagonal_sq(z.t() @ z / (n - 1)) / d
-    loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    with _no_autocast(x):
+        invariance = F.mse_loss(x, y)
+        x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+        variance = covariance = 0.0
+        for z in (x, y):
+            var = z.pow(2).sum(dim=0) / (n - 1)
+            variance = variance + F.relu(1.0 - torch.sqrt(var + eps)).mean() / 2
+            if by_gram:
+                covariance = covariance + (_gram_sq_sum(z, z, rows, world) / (n - 1) ** 2 - var.pow(2).sum()) / d
+            else:
+                covariance = covariance + _off_diagonal_sq(z.t() @ z / (n - 1)) / d
+        loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
     return {"loss": loss, "invariance": invariance.detach(), "variance": variance.detach(),
             "covariance": covariance.detach()}
 
@@ -521,9 +529,10 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, e
     x, y, rows, world = _global_views(z1, z2, same_size, "Barlow Twins needs at least 2 rows in the global batch to "
                                                           "standardise")
     n, d = x.shape
-    x, y = ((z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps) for z in (x, y))
-    if _use_gram(gram, n, d, world, products=2):
-        diag = (x * y).sum(dim=0) / n
-        return (1.0 - diag).pow(2).sum() + lambd * (_gram_sq_sum(x, y, rows, world) / n ** 2 - diag.pow(2).sum())
-    c = x.t() @ y / n
-    return (1.0 - c.diagonal()).pow(2).sum() + lambd * _off_diagonal_sq(c)
+    with _no_autocast(x):
+        x, y = ((z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps) for z in (x, y))
+        if _use_gram(gram, n, d, world, products=2):
+            diag = (x * y).sum(dim=0) / n
+            return (1.0 - diag).pow(2).sum() + lambd * (_gram_sq_sum(x, y, rows, world) / n ** 2 - diag.pow(2).sum())
+        c = x.t() @ y / n
+        return (1.0 - c.diagonal()).pow(2).sum() + lambd * _off_diagonal_sq(c)
