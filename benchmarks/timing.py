@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 # the options every timing benchmark reads alike (only their defaults differ)
@@ -79,8 +80,6 @@ def round_ratios(times: dict, fast: str, slow: str, n: int) -> list[float]:
     """``fast``'s speed over ``slow``'s in each interleaved round of ``warm_and_interleave`` (``n`` timed
     calls a round): the ratio of the two rounds' median step times. The two rounds of a pair ran next to each
     other, so drift in machine load moves both; their spread says how far one run's ratio can be trusted."""
-    import statistics
-
     a, b = times[fast], times[slow]
     if len(a) != len(b) or len(a) % n:
         raise ValueError(f"round_ratios: {fast!r} has {len(a)} times and {slow!r} {len(b)}, not whole rounds of {n}")
@@ -89,8 +88,6 @@ def round_ratios(times: dict, fast: str, slow: str, n: int) -> list[float]:
 
 def ratio_spread(ratios: list[float]) -> str:
     """``median [lowest-highest] over K rounds`` of per-round ratios, for a benchmark's ratio line."""
-    import statistics
-
     return f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds]"
 
 
@@ -154,7 +151,5 @@ def recipe_results(recipe: str, args: list, out, tag: str, processes: int = 1,
 
 def mean_std(xs) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
-    import statistics
-
     xs = list(xs)
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)

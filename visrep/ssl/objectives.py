@@ -88,13 +88,6 @@ def _global_rows(x: torch.Tensor, grad: bool, same_size: bool) -> tuple[torch.Te
     return gather(x, same_size=len(set(sizes)) == 1), sum(sizes[:rank]), world
 
 
-def _no_autocast(x: torch.Tensor):
-    """An autocast-off context on ``x``'s device: the batch-statistic losses keep their matmuls in fp32 even when
-    called under ``torch.autocast`` (the Gram path subtracts the diagonal from the whole sum, which low precision
-    would not survive)."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
 def _global_views(z1: torch.Tensor, z2: torch.Tensor, same_size: bool,
                   too_few: str) -> tuple[torch.Tensor, torch.Tensor, slice, int]:
     """Both views' rows of every rank (gathered with gradient, in one gather), this rank's rows among them
@@ -123,13 +116,13 @@ def _use_gram(gram: bool | None, n: int, d: int, world: int, products: int) -> b
     return products * -(-n // world) < d
 
 
-def _gram_sq_sum(x: torch.Tensor, y: torch.Tensor, rows: slice, world: int) -> torch.Tensor:
+def _gram_sq_sum(x: torch.Tensor, y: torch.Tensor, rows: slice) -> torch.Tensor:
     """``sum_ij (X^T Y)_ij^2`` of the global ``N x D`` rows ``x, y`` without the ``D x D`` matrix:
     ``||X^T Y||_F^2 = trace(X^T Y Y^T X) = sum_nm (X X^T)_nm (Y Y^T)_nm``. Each rank computes its own
     ``rows`` of the two Gram matrices (``B x N x D`` multiply-adds each) and the ranks' partial sums are
     added with :func:`all_reduce_with_grad`: the same value on every rank, the work shared out."""
     part = ((x[rows] @ x.t()) * (y[rows] @ y.t())).sum() if y is not x else (x[rows] @ x.t()).pow(2).sum()
-    return all_reduce_with_grad(part) if world > 1 else part
+    return all_reduce_with_grad(part)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,7 +477,8 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
                                                           "variance")
     n, d = x.shape
     by_gram = _use_gram(gram, n, d, world, products=1)
-    with _no_autocast(x):
+    # fp32 statistics under a caller's autocast too: the Gram path subtracts the diagonal from the whole sum
+    with torch.autocast(device_type=x.device.type, enabled=False):
         invariance = F.mse_loss(x, y)
         x, y = x - x.mean(dim=0), y - y.mean(dim=0)
         variance = covariance = 0.0
@@ -492,7 +486,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
             var = z.pow(2).sum(dim=0) / (n - 1)
             variance = variance + F.relu(1.0 - torch.sqrt(var + eps)).mean() / 2
             if by_gram:
-                covariance = covariance + (_gram_sq_sum(z, z, rows, world) / (n - 1) ** 2 - var.pow(2).sum()) / d
+                covariance = covariance + (_gram_sq_sum(z, z, rows) / (n - 1) ** 2 - var.pow(2).sum()) / d
             else:
                 covariance = covariance + _off_diagonal_sq(z.t() @ z / (n - 1)) / d
         loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
@@ -529,10 +523,10 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, e
     x, y, rows, world = _global_views(z1, z2, same_size, "Barlow Twins needs at least 2 rows in the global batch to "
                                                           "standardise")
     n, d = x.shape
-    with _no_autocast(x):
+    with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 statistics, as in vicreg_loss
         x, y = ((z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps) for z in (x, y))
         if _use_gram(gram, n, d, world, products=2):
             diag = (x * y).sum(dim=0) / n
-            return (1.0 - diag).pow(2).sum() + lambd * (_gram_sq_sum(x, y, rows, world) / n ** 2 - diag.pow(2).sum())
+            return (1.0 - diag).pow(2).sum() + lambd * (_gram_sq_sum(x, y, rows) / n ** 2 - diag.pow(2).sum())
         c = x.t() @ y / n
         return (1.0 - c.diagonal()).pow(2).sum() + lambd * _off_diagonal_sq(c)
